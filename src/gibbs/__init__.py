@@ -1,0 +1,44 @@
+"""gibbs: scale a Python model across worker processes and machines, behind asyncio.
+
+::
+
+    from gibbs import Hub, Worker
+
+    hub = Hub()
+    for _ in range(4):
+        Worker(MyModel).start()
+    result = await hub.request(x)
+"""
+
+from .errors import (
+    AuthenticationError,
+    GibbsError,
+    HubClosedError,
+    NoWorkersError,
+    ProtocolError,
+    QueueFullError,
+    SerializationError,
+    UserCodeException,
+    WorkerDiedError,
+)
+from .hub import Hub
+from .worker import Worker
+
+__version__ = "1.0.0"
+
+__all__ = [
+    # the two classes
+    "Hub",
+    "Worker",
+    # errors
+    "GibbsError",
+    "UserCodeException",
+    "WorkerDiedError",
+    "HubClosedError",
+    "QueueFullError",
+    "NoWorkersError",
+    "SerializationError",
+    "AuthenticationError",
+    "ProtocolError",
+    "__version__",
+]

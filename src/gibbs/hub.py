@@ -1,0 +1,633 @@
+"""The hub: where callers' requests meet idle workers.
+
+Data flow (keep this true when the code changes)::
+
+    callers: asyncio tasks on any loop, or threads            hub process
+    ─────────────────────────────────────────────────────────────────────────
+    hub.request(*a, **kw)                 hub.submit(*a, **kw)
+      pickle (protocol 5) here: a bad       -> concurrent.futures.Future
+      argument raises at the call site;
+      big buffers -> a /dev/shm file
+      Call queued under the bridge lock; if a worker is idle the caller
+      sends at once (non-blocking), else the bridge sends when one frees
+                                   │
+                                   ▼
+                          bridge thread (bridge.py)
+                          selectors: listener, worker sockets, wake-up pipe
+                          - RESULT/ERROR: resolve the call, give the worker
+                            the next queued call in the same pass
+                          - EOF / silence: re-queue that worker's calls
+                          - handshake threads vet new connections (HMAC)
+                                   │
+      future resolved on the caller's own loop: one
+      loop.call_soon_threadsafe per loop per pass (batched);
+      the result is unpickled by the caller, not the bridge
+    ─────────────────────────────────────────────────────────────────────────
+                 one TCP connection per worker (TCP_NODELAY), framed:
+                 kind | request id | length | body   (protocol.py)
+    ─────────────────────────────────────────────────────────────────────────
+    worker process (worker.py): model = cls(*args, **kwargs) once, then
+      recv -> model(*a, **kw) -> send, one request at a time;
+      a heartbeat thread; SIGTERM/SIGINT finishes the request in hand
+
+Who may call what:
+
+* ``Hub()`` binds nothing and starts no thread: create it at import time, in
+  a parent that then forks. The first ``request``/``submit``/
+  ``wait_for_workers``/``start`` binds the address and starts the bridge, in
+  the process that makes it. After a fork the child's copy forgets the
+  parent's sockets and starts afresh if used.
+* ``request`` must be awaited on a running event loop; the future resolves on
+  that loop, so one hub serves several loops, in turn or at once.
+* ``close``/``aclose`` may be called from anywhere, any number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import pickle
+import signal
+import threading
+import uuid
+import weakref
+from typing import Any, Optional
+
+from . import protocol
+from .bridge import OUT_ERROR, OUT_RESULT, Bridge, Call, Outcome
+from .errors import (
+    GibbsError,
+    HubClosedError,
+    NoWorkersError,
+    SerializationError,
+    UserCodeException,
+)
+from .transport import DEFAULT_HOST, DEFAULT_PORT, KeyLike, is_loopback, listen, resolve_authkey
+from .worker import _local_workers, local_worker_failures
+
+__all__ = ["Hub"]
+
+logger = logging.getLogger("gibbs")
+
+_live_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+
+
+class Hub:
+    """Sends each request to an idle worker and gives back its answer.
+
+    Args:
+        port: TCP port to listen on (0: any free port; see :attr:`port`).
+        heartbeat_interval: seconds between the hub's heartbeats to workers.
+        host: address to bind. The default is loopback; binding any other
+            address needs an explicit key (``authkey`` or ``GIBBS_AUTHKEY``).
+        authkey: the key workers must prove they hold (bytes or str). Default:
+            ``GIBBS_AUTHKEY``, else the key that processes descended from this
+            one inherit (no configuration for workers started from here).
+        heartbeat_misses: a worker silent for this many of its heartbeat
+            intervals is dropped and its request re-sent.
+        max_attempts: how many workers may die running one request before it
+            fails with :class:`~gibbs.WorkerDiedError`.
+        max_queued: requests allowed to wait for a worker; beyond it
+            ``request`` raises :class:`~gibbs.QueueFullError` at once.
+            ``None`` (default): unbounded.
+        max_frame_bytes: largest message accepted from a worker; a bigger one
+            closes that connection.
+        handshake_timeout: seconds a new connection has to authenticate.
+        pipeline_depth: calls a worker may hold at once when its calls are
+            very short (under 2 ms), to hide the round trip. Slow models never
+            get a second call while another worker is idle. 1 disables it.
+        shm_threshold: buffers (NumPy arrays, bytes) of at least this many
+            bytes travel through shared memory to workers on this machine.
+            ``None`` disables shared memory.
+        close_grace: default seconds ``close()`` lets running requests finish.
+    """
+
+    def __init__(
+        self,
+        port: int = DEFAULT_PORT,
+        heartbeat_interval: float = 1.0,
+        *,
+        host: str = DEFAULT_HOST,
+        authkey: KeyLike = None,
+        heartbeat_misses: int = 3,
+        max_attempts: int = 3,
+        max_queued: Optional[int] = None,
+        max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME,
+        handshake_timeout: float = 5.0,
+        pipeline_depth: int = 2,
+        shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
+        close_grace: float = 10.0,
+    ) -> None:
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            raise ValueError(f"port must be a TCP port number (0 for any), got {port!r}")
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0")
+        if heartbeat_misses < 1:
+            raise ValueError("heartbeat_misses must be >= 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if max_queued is not None and max_queued < 0:
+            raise ValueError("max_queued must be >= 0 or None")
+        if max_frame_bytes < 1024:
+            raise ValueError("max_frame_bytes must be at least 1024")
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be >= 1")
+        key, explicit = resolve_authkey(authkey)
+        if not is_loopback(host) and not explicit:
+            raise ValueError(
+                f"refusing to listen on {host!r} without an explicit key: any process that can "
+                "reach this address could send work and read answers. Pass authkey=... or set "
+                "GIBBS_AUTHKEY (the same key on every worker), or bind 127.0.0.1."
+            )
+        self._host = host
+        self._port = port
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._heartbeat_misses = int(heartbeat_misses)
+        self._max_attempts = int(max_attempts)
+        self._max_queued = max_queued
+        self._max_frame = int(max_frame_bytes)
+        self._handshake_timeout = float(handshake_timeout)
+        self._pipeline_depth = int(pipeline_depth)
+        self._shm_threshold = shm_threshold
+        self._close_grace = float(close_grace)
+        self._authkey = key
+        self._state_lock = threading.Lock()  # owns: _bridge, _closed, _bound, _probe_path
+        self._bridge: Optional[Bridge] = None
+        self._closed = False
+        self._bound: Optional[tuple[str, int]] = None
+        self._probe_path: Optional[str] = None
+        self._shm_prefix: Optional[str] = None
+        self._pid = os.getpid()
+        _live_hubs.add(self)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port listened on: the bound one once started (useful with port=0)."""
+        return self._bound[1] if self._bound else self._port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self._host, self.port)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def start(self) -> "Hub":
+        """Bind the address and start the bridge thread (done lazily by the
+        first request; call it to fail early, or to learn the port)."""
+        self._ensure_started()
+        return self
+
+    def _ensure_started(self) -> Bridge:
+        bridge = self._bridge
+        if bridge is not None:
+            return bridge
+        with self._state_lock:
+            if self._closed:
+                raise HubClosedError("the hub is closed")
+            if self._bridge is not None:
+                return self._bridge
+            try:
+                listener = listen(self._host, self._port)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"gibbs hub cannot listen on {self._host}:{self._port}: {exc.strerror}"
+                ) from exc
+            self._bound = listener.getsockname()[:2]
+            probe = self._make_probe()
+            bridge = Bridge(
+                listener,
+                authkey=self._authkey,
+                heartbeat_interval=self._heartbeat_interval,
+                heartbeat_misses=self._heartbeat_misses,
+                max_attempts=self._max_attempts,
+                max_queued=self._max_queued,
+                max_frame=self._max_frame,
+                handshake_timeout=self._handshake_timeout,
+                pipeline_depth=self._pipeline_depth,
+                shm_probe=probe,
+                deliver=_deliver,
+                describe_exit=_describe_exit,
+            )
+            bridge.start()
+            self._bridge = bridge
+            logger.info("gibbs hub listening on %s:%d", self._host, self.port)
+            return bridge
+
+    def _make_probe(self) -> Optional[dict[str, str]]:
+        """A file in /dev/shm whose content only a worker on this machine (and
+        in the same /dev/shm) can read: such workers get shared memory."""
+        if self._shm_threshold is None or not protocol.shm_available():
+            return None
+        _remove_stale_segments()
+        token = uuid.uuid4().hex
+        path = os.path.join(protocol.SHM_DIR, f"{protocol.SHM_PREFIX}probe{os.getpid()}-{token[:8]}")
+        try:
+            with open(path, "w") as f:
+                f.write(token)
+        except OSError:
+            return None
+        self._probe_path = path
+        self._shm_prefix = f"{protocol.SHM_PREFIX}h{os.getpid()}-"
+        return {"path": path, "token": token}
+
+    def close(self, grace: Optional[float] = None) -> None:
+        """Stop taking requests; fail the queued ones with HubClosedError; let
+        the running ones finish within ``grace`` seconds (default
+        ``close_grace``); close every connection. Idempotent, and safe from
+        any thread. Workers go back to waiting for a hub."""
+        bridge = self._begin_close(grace, lambda: None)
+        if bridge is not None and bridge.thread is not threading.current_thread():
+            bridge.thread.join()
+        self._remove_probe()
+
+    async def aclose(self, grace: Optional[float] = None) -> None:
+        """``close()`` without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def closed() -> None:
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, done, None)
+            except RuntimeError:
+                pass
+
+        bridge = self._begin_close(grace, closed)
+        if bridge is not None:
+            await done
+            bridge.thread.join()
+        self._remove_probe()
+
+    def _begin_close(self, grace: Optional[float], on_closed: Any) -> Optional[Bridge]:
+        with self._state_lock:
+            self._closed = True
+            bridge = self._bridge
+        if bridge is not None:
+            bridge.begin_close(self._close_grace if grace is None else grace, on_closed)
+        return bridge
+
+    def _remove_probe(self) -> None:
+        path, self._probe_path = self._probe_path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> "Hub":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> "Hub":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.forget_after_fork()
+        self._state_lock = threading.Lock()
+        self._bound = None
+        self._probe_path = None  # the parent's file: not ours to remove
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------ requests
+
+    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> protocol.Payload:
+        try:
+            if self._shm_prefix is not None and self._shm_threshold is not None:
+                return protocol.encode((args, kwargs), self._shm_prefix, self._shm_threshold)
+            return protocol.encode((args, kwargs))
+        except Exception as exc:
+            raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
+
+    async def request(
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_retries: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
+
+        Args:
+            gibbs_timeout: seconds to wait for an answer (None: no limit). When
+                it passes, ``asyncio.TimeoutError`` is raised; a request still
+                queued is removed and never runs.
+            gibbs_retries: how many more times to wait ``gibbs_timeout`` after
+                the first; a request already running is then sent again to the
+                next free worker (the first answer wins). -1: forever.
+
+        Raises:
+            UserCodeException: the model raised (type, message, traceback kept).
+            WorkerDiedError: workers died running it ``max_attempts`` times.
+            SerializationError: an argument (at once) or the result cannot be pickled.
+            QueueFullError: ``max_queued`` requests are already waiting.
+            HubClosedError: the hub was closed.
+        """
+        if gibbs_timeout is not None and gibbs_timeout <= 0:
+            raise ValueError("gibbs_timeout must be > 0 or None")
+        if gibbs_retries < -1:
+            raise ValueError("gibbs_retries must be >= -1")
+        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
+        loop = asyncio.get_running_loop()
+        payload = self._encode(args, kwargs)
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        try:
+            call = bridge.submit(payload, fut)
+        except BaseException:
+            payload.release()
+            raise
+        try:
+            if gibbs_timeout is None:
+                outcome = await fut
+            else:
+                tries = 0
+                while True:
+                    done, _ = await asyncio.wait((fut,), timeout=gibbs_timeout)
+                    if done:
+                        outcome = fut.result()
+                        break
+                    if gibbs_retries != -1 and tries >= gibbs_retries:
+                        raise asyncio.TimeoutError(
+                            f"no answer within {gibbs_timeout} s"
+                            + (f" ({tries + 1} attempts)" if tries else "")
+                        )
+                    tries += 1
+                    logger.warning("gibbs: request timed out after %s s; retry %d", gibbs_timeout, tries)
+                    call = bridge.resubmit(call)
+        except BaseException:
+            bridge.cancel(call)
+            fut.cancel()
+            raise
+        finally:
+            payload.release()
+        return _unwrap(outcome)
+
+    def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
+        """Like ``request`` for plain threads: returns a
+        ``concurrent.futures.Future``. Cancelling it while queued removes the
+        request (it never runs)."""
+        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
+        payload = self._encode(args, kwargs)
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            call = bridge.submit(payload, fut)
+        except BaseException:
+            payload.release()
+            raise
+
+        def on_done(f: concurrent.futures.Future[Any]) -> None:
+            if f.cancelled():
+                bridge.cancel(call)
+            payload.release()
+
+        fut.add_done_callback(on_done)
+        return fut
+
+    # ------------------------------------------------------------ workers
+
+    async def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
+        """Wait until ``n`` workers are connected.
+
+        Raises :class:`~gibbs.NoWorkersError` after ``timeout`` seconds, saying
+        why when it is known (a model constructor that raised, a local worker
+        process that exited), or HubClosedError if the hub closes meanwhile.
+        """
+        bridge = self._ensure_started()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, fut, None)
+            except RuntimeError:
+                pass
+
+        if bridge.add_worker_waiter(n, ready):
+            return
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise NoWorkersError(self._why_no_workers(n, timeout)) from None
+        finally:
+            bridge.remove_worker_waiter(ready)
+        if self._closed and bridge.statistics()["workers"] < n:
+            raise HubClosedError("the hub was closed while waiting for workers")
+
+    def wait_for_workers_sync(self, n: int = 1, timeout: Optional[float] = None) -> None:
+        """``wait_for_workers`` for code without an event loop (blocks)."""
+        bridge = self._ensure_started()
+        event = threading.Event()
+        if bridge.add_worker_waiter(n, event.set):
+            return
+        try:
+            if not event.wait(timeout):
+                raise NoWorkersError(self._why_no_workers(n, timeout))
+        finally:
+            bridge.remove_worker_waiter(event.set)
+        if self._closed and bridge.statistics()["workers"] < n:
+            raise HubClosedError("the hub was closed while waiting for workers")
+
+    def _why_no_workers(self, n: int, timeout: Optional[float]) -> str:
+        bridge = self._bridge
+        have = bridge.statistics()["workers"] if bridge else 0
+        lines = [f"{have} of {n} workers connected to {self._host}:{self.port} within {timeout} s"]
+        reasons = (bridge.init_failures() if bridge else []) + local_worker_failures()
+        if reasons:
+            lines.append("why:")
+            lines.extend("  " + r.rstrip().replace("\n", "\n  ") for r in reasons)
+        else:
+            lines.append(
+                "no worker reported a failure: are workers started, pointed at this address "
+                "(gibbs_host/gibbs_port), and sharing this hub's key?"
+            )
+        return "\n".join(lines)
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters and current state: workers, busy, idle, queued, in_flight,
+        completed, failed, retried, cancelled, worker_deaths, ..."""
+        bridge = self._bridge
+        if bridge is None:
+            return {"workers": 0, "busy": 0, "idle": 0, "queued": 0, "in_flight": 0, "closing": self._closed}
+        return bridge.statistics()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One dict per connected worker: pid, host, name, address, in_flight, served."""
+        bridge = self._bridge
+        return bridge.workers() if bridge is not None else []
+
+    def __repr__(self) -> str:
+        where = f"{self._host}:{self.port}"
+        if self._closed:
+            return f"<Hub {where} [closed]>"
+        if self._bridge is None:
+            return f"<Hub {where} [not started]>"
+        s = self._bridge.statistics()
+        return (
+            f"<Hub {where} [{s['workers']} workers: {s['busy']} busy, {s['idle']} idle"
+            f" | {s['queued']} queued]>"
+        )
+
+
+# ---------------------------------------------------------------- delivery
+
+
+def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> None:
+    """Runs on the caller's loop."""
+    for fut, outcome in batch:
+        if fut.done():  # cancelled meanwhile
+            _discard(outcome)
+        else:
+            fut.set_result(outcome)
+
+
+def _discard(outcome: Outcome) -> None:
+    if outcome[0] == OUT_RESULT:
+        protocol.release_body(outcome[1])
+
+
+def _deliver(items: list[tuple[Call, Outcome]]) -> None:
+    """Runs in the bridge thread: hand outcomes to their callers."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
+    for call, outcome in items:
+        sink = call.sink
+        if isinstance(sink, concurrent.futures.Future):
+            if not sink.set_running_or_notify_cancel():
+                _discard(outcome)
+                continue
+            try:
+                sink.set_result(_unwrap(outcome))
+            except BaseException as exc:  # noqa: BLE001 - the caller's to see
+                sink.set_exception(exc)
+            continue
+        by_loop.setdefault(sink.get_loop(), []).append((sink, outcome))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_batch, batch)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            for _, outcome in batch:
+                _discard(outcome)
+
+
+def _unwrap(outcome: Outcome) -> Any:
+    kind, value = outcome
+    if kind == OUT_RESULT:
+        try:
+            return protocol.decode(value, unlink=True)
+        except Exception as exc:
+            raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
+    if kind == OUT_ERROR:
+        raise _error_from_record(value)
+    raise value
+
+
+def _error_from_record(body: bytes) -> GibbsError:
+    record = pickle.loads(body)
+    kind = record.get("kind")
+    type_name = f"{record.get('type')}"
+    message = record.get("message", "")
+    tb = record.get("traceback", "")
+    if kind == protocol.ERR_USER:
+        original: Optional[BaseException] = None
+        if record.get("exception") is not None:
+            try:
+                original = pickle.loads(record["exception"])
+            except Exception:
+                original = None
+        err = UserCodeException(
+            f"Exception raised in user-defined code: {type_name}: {message}\n"
+            f"Remote traceback:\n{tb}",
+            original=original,
+            exc_type=type_name,
+            exc_message=message,
+            remote_traceback=tb,
+        )
+        err.__cause__ = original
+        return err
+    if kind == protocol.ERR_RESULT_PICKLE:
+        return SerializationError(
+            f"the model's return value cannot be pickled: {type_name}: {message}"
+        )
+    return SerializationError(f"the worker could not unpickle the arguments: {type_name}: {message}")
+
+
+def _describe_exit(pid: int) -> Optional[str]:
+    """How a worker process started from here ended, if we know it."""
+    for w in list(_local_workers):
+        if w.pid == pid:
+            w.join(0.2)
+            code = w.exitcode
+            if code is None:
+                return None
+            if code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = str(-code)
+                return f"process killed by signal {name}"
+            return f"process exit code {code}"
+    return None
+
+
+def _remove_stale_segments() -> None:
+    """Remove /dev/shm files left by gibbs processes that no longer exist."""
+    try:
+        names = os.listdir(protocol.SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(protocol.SHM_PREFIX):
+            continue
+        rest = name[len(protocol.SHM_PREFIX) :]
+        for tag in ("probe", "h", "w"):
+            if rest.startswith(tag):
+                digits = rest[len(tag) :].split("-", 1)[0]
+                if digits.isdigit():
+                    try:
+                        os.kill(int(digits), 0)
+                    except ProcessLookupError:
+                        try:
+                            os.unlink(os.path.join(protocol.SHM_DIR, name))
+                        except OSError:
+                            pass
+                    except PermissionError:
+                        pass
+                break
+
+
+def _after_fork_in_child() -> None:
+    for hub in list(_live_hubs):
+        hub._after_fork_in_child()
+
+
+def _close_all_at_exit() -> None:
+    for hub in list(_live_hubs):
+        if hub._pid == os.getpid():
+            try:
+                hub.close(grace=0)
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)

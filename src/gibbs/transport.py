@@ -1,0 +1,199 @@
+"""Addresses, keys, sockets and the HMAC handshake.
+
+Every TCP connection between a hub and a worker starts with a mutual
+challenge-response over HMAC-SHA256, the scheme of
+``multiprocessing.connection``: the hub challenges the worker, then the worker
+challenges the hub. Handshake messages are tiny length-prefixed byte strings
+read with a deadline and a size cap; nothing is unpickled before both sides
+have proven they hold the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import multiprocessing
+import os
+import socket
+import struct
+from typing import Optional, Union
+
+from .errors import AuthenticationError, ProtocolError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5019
+AUTHKEY_ENV = "GIBBS_AUTHKEY"
+
+_CHALLENGE = b"#GIBBS-CHALLENGE#"
+_WELCOME = b"#GIBBS-WELCOME#"
+_FAILURE = b"#GIBBS-FAILURE#"
+_NONCE_SIZE = 32
+_SMALL = struct.Struct("!H")
+_SMALL_MAX = 256
+
+KeyLike = Union[bytes, str, None]
+
+
+def resolve_authkey(authkey: KeyLike) -> tuple[bytes, bool]:
+    """The key to use and whether it was given explicitly.
+
+    Order: the argument, then ``GIBBS_AUTHKEY``, then the process authkey that
+    multiprocessing children inherit from their parent (so processes descended
+    from one parent need no configuration).
+    """
+    if authkey is not None:
+        key = authkey.encode() if isinstance(authkey, str) else bytes(authkey)
+        if not key:
+            raise ValueError("authkey must not be empty")
+        return key, True
+    env = os.environ.get(AUTHKEY_ENV)
+    if env:
+        return env.encode(), True
+    return bytes(multiprocessing.current_process().authkey), False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in infos
+        )
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``"host:port"``, ``"host"``, ``"[v6]:port"`` -> (host, port)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {text!r}: missing ']'")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_s = text.partition(":")
+    else:
+        host, port_s = text, ""
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host")
+    if port_s:
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise ValueError(f"bad address {text!r}: port {port_s!r} is not a number") from None
+    else:
+        port = default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"bad address {text!r}: port {port} out of range")
+    return host, port
+
+
+def tune(sock: socket.socket) -> None:
+    """Low latency for small frames; large buffers for large ones."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionResetError("connection closed during handshake")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send_small(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_SMALL.pack(len(data)) + data)
+
+
+def _recv_small(sock: socket.socket) -> bytes:
+    (n,) = _SMALL.unpack(recv_exact(sock, _SMALL.size))
+    if n > _SMALL_MAX:
+        raise ProtocolError(f"handshake message of {n} bytes is over {_SMALL_MAX}")
+    return recv_exact(sock, n)
+
+
+def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, role + nonce, hashlib.sha256).digest()
+
+
+def deliver_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
+    """Challenge the peer to prove it holds ``key``; raise if it does not."""
+    nonce = os.urandom(_NONCE_SIZE)
+    _send_small(sock, _CHALLENGE + nonce)
+    answer = _recv_small(sock)
+    if hmac.compare_digest(answer, _digest(key, role, nonce)):
+        _send_small(sock, _WELCOME)
+        return
+    try:
+        _send_small(sock, _FAILURE)
+    except OSError:
+        pass
+    raise AuthenticationError("peer failed the HMAC challenge (wrong authkey?)")
+
+
+def answer_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
+    """Answer the peer's challenge; raise if it does not accept the answer."""
+    message = _recv_small(sock)
+    if not message.startswith(_CHALLENGE) or len(message) != len(_CHALLENGE) + _NONCE_SIZE:
+        raise ProtocolError("peer did not send a gibbs challenge (is it a gibbs hub?)")
+    _send_small(sock, _digest(key, role, message[len(_CHALLENGE) :]))
+    verdict = _recv_small(sock)
+    if verdict != _WELCOME:
+        raise AuthenticationError(
+            "the peer rejected our key: the hub and the worker do not share the same "
+            f"authkey (set the same {AUTHKEY_ENV} on both sides)"
+        )
+
+
+# Role tags keep a hub's answer from being replayed as a worker's and back.
+ROLE_WORKER = b"gibbs-worker:"
+ROLE_HUB = b"gibbs-hub:"
+
+
+def server_handshake(sock: socket.socket, key: bytes) -> None:
+    deliver_challenge(sock, key, ROLE_WORKER)
+    answer_challenge(sock, key, ROLE_HUB)
+
+
+def client_handshake(sock: socket.socket, key: bytes) -> None:
+    answer_challenge(sock, key, ROLE_WORKER)
+    deliver_challenge(sock, key, ROLE_HUB)
+
+
+def connect(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    tune(sock)
+    return sock
+
+
+def describe(sock_name: object) -> str:
+    if isinstance(sock_name, tuple) and len(sock_name) >= 2:
+        host, port = sock_name[0], sock_name[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(sock_name)

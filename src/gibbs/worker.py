@@ -1,0 +1,518 @@
+"""The worker: one model, one process, requests one at a time.
+
+A worker builds the model once (``cls(*args, **kwargs)``), then connects to the
+hub's address, retrying with a short backoff until the hub exists, and serves::
+
+    main thread                           heartbeat thread
+    ───────────────────────────────────   ────────────────────────────────
+    connect + HMAC handshake              every gibbs_heartbeat_interval:
+    WELCOME <- hub, HELLO -> hub            HEARTBEAT -> hub (under the
+    loop:                                   send lock), and check that the
+      wait for bytes (poll, with the        parent process still lives
+      hub's silence bound)
+      REQUEST -> model(*a, **kw)
+              -> RESULT / ERROR -> hub
+    end of file, silence, error:
+      close, reconnect with backoff
+
+Heartbeats come from their own thread, so a model call of minutes is not
+taken for death. SIGTERM or SIGINT while a request is in hand lets it finish
+and its answer go out; then the worker says GOODBYE (the hub re-queues what it
+had sent ahead but this worker had not started) and exits with status 0.
+A constructor that raises ends the process with the traceback and a non-zero
+exit code, after telling the hub why (so ``hub.wait_for_workers`` can say).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its joins)
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+import traceback
+from types import FrameType
+from typing import Any, Callable, Optional
+
+from . import protocol
+from .errors import AuthenticationError, ProtocolError
+from .transport import (
+    DEFAULT_PORT,
+    KeyLike,
+    client_handshake,
+    connect,
+    resolve_authkey,
+)
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("gibbs")
+
+#: Longest pause between two connection attempts to an absent hub.
+MAX_BACKOFF = 2.0
+#: Pause before trying again after the hub refused our key.
+AUTH_BACKOFF = 5.0
+#: How long a worker whose model failed to build tries to tell the hub.
+INIT_REPORT_WINDOW = 3.0
+
+
+class _Stop(BaseException):
+    """Raised from the signal handler in the worker's main thread while it is
+    idle, to leave a blocking wait at once. A BaseException so that no
+    ``except Exception`` in between swallows it."""
+
+
+class Worker:
+    """A process serving ``cls(*args, **kwargs)`` to a :class:`~gibbs.Hub`.
+
+    ``start()`` runs it in a new process; ``run()`` blocks in this one. Every
+    keyword gibbs takes starts with ``gibbs_``; all others go to the model's
+    constructor.
+
+    Args:
+        cls: the model class (any callable class); built once per worker.
+        *args, **kwargs: the model constructor's arguments.
+        gibbs_host, gibbs_port: the hub's address (default localhost:5019).
+        gibbs_heartbeat_interval: seconds between heartbeats to the hub.
+        gibbs_reset_after_n_miss: reconnect after the hub has been silent for
+            this many of the hub's heartbeat intervals.
+        gibbs_authkey: the shared key (bytes or str); default ``GIBBS_AUTHKEY``,
+            else the key inherited from the parent process.
+        gibbs_start_method: multiprocessing start method for ``start()``
+            (default: multiprocessing's default).
+        gibbs_name: a name shown in the hub's logs and errors.
+    """
+
+    def __init__(
+        self,
+        cls: Callable[..., Any],
+        *args: Any,
+        gibbs_host: str = "localhost",
+        gibbs_port: int = DEFAULT_PORT,
+        gibbs_heartbeat_interval: float = 1.0,
+        gibbs_reset_after_n_miss: int = 2,
+        gibbs_authkey: KeyLike = None,
+        gibbs_start_method: Optional[str] = None,
+        gibbs_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
+        if not callable(cls):
+            raise TypeError(f"Worker needs a class (or callable) to build the model, got {cls!r}")
+        if gibbs_heartbeat_interval <= 0:
+            raise ValueError("gibbs_heartbeat_interval must be > 0")
+        if gibbs_reset_after_n_miss < 1:
+            raise ValueError("gibbs_reset_after_n_miss must be >= 1")
+        if not isinstance(gibbs_port, int) or not 0 < gibbs_port < 65536:
+            raise ValueError(f"gibbs_port must be a TCP port number, got {gibbs_port!r}")
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.host = gibbs_host
+        self.port = gibbs_port
+        self.heartbeat_interval = float(gibbs_heartbeat_interval)
+        self.reset_after_n_miss = int(gibbs_reset_after_n_miss)
+        self.start_method = gibbs_start_method
+        self.name = gibbs_name or getattr(cls, "__name__", "model")
+        # The key is resolved now, in the process that made the Worker, so a
+        # worker started with spawn carries the parent's key explicitly.
+        self._authkey, _ = resolve_authkey(gibbs_authkey)
+        self._process: Optional[multiprocessing.process.BaseProcess] = None
+
+    # ------------------------------------------------------------ process API
+
+    def start(self) -> None:
+        """Run the worker in a new process (returns at once)."""
+        if self._process is not None:
+            raise RuntimeError("this Worker was already started")
+        ctx = multiprocessing.get_context(self.start_method)
+        self._process = ctx.Process(
+            target=_process_main,
+            args=(self, os.getpid()),
+            name=f"gibbs-worker-{self.name}",
+        )
+        self._process.start()
+        _local_workers.append(self)
+
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM): it finishes the request in hand,
+        answers it, and exits with status 0."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+
+    def kill(self) -> None:
+        """Stop the worker at once (SIGKILL); the hub re-sends its request."""
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self._process is None:
+            raise RuntimeError("this Worker was not started")
+        self._process.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self._process.exitcode if self._process is not None else None
+
+    @property
+    def sentinel(self) -> int:
+        if self._process is None:
+            raise RuntimeError("this Worker was not started")
+        return self._process.sentinel
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_process"] = None
+        return state
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self.port}"
+        if self._process is None:
+            return f"<Worker {self.name} -> {where} [not started]>"
+        status = "alive" if self._process.is_alive() else f"exited {self._process.exitcode}"
+        return f"<Worker {self.name} pid={self._process.pid} -> {where} [{status}]>"
+
+    # ------------------------------------------------------------ blocking API
+
+    def run(self) -> None:
+        """Build the model and serve until SIGTERM/SIGINT (blocks).
+
+        Raises whatever the model's constructor raises, after reporting it to
+        the hub when one can be reached.
+        """
+        _Runtime(self).run(parent_pid=None)
+
+
+def _process_main(worker: Worker, parent_pid: int) -> None:
+    _Runtime(worker).run(parent_pid=parent_pid)
+
+
+# Workers started from this process, stopped at interpreter exit (before
+# multiprocessing's own exit hook joins them, which would wait forever).
+_local_workers: list[Worker] = []
+
+
+def local_worker_failures() -> list[str]:
+    """Lines describing local worker processes that have exited (for errors)."""
+    lines = []
+    for w in list(_local_workers):
+        code = w.exitcode
+        if code is not None and code != 0:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            lines.append(f"local worker {w.name} (pid {w.pid}) exited: {how}")
+    return lines
+
+
+def _stop_local_workers(grace: float = 5.0) -> None:
+    workers = [w for w in _local_workers if w.is_alive()]
+    for w in workers:
+        w.terminate()
+    deadline = time.monotonic() + grace
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(1.0)
+    _local_workers.clear()
+
+
+atexit.register(_stop_local_workers)
+
+
+class _Runtime:
+    """The state of one serving worker, in its own process (or thread)."""
+
+    def __init__(self, spec: Worker) -> None:
+        self.spec = spec
+        self.model: Any = None
+        self.stopping = False
+        self.busy = False
+        self.sock: Optional[socket.socket] = None
+        self.send_lock = threading.Lock()  # owns: sends on self.sock
+        self.hub_interval = 1.0
+        self.shm_prefix: Optional[str] = None
+        self.parent_pid: Optional[int] = None
+        self._hb_stop = threading.Event()
+        self._in_main_thread = threading.current_thread() is threading.main_thread()
+        self._initial_ppid = os.getppid()
+
+    # -------------------------------------------------------------- signals
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        # Runs in the main thread between two bytecodes. While a request is in
+        # hand we only note the wish; while idle we leave the wait at once.
+        self.stopping = True
+        if not self.busy:
+            raise _Stop()
+
+    def run(self, parent_pid: Optional[int]) -> None:
+        self.parent_pid = parent_pid
+        old: dict[int, Any] = {}
+        if self._in_main_thread:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            try:
+                self.model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
+            except _Stop:
+                return
+            except Exception as exc:
+                tb = traceback.format_exc()
+                logger.error("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
+                self._report_init_failure(exc, tb)
+                raise
+            heartbeat = threading.Thread(
+                target=self._heartbeat_loop, name="gibbs-worker-heartbeat", daemon=True
+            )
+            heartbeat.start()
+            try:
+                self._serve_forever()
+            except _Stop:
+                pass
+            finally:
+                self._hb_stop.set()
+                heartbeat.join(5.0)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    # -------------------------------------------------------------- connecting
+
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = connect(self.spec.host, self.spec.port, timeout=timeout)
+        try:
+            client_handshake(sock, self.spec._authkey)
+            reader = protocol.FrameReader(1 << 16)
+            welcome = None
+            while welcome is None:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("hub closed the connection after the handshake")
+                for kind, _, body in reader.feed(data):
+                    if kind == protocol.WELCOME:
+                        welcome = protocol.unpack_json(body)
+                        break
+            return self._apply_welcome(sock, welcome)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _apply_welcome(self, sock: socket.socket, welcome: dict[str, Any]) -> socket.socket:
+        self.hub_interval = float(welcome.get("heartbeat_interval", 1.0))
+        probe = welcome.get("shm_probe")
+        self.shm_prefix = None
+        if isinstance(probe, dict) and protocol.shm_available():
+            try:
+                path = str(probe["path"])
+                if os.path.dirname(path) == protocol.SHM_DIR:
+                    with open(path, "rb") as f:
+                        if f.read(64).decode() == str(probe["token"]):
+                            self.shm_prefix = f"{protocol.SHM_PREFIX}w{os.getpid()}-"
+            except (OSError, KeyError, UnicodeDecodeError):
+                pass
+        return sock
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "name": self.spec.name,
+            "heartbeat_interval": self.spec.heartbeat_interval,
+            "shm": self.shm_prefix is not None,
+        }
+
+    def _serve_forever(self) -> None:
+        backoff = 0.02
+        where = f"{self.spec.host}:{self.spec.port}"
+        while not self.stopping:
+            try:
+                sock = self._connect(timeout=max(5.0, self.spec.heartbeat_interval * 2))
+            except AuthenticationError as exc:
+                logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF)
+                time.sleep(AUTH_BACKOFF)
+                continue
+            except (OSError, ProtocolError) as exc:
+                logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            backoff = 0.02
+            logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where)
+            try:
+                self._serve(sock)
+            except (OSError, ProtocolError) as exc:
+                logger.warning("worker %s: connection to hub lost (%s); reconnecting", self.spec.name, exc)
+            finally:
+                with self.send_lock:
+                    self.sock = None
+                sock.close()
+
+    # -------------------------------------------------------------- serving
+
+    def _send(self, sock: socket.socket, buffers: list[protocol.Buffer]) -> None:
+        with self.send_lock:
+            if len(buffers) == 1 or sum(len(b) for b in buffers) < 65536:
+                sock.sendall(b"".join(buffers))
+            else:
+                for b in buffers:
+                    sock.sendall(b)
+
+    def _serve(self, sock: socket.socket) -> None:
+        self._set_timeouts(sock)
+        self._send(sock, [protocol.pack_json(protocol.HELLO, self._hello())])
+        with self.send_lock:
+            self.sock = sock
+        reader = protocol.FrameReader()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        silence = self.hub_interval * self.spec.reset_after_n_miss
+        last_heard = time.monotonic()
+        try:
+            while True:
+                if self.stopping:
+                    raise _Stop()
+                if not poller.poll(min(silence, self.hub_interval) * 1000):
+                    if time.monotonic() - last_heard > silence:
+                        raise ConnectionAbortedError(
+                            f"hub silent for more than {silence:.1f} s"
+                        )
+                    continue
+                data = sock.recv(1 << 20)
+                if not data:
+                    logger.info("worker %s: hub closed the connection", self.spec.name)
+                    return
+                last_heard = time.monotonic()
+                for kind, req_id, body in reader.feed(data):
+                    if self.stopping:
+                        raise _Stop()
+                    if kind == protocol.REQUEST:
+                        self.busy = True
+                        try:
+                            self._handle(sock, req_id, body)
+                        finally:
+                            self.busy = False
+                        last_heard = time.monotonic()
+        except _Stop:
+            self._goodbye(sock)
+            raise
+
+    def _goodbye(self, sock: socket.socket) -> None:
+        try:
+            self._send(sock, protocol.pack_frame(protocol.GOODBYE, 0))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _set_timeouts(self, sock: socket.socket) -> None:
+        sock.settimeout(None)
+        bound = max(30.0, self.hub_interval * self.spec.reset_after_n_miss * 4)
+        timeval = struct.pack("ll", int(bound), 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        except OSError:
+            pass
+
+    def _handle(self, sock: socket.socket, req_id: int, body: bytes) -> None:
+        try:
+            args, kwargs = protocol.decode(body, unlink=False)
+        except Exception as exc:
+            self._send_error(sock, req_id, protocol.ERR_ARGS_UNPICKLE, exc)
+            return
+        try:
+            result = self.model(*args, **kwargs)
+        except Exception as exc:
+            del args, kwargs
+            self._send_error(sock, req_id, protocol.ERR_USER, exc)
+            return
+        del args, kwargs
+        try:
+            payload = protocol.encode(result, self.shm_prefix)
+        except Exception as exc:
+            self._send_error(sock, req_id, protocol.ERR_RESULT_PICKLE, exc)
+            return
+        finally:
+            del result
+        try:
+            self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, payload.body))
+        except BaseException:
+            payload.release()  # the hub never saw it: the file is still ours
+            raise
+
+    def _send_error(self, sock: socket.socket, req_id: int, kind: str, exc: BaseException) -> None:
+        tb = traceback.format_exc()
+        body = protocol.make_error_body(kind, exc, tb)
+        self._send(sock, protocol.pack_frame(protocol.ERROR, req_id, body))
+
+    # -------------------------------------------------------------- heartbeats
+
+    def _heartbeat_loop(self) -> None:
+        frame = b"".join(protocol.pack_frame(protocol.HEARTBEAT, 0))
+        while not self._hb_stop.wait(self.spec.heartbeat_interval):
+            if self.parent_pid is not None and not self._parent_alive():
+                # The process that started us is gone: nobody else will stop us.
+                logger.warning("worker %s: parent process exited; stopping", self.spec.name)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            with self.send_lock:
+                sock = self.sock
+                if sock is None:
+                    continue
+                try:
+                    sock.sendall(frame)
+                except OSError:
+                    pass
+
+    def _parent_alive(self) -> bool:
+        # Under forkserver our parent is the fork server, not the process that
+        # called start(): watch both for a change of parent and for that process.
+        if os.getppid() != self._initial_ppid:
+            return False
+        try:
+            os.kill(self.parent_pid, 0)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    # -------------------------------------------------------------- init failure
+
+    def _report_init_failure(self, exc: BaseException, tb: str) -> None:
+        report = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "name": self.spec.name,
+            "exc_type": type(exc).__qualname__,
+            "message": str(exc),
+            "traceback": tb,
+        }
+        deadline = time.monotonic() + INIT_REPORT_WINDOW
+        while time.monotonic() < deadline:
+            try:
+                sock = self._connect(timeout=1.0)
+            except (OSError, ProtocolError, AuthenticationError):
+                time.sleep(0.1)
+                continue
+            try:
+                sock.sendall(protocol.pack_json(protocol.INIT_FAILED, report))
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(1.0)
+                sock.recv(1)  # wait for the hub to read it and close
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            return
