@@ -1,0 +1,263 @@
+"""Command line: ``python -m gibbs demo`` and ``python -m gibbs worker``.
+
+``python -m gibbs worker package.module:ClassName --hub HOST:PORT [-n N] [ARG ...]``
+starts N worker processes serving ``ClassName(*ARGS, **KWARGS)`` to the hub,
+and keeps them running: each reconnects on its own with backoff, and one that
+exits unexpectedly is started again. On SIGTERM or SIGINT every worker
+finishes the request in hand, then the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+from typing import Any, Optional, Sequence
+
+from .transport import AUTHKEY_ENV, DEFAULT_PORT, parse_address
+
+logger = logging.getLogger("gibbs")
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 2."""
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_model_args(items: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
+    """``1 0.5 name=foo size=3`` -> ([1, 0.5], {"name": "foo", "size": 3}).
+    Values are Python literals where they parse as one, else strings."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key.isidentifier():
+            kwargs[key] = _literal(value)
+        else:
+            if kwargs:
+                raise CliError(f"positional argument {item!r} after keyword arguments")
+            args.append(_literal(item))
+    return args, kwargs
+
+
+def load_target(target: str) -> Any:
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"bad target {target!r}: expected package.module:ClassName")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the module's own import-time error
+        raise CliError(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise CliError(f"{target} is not a class or callable")
+    return obj
+
+
+def read_authkey(path: Optional[str]) -> bytes:
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read the key file {path!r}: {exc.strerror}") from exc
+        if not key:
+            raise CliError(f"the key file {path!r} is empty")
+        return key
+    env = os.environ.get(AUTHKEY_ENV)
+    if env:
+        return env.encode()
+    raise CliError(
+        f"no key: set {AUTHKEY_ENV} or pass --authkey-file (the hub's key; a worker started "
+        "on its own cannot inherit it)"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gibbs",
+        description="gibbs: scale a Python model across worker processes and machines.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the walkthrough's scenario (4 workers, 10 concurrent requests, 0.25 s model)",
+        description="Start a hub and workers, send concurrent requests to a sleeping model, "
+        "and print the time with gibbs beside one in-process model and the ideal.",
+    )
+    demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    demo.add_argument("--requests", type=int, default=10, help="concurrent requests (default 10)")
+    demo.add_argument("--wait-time", type=float, default=0.25, help="seconds per model call (default 0.25)")
+
+    worker = sub.add_parser(
+        "worker",
+        help="serve a model to a hub, on this or another machine",
+        description="Start N worker processes serving TARGET to the hub at --hub. Each "
+        "reconnects forever with backoff; SIGTERM or SIGINT lets every worker finish the "
+        "request in hand, then the command exits 0. The key comes from $GIBBS_AUTHKEY or "
+        "--authkey-file and must be the hub's.",
+        epilog="Constructor arguments are Python literals where they parse as one, else strings: "
+        "'python -m gibbs worker app:Model --hub 10.0.0.1:5019 0.25 device=cpu'",
+    )
+    worker.add_argument("target", metavar="TARGET", help="the model class, as package.module:ClassName")
+    worker.add_argument(
+        "model_args",
+        metavar="ARG",
+        nargs="*",
+        help="constructor arguments: VALUE (positional) or NAME=VALUE (keyword)",
+    )
+    worker.add_argument(
+        "--hub",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help=f"the hub's address (default 127.0.0.1:{DEFAULT_PORT})",
+    )
+    worker.add_argument("-n", "--workers", type=int, default=1, help="worker processes to run (default 1)")
+    worker.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    worker.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between heartbeats to the hub (default 1.0)",
+    )
+    worker.add_argument(
+        "--reset-after-n-miss",
+        type=int,
+        default=2,
+        metavar="N",
+        help="reconnect after the hub has been silent for N of its heartbeat intervals (default 2)",
+    )
+    worker.add_argument(
+        "--start-method",
+        choices=["fork", "spawn", "forkserver"],
+        default=None,
+        help="multiprocessing start method for the worker processes (default: Python's)",
+    )
+    worker.add_argument("--name", default=None, help="a name for these workers in the hub's logs")
+    worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "demo":
+            from ._demo import run_demo
+
+            if ns.workers < 1 or ns.requests < 1 or ns.wait_time < 0:
+                raise CliError("--workers and --requests must be >= 1, --wait-time >= 0")
+            return run_demo(ns.workers, ns.requests, ns.wait_time)
+        return _worker_command(ns)
+    except CliError as exc:
+        print(f"gibbs: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _worker_command(ns: argparse.Namespace) -> int:
+    from .worker import Worker
+
+    level = logging.WARNING - 10 * min(ns.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.workers < 1:
+        raise CliError("-n must be at least 1")
+    if ns.heartbeat_interval <= 0:
+        raise CliError("--heartbeat-interval must be > 0")
+    try:
+        host, port = parse_address(ns.hub)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot resolve the hub's host {host!r}: {exc.strerror}") from None
+    key = read_authkey(ns.authkey_file)
+    cls = load_target(ns.target)
+    args, kwargs = parse_model_args(ns.model_args)
+
+    def make() -> Worker:
+        return Worker(
+            cls,
+            *args,
+            gibbs_host=host,
+            gibbs_port=port,
+            gibbs_heartbeat_interval=ns.heartbeat_interval,
+            gibbs_reset_after_n_miss=ns.reset_after_n_miss,
+            gibbs_authkey=key,
+            gibbs_start_method=ns.start_method,
+            gibbs_name=ns.name,
+            **kwargs,
+        )
+
+    return _supervise(make, ns.workers, f"{host}:{port}")
+
+
+def _supervise(make: Any, n: int, where: str) -> int:
+    """Keep n workers running until SIGTERM/SIGINT, then stop them gracefully."""
+    stopping = False
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    slots: list[Any] = [None] * n
+    backoff = [0.5] * n
+    not_before = [0.0] * n
+    print(f"gibbs worker: {n} worker(s) serving the hub at {where} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    try:
+        while not stopping:
+            now = time.monotonic()
+            for i in range(n):
+                w = slots[i]
+                if w is not None and not w.is_alive():
+                    w.join()
+                    code = w.exitcode
+                    logger.warning("gibbs worker: worker pid %s exited with %s; restarting in %.1f s", w.pid, code, backoff[i])
+                    print(f"gibbs worker: worker pid {w.pid} exited ({code}); restarting in {backoff[i]:.1f} s",
+                          file=sys.stderr, flush=True)
+                    not_before[i] = now + backoff[i]
+                    backoff[i] = min(backoff[i] * 2, 30.0)
+                    slots[i] = None
+                if slots[i] is None and now >= not_before[i]:
+                    w = make()
+                    w.start()
+                    slots[i] = w
+            time.sleep(0.1)
+    finally:
+        live = [w for w in slots if w is not None]
+        for w in live:
+            w.terminate()
+        for w in live:
+            w.join(60)
+            if w.is_alive():
+                w.kill()
+                w.join(5)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 0

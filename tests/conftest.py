@@ -1,0 +1,105 @@
+"""Shared fixtures. Every process a test starts is reaped here, even when the
+test fails; every test has a hard deadline (pytest-timeout, pyproject.toml)."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import multiprocessing
+import os
+import sys
+from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from gibbs import Hub, Worker  # noqa: E402
+
+faulthandler.enable()
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
+    """Run a coroutine in a fresh event loop with a hard deadline."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture
+def make_hub() -> Iterator[Callable[..., Hub]]:
+    """Hubs on free ports with short heartbeats; all closed at teardown."""
+    hubs: list[Hub] = []
+
+    def factory(**kwargs: Any) -> Hub:
+        kwargs.setdefault("port", 0)
+        kwargs.setdefault("heartbeat_interval", 0.2)
+        hub = Hub(**kwargs)
+        hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        hub.close(grace=0)
+
+
+@pytest.fixture
+def hub(make_hub: Callable[..., Hub]) -> Hub:
+    return make_hub()
+
+
+@pytest.fixture
+def make_workers() -> Iterator[Callable[..., list[Worker]]]:
+    """Start worker processes for a hub; every one is killed and joined at teardown."""
+    started: list[Worker] = []
+
+    def factory(hub: Hub, cls: Any, n: int = 1, *args: Any, **kwargs: Any) -> list[Worker]:
+        kwargs.setdefault("gibbs_port", hub.port)
+        kwargs.setdefault("gibbs_host", "127.0.0.1")
+        kwargs.setdefault("gibbs_heartbeat_interval", 0.2)
+        ws = [Worker(cls, *args, **kwargs) for _ in range(n)]
+        for w in ws:
+            w.start()
+            started.append(w)
+        return ws
+
+    yield factory
+    for w in started:
+        w.kill()
+    for w in started:
+        w.join(10)
+        assert not w.is_alive(), f"worker {w.pid} could not be reaped"
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """Whatever a test left running is killed, so one failure cannot hang the next."""
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def shm_files(prefix: str = "gibbs-") -> list[str]:
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix) and "probe" not in n)
+    except OSError:
+        return []
+
+

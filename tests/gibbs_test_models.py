@@ -1,0 +1,114 @@
+"""Models used by the tests. A module of its own so that workers started
+with spawn or forkserver can import them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+
+class Square:
+    def __init__(self, wait_time: float = 0.0) -> None:
+        self.w = wait_time
+
+    def __call__(self, x: Any) -> Any:
+        if self.w:
+            time.sleep(self.w)
+        return x**2
+
+
+class Echo:
+    """Returns its arguments (and its pid), to check what arrived where."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return {"args": args, "kwargs": kwargs, "pid": os.getpid()}
+
+
+class Identity:
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+class Pid:
+    def __init__(self, wait_time: float = 0.0) -> None:
+        self.w = wait_time
+
+    def __call__(self, *args: Any) -> int:
+        if self.w:
+            time.sleep(self.w)
+        return os.getpid()
+
+
+class Raises:
+    def __call__(self, x: Any) -> Any:
+        if x == "boom":
+            raise ValueError(f"bad input: {x}")
+        if x == "custom":
+            raise UnpicklableError(x)
+        return x
+
+
+class UnpicklableError(Exception):
+    def __init__(self, x: Any) -> None:
+        super().__init__("custom failure")
+        self.lock = threading.Lock()  # cannot be pickled
+
+
+class BadInit:
+    def __init__(self, *args: Any) -> None:
+        raise RuntimeError("cannot load weights from /nowhere")
+
+    def __call__(self, x: Any) -> Any:  # pragma: no cover - never built
+        return x
+
+
+class BadResult:
+    def __call__(self, x: Any) -> Any:
+        if x == "lambda":
+            return lambda: 1
+        return x
+
+
+class Killer:
+    """Dies on request, in several ways; answers otherwise."""
+
+    def __init__(self, wait_time: float = 0.0) -> None:
+        self.w = wait_time
+
+    def __call__(self, x: Any) -> Any:
+        if x == "exit":
+            os._exit(3)
+        if x == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if x == "segfault":
+            ctypes.string_at(0)
+        if self.w:
+            time.sleep(self.w)
+        return x
+
+
+class Recorder:
+    """Appends each argument to a file, so tests can see what really ran."""
+
+    def __init__(self, path: str, wait_time: float = 0.0) -> None:
+        self.path = path
+        self.w = wait_time
+
+    def __call__(self, x: Any) -> Any:
+        with open(self.path, "a") as f:
+            f.write(f"start {x}\n")
+        if self.w:
+            time.sleep(self.w)
+        with open(self.path, "a") as f:
+            f.write(f"end {x}\n")
+        return x
+
+
+class Sleep:
+    def __call__(self, seconds: float, value: Any = None) -> Any:
+        time.sleep(seconds)
+        return value

@@ -1,0 +1,167 @@
+"""Hub: the walkthrough's promises end to end on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+from conftest import run
+from gibbs_test_models import Echo, Pid, Raises, Square
+
+from gibbs import Hub, HubClosedError, NoWorkersError, UserCodeException
+
+
+def test_hub_created_outside_loop_binds_nothing_and_starts_no_thread() -> None:
+    before = threading.active_count()
+    hub = Hub()
+    assert threading.active_count() == before
+    assert "not started" in repr(hub)
+    hub.close()  # closing a hub that never started is fine, and idempotent
+    hub.close()
+
+
+def test_parallel_requests_share_the_workers(hub, make_workers) -> None:
+    make_workers(hub, Square, 4, 0.25)
+
+    async def main() -> float:
+        await hub.wait_for_workers(4, timeout=30)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(hub.request(i) for i in range(10)))
+        assert results == [i**2 for i in range(10)]
+        return time.perf_counter() - t0
+
+    elapsed = run(main())
+    # 10 requests of 0.25 s on 4 workers: 3 rounds (0.75 s); one model alone needs 2.5 s.
+    assert elapsed < 1.6, elapsed
+
+
+def test_request_goes_to_idle_worker_not_behind_busy_one(hub, make_workers) -> None:
+    make_workers(hub, Pid, 2, 0.5)
+
+    async def main() -> None:
+        await hub.wait_for_workers(2, timeout=30)
+        first = asyncio.ensure_future(hub.request())
+        await asyncio.sleep(0.1)  # the first is running on one worker
+        t0 = time.perf_counter()
+        second = await hub.request()
+        waited = time.perf_counter() - t0
+        assert second != await first
+        assert waited < 0.9, waited  # never queued behind the busy worker
+
+    run(main())
+
+
+def test_args_kwargs_and_tuples_round_trip(hub, make_workers) -> None:
+    make_workers(hub, Echo, 1)
+
+    async def main() -> None:
+        out = await hub.request(1, (2, 3), [4], x={"a": (5,)}, y=None)
+        assert out["args"] == (1, (2, 3), [4])
+        assert isinstance(out["args"][1], tuple)
+        assert out["kwargs"] == {"x": {"a": (5,)}, "y": None}
+
+    run(main())
+
+
+def test_user_exception_keeps_type_message_traceback_and_worker_serves_on(hub, make_workers) -> None:
+    make_workers(hub, Raises, 1)
+
+    async def main() -> None:
+        with pytest.raises(UserCodeException) as info:
+            await hub.request("boom")
+        err = info.value
+        assert isinstance(err.original, ValueError)
+        assert isinstance(err.__cause__, ValueError)
+        assert err.exc_type == "ValueError"
+        assert "bad input: boom" in str(err)
+        assert "raise ValueError" in err.remote_traceback
+        # An exception that cannot be pickled still reaches the caller, by name.
+        with pytest.raises(UserCodeException) as info2:
+            await hub.request("custom")
+        assert info2.value.original is None
+        assert info2.value.exc_type == "UnpicklableError"
+        assert "custom failure" in str(info2.value)
+        assert await hub.request("fine") == "fine"
+
+    run(main())
+
+
+def test_several_loops_in_turn_and_plain_threads(hub, make_workers) -> None:
+    make_workers(hub, Square, 2)
+    hub.wait_for_workers_sync(2, timeout=30)
+    for i in range(3):
+        assert run(hub.request(i)) == i * i  # a new loop each time
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [hub.submit(i) for i in range(20)]
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(20)]
+        # and several loops at once, each in its own thread
+        outs = list(pool.map(lambda i: run(hub.request(i)), range(8)))
+    assert outs == [i * i for i in range(8)]
+
+
+def test_workers_started_before_the_hub_exists(make_hub, make_workers) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+
+    class Placeholder:
+        pass
+
+    placeholder = Placeholder()
+    placeholder.port = port  # type: ignore[attr-defined]
+    make_workers(placeholder, Square, 2)
+    time.sleep(0.5)  # workers are retrying against nothing
+    hub = make_hub(port=port)
+    hub.wait_for_workers_sync(2, timeout=30)
+    assert run(hub.request(7)) == 49
+
+
+def test_wait_for_workers_says_why_none_came(hub, make_workers) -> None:
+    from gibbs_test_models import BadInit
+
+    ws = make_workers(hub, BadInit, 1)
+    with pytest.raises(NoWorkersError) as info:
+        hub.wait_for_workers_sync(1, timeout=5)
+    msg = str(info.value)
+    assert "cannot load weights from /nowhere" in msg
+    assert "RuntimeError" in msg
+    ws[0].join(10)
+    assert ws[0].exitcode == 1
+
+
+def test_close_is_idempotent_and_async_context_manager(make_workers) -> None:
+    async def main() -> None:
+        async with Hub(port=0, heartbeat_interval=0.2) as hub:
+            hub.start()
+            make_workers(hub, Square, 1)
+            await hub.wait_for_workers(1, timeout=30)
+            assert await hub.request(3) == 9
+        assert hub.closed
+        await hub.aclose()
+        hub.close()
+        with pytest.raises(HubClosedError):
+            await hub.request(1)
+
+    run(main())
+
+
+def test_repr_shows_live_state(hub, make_workers) -> None:
+    make_workers(hub, Square, 2, 0.3)
+    hub.wait_for_workers_sync(2, timeout=30)
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(hub.request(i)) for i in range(3)]
+        await asyncio.sleep(0.1)
+        text = repr(hub)
+        assert "2 workers: 2 busy, 0 idle | 1 queued" in text, text
+        await asyncio.gather(*tasks)
+        stats = hub.statistics()
+        assert stats["completed"] == 3 and stats["queued"] == 0
+
+    run(main())
