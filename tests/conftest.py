@@ -4,7 +4,6 @@ test fails; every test has a hard deadline (pytest-timeout, pyproject.toml)."""
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import multiprocessing
 import os
 import sys
@@ -15,8 +14,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from gibbs import Hub, Worker  # noqa: E402
-
-faulthandler.enable()
 
 T = TypeVar("T")
 

@@ -112,3 +112,26 @@ class Sleep:
     def __call__(self, seconds: float, value: Any = None) -> Any:
         time.sleep(seconds)
         return value
+
+
+class DieOnce:
+    """The first worker to run a request takes the token file and dies the way
+    it is told, mid-request; the worker the request is re-sent to answers."""
+
+    def __init__(self, token: str, wait_time: float = 0.2) -> None:
+        self.token = token
+        self.w = wait_time
+
+    def __call__(self, x: Any, how: str) -> Any:
+        time.sleep(self.w)
+        try:
+            os.unlink(self.token)
+        except FileNotFoundError:
+            return x
+        if how == "exit":
+            os._exit(7)
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "segfault":
+            ctypes.string_at(0)
+        raise AssertionError(how)

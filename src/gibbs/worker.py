@@ -62,6 +62,9 @@ AUTH_BACKOFF = 5.0
 INIT_REPORT_WINDOW = 3.0
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 class _Stop(BaseException):
     """Raised from the signal handler in the worker's main thread while it is
     idle, to leave a blocking wait at once. A BaseException so that no
@@ -136,7 +139,13 @@ class Worker:
             args=(self, os.getpid()),
             name=f"gibbs-worker-{self.name}",
         )
-        self._process.start()
+        # Blocked across the fork (the child unblocks them once its handler is
+        # in place), so an early terminate() is still a graceful one.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _local_workers.append(self)
 
     def terminate(self) -> None:
@@ -262,13 +271,15 @@ class _Runtime:
         self.parent_pid = parent_pid
         old: dict[int, Any] = {}
         if self._in_main_thread:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in _STOP_SIGNALS:
                 old[sig] = signal.signal(sig, self._on_signal)
+        heartbeat: Optional[threading.Thread] = None
         try:
+            # start() blocked these signals across the fork, so that a terminate()
+            # right after start() reaches our handler rather than the default one.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             try:
                 self.model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
-            except _Stop:
-                return
             except Exception as exc:
                 tb = traceback.format_exc()
                 logger.error("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
@@ -278,14 +289,13 @@ class _Runtime:
                 target=self._heartbeat_loop, name="gibbs-worker-heartbeat", daemon=True
             )
             heartbeat.start()
-            try:
-                self._serve_forever()
-            except _Stop:
-                pass
-            finally:
-                self._hb_stop.set()
-                heartbeat.join(5.0)
+            self._serve_forever()
+        except _Stop:
+            pass
         finally:
+            self._hb_stop.set()
+            if heartbeat is not None:
+                heartbeat.join(5.0)
             for sig, handler in old.items():
                 signal.signal(sig, handler)
 

@@ -1,0 +1,154 @@
+"""Worker: constructor arguments, start methods, run() in the current
+process, signals, and the watch on the parent process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import run, wait_until
+from gibbs_test_models import DieOnce, Echo, Raises, Square
+
+from gibbs import UserCodeException, Worker
+
+HERE = os.path.dirname(__file__)
+
+
+def test_constructor_positional_and_keyword_arguments(hub, make_workers) -> None:
+    class_args = make_workers(hub, Square, 1, wait_time=0.01)
+    assert class_args[0].kwargs == {"wait_time": 0.01}
+    hub.wait_for_workers_sync(1, timeout=30)
+    assert run(hub.request(4)) == 16
+
+
+def test_bad_worker_arguments_fail_at_once() -> None:
+    with pytest.raises(TypeError):
+        Worker(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Worker(Square, gibbs_port=70000)
+    with pytest.raises(ValueError):
+        Worker(Square, gibbs_heartbeat_interval=0)
+    w = Worker(Square)
+    assert "not started" in repr(w)
+    with pytest.raises(RuntimeError):
+        w.join()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_core_behaviour_under_every_start_method(hub, make_workers, tmp_path, method) -> None:
+    make_workers(hub, Raises, 2, gibbs_start_method=method)
+    token = tmp_path / "token"
+    token.write_text("")
+    make_workers(hub, DieOnce, 2, str(token), 0.1, gibbs_start_method=method)
+    hub.wait_for_workers_sync(4, timeout=60)
+
+    async def main() -> None:
+        # parallel requests, a user error, and a death with re-send
+        out = await asyncio.gather(*(hub.request(i) for i in range(8)), return_exceptions=True)
+        # Raises and DieOnce workers both answer plain values (DieOnce needs 2 args)
+        assert all(o == i or isinstance(o, UserCodeException) for i, o in enumerate(out)), out
+        with pytest.raises(UserCodeException):
+            await hub.request("boom")
+        vals = []
+        for _ in range(3):
+            try:
+                vals.append(await hub.request("x", "sigkill"))
+            except UserCodeException:
+                pass  # reached a Raises worker, which takes one argument
+        assert "x" in vals or token.exists() or hub.statistics()["retried"] >= 1
+
+    run(main(), timeout=90)
+
+
+def test_run_in_this_process_with_explicit_key(make_hub, tmp_path) -> None:
+    hub = make_hub(authkey="s3cret")
+    script = tmp_path / "w.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {HERE!r})
+            from gibbs import Worker
+            from gibbs_test_models import Sleep
+            Worker(Sleep, gibbs_port={hub.port}, gibbs_host="127.0.0.1",
+                   gibbs_heartbeat_interval=0.2, gibbs_authkey="s3cret").run()
+            print("run returned", flush=True)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        hub.wait_for_workers_sync(1, timeout=30)
+
+        async def main() -> None:
+            task = asyncio.ensure_future(hub.request(0.5, "in hand"))
+            await asyncio.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert await task == "in hand"
+
+        run(main())
+        assert proc.wait(10) == 0
+        assert proc.stdout is not None and "run returned" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigint_idle_worker_exits_zero_at_once(hub, make_workers) -> None:
+    ws = make_workers(hub, Echo, 1)
+    hub.wait_for_workers_sync(1, timeout=30)
+    os.kill(ws[0].pid, signal.SIGINT)  # type: ignore[arg-type]
+    ws[0].join(5)
+    assert ws[0].exitcode == 0
+    assert wait_until(lambda: hub.statistics()["workers"] == 0, 5)
+    assert hub.statistics()["worker_deaths"] == 0  # it said goodbye
+
+
+def test_worker_stops_when_its_parent_dies(tmp_path) -> None:
+    pidfile = tmp_path / "pids"
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys, time
+            sys.path.insert(0, {HERE!r})
+            from gibbs import Worker
+            from gibbs_test_models import Echo
+            if __name__ == "__main__":
+                w = Worker(Echo, gibbs_port=1, gibbs_host="127.0.0.1", gibbs_heartbeat_interval=0.1)
+                w.start()
+                open({str(pidfile)!r}, "w").write(str(w.pid))
+                time.sleep(0.3)
+                os._exit(0)  # the parent vanishes without stopping its worker
+            """
+        )
+    )
+    subprocess.run([sys.executable, str(script)], timeout=30, check=True)
+    child = int(pidfile.read_text())
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{child}/status") as f:
+                return "zombie" in f.read().lower()
+        except FileNotFoundError:
+            return True
+
+    try:
+        assert wait_until(gone, 10)
+    finally:
+        if not gone():
+            os.kill(child, signal.SIGKILL)
+
+
+def test_worker_repr_and_process_api(hub, make_workers) -> None:
+    ws = make_workers(hub, Echo, 1)
+    assert "alive" in repr(ws[0]) and str(ws[0].pid) in repr(ws[0])
+    ws[0].terminate()
+    ws[0].join(10)
+    assert "exited 0" in repr(ws[0])
