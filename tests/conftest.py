@@ -7,7 +7,7 @@ import asyncio
 import multiprocessing
 import os
 import sys
-from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
 

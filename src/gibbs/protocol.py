@@ -331,15 +331,16 @@ def remove_segments(prefix: str) -> int:
 
 def make_error_body(kind: str, exc: BaseException, tb: str) -> bytes:
     """Pickle an error record; the exception object itself only if it pickles."""
-    record = {
+    record: dict[str, Any] = {
         "kind": kind,
         "type": type(exc).__qualname__,
         "module": type(exc).__module__,
         "message": str(exc),
         "traceback": tb,
     }
+    exc_bytes: Optional[bytes]
     try:
-        exc_bytes: Optional[bytes] = pickle.dumps(exc, protocol=5)
+        exc_bytes = pickle.dumps(exc, protocol=5)
         pickle.loads(exc_bytes)  # an exception that pickles but cannot be rebuilt is no use
     except Exception:
         exc_bytes = None

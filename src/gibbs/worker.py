@@ -134,7 +134,7 @@ class Worker:
         if self._process is not None:
             raise RuntimeError("this Worker was already started")
         ctx = multiprocessing.get_context(self.start_method)
-        self._process = ctx.Process(
+        self._process = ctx.Process(  # type: ignore[attr-defined]
             target=_process_main,
             args=(self, os.getpid()),
             name=f"gibbs-worker-{self.name}",
@@ -269,7 +269,7 @@ class _Runtime:
 
     def run(self, parent_pid: Optional[int]) -> None:
         self.parent_pid = parent_pid
-        old: dict[int, Any] = {}
+        old: dict[signal.Signals, Any] = {}
         if self._in_main_thread:
             for sig in _STOP_SIGNALS:
                 old[sig] = signal.signal(sig, self._on_signal)
