@@ -37,6 +37,14 @@ def _literal(text: str) -> Any:
         return text
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_model_args(items: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
     """``1 0.5 name=foo size=3`` -> ([1, 0.5], {"name": "foo", "size": 3}).
     Values are Python literals where they parse as one, else strings."""
@@ -165,7 +173,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
-    ns = parser.parse_args(argv)
+    # Constructor arguments may follow the options ("app:Model --hub H:P 0.25"):
+    # argparse leaves positionals after an option unparsed, so collect them here.
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if ns.command == "worker" and not any(e.startswith("-") and not _is_number(e) for e in extra):
+            ns.model_args.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if ns.command == "demo":
             from ._demo import run_demo
