@@ -169,15 +169,6 @@ def test_many_silent_connections_do_not_stop_real_workers(served_hub: Hub, make_
 def test_rejected_peer_sees_eof_even_if_a_worker_forked_during_its_handshake(
     served_hub: Hub, make_workers
 ) -> None:
-    # BUG (reported, not fixed here): this test fails. A worker forked (the
-    # default start method on Linux before 3.14) while connections are in the
-    # hub's handshake threads inherits their sockets: Bridge.forget_after_fork
-    # closes the listener and the established peers in the child, but not the
-    # sockets held by _handshake threads (nor those waiting in _new_peers). The
-    # hub's sock.close() then sends no FIN while that worker lives, so a
-    # rejected peer is not disconnected, and a real worker that was
-    # mid-handshake when a sibling forked does not see EOF when the hub later
-    # drops it or closes.
     socks = [raw(served_hub) for _ in range(3)]
     for sock in socks:
         t._recv_small(sock)  # the hub's handshake thread holds the socket now
@@ -463,11 +454,6 @@ print("done")
 
 
 def test_rejected_connections_log_nothing_to_stderr_by_default() -> None:
-    # BUG (reported, not fixed here): this test fails. DESIGN.md promise 6 says
-    # the "gibbs" logger is silent by default, but gibbs attaches no
-    # logging.NullHandler, so Python's logging.lastResort handler prints every
-    # WARNING ("gibbs hub: rejected connection from ...: timed out", "lost
-    # worker ...") to the stderr of an application that configured no logging.
     import subprocess
     import sys
 

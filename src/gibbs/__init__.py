@@ -10,6 +10,8 @@
     result = await hub.request(x)
 """
 
+import logging as _logging
+
 from .errors import (
     AuthenticationError,
     GibbsError,
@@ -25,6 +27,9 @@ from .hub import Hub
 from .worker import Worker
 
 __version__ = "1.0.0"
+
+# Silent by default: applications choose whether to show gibbs's logs.
+_logging.getLogger("gibbs").addHandler(_logging.NullHandler())
 
 __all__ = [
     # the two classes

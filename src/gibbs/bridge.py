@@ -157,7 +157,7 @@ class Bridge:
         self._closed = False
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
-        self._handshakes = 0
+        self._handshaking: set[socket.socket] = set()  # sockets in handshake threads
         self._next_id = 1
         self._stats = collections.Counter[str]()
         self._on_closed: list[Callable[[], None]] = []
@@ -509,11 +509,11 @@ class Bridge:
                 logger.warning("gibbs hub: accept failed: %s", exc)
                 return
             with self._lock:
-                if self._closing or self._handshakes >= _MAX_HANDSHAKES:
+                if self._closing or len(self._handshaking) >= _MAX_HANDSHAKES:
                     sock.close()
                     logger.warning("gibbs hub: refused connection from %s (busy or closing)", describe(addr))
                     continue
-                self._handshakes += 1
+                self._handshaking.add(sock)
             threading.Thread(
                 target=self._handshake, args=(sock, addr), name="gibbs-handshake", daemon=True
             ).start()
@@ -558,6 +558,7 @@ class Bridge:
             sock.settimeout(None)
             sock.setblocking(False)
             with self._lock:
+                self._handshaking.discard(sock)
                 if self._closing:
                     sock.close()
                     return
@@ -568,7 +569,7 @@ class Bridge:
             sock.close()
         finally:
             with self._lock:
-                self._handshakes -= 1
+                self._handshaking.discard(sock)
 
     def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         peer = Peer(sock, hello, self._max_frame)
@@ -765,10 +766,13 @@ class Bridge:
 
     def forget_after_fork(self) -> None:
         """In a forked child: close the inherited descriptors without touching
-        the parent's connections (no shutdown, no messages)."""
-        for peer in list(self._peers.values()):
+        the parent's connections (no shutdown, no messages). The lock may have
+        been held by a thread that does not exist here: do not take it."""
+        socks = [p.sock for p in self._peers.values()]
+        socks += list(self._handshaking) + [s for s, _ in self._new_peers]
+        for sock in socks:
             try:
-                peer.sock.close()
+                sock.close()
             except OSError:
                 pass
         try:

@@ -99,8 +99,9 @@ class Hub:
         pipeline_depth: calls a worker may hold at once when its calls are
             very short (under 2 ms), to hide the round trip. Slow models never
             get a second call while another worker is idle. 1 disables it.
-        shm_threshold: buffers (NumPy arrays, bytes) of at least this many
-            bytes travel through shared memory to workers on this machine.
+        shm_threshold: out-of-band buffers (NumPy arrays, ``pickle.PickleBuffer``)
+            of at least this many bytes travel through shared memory to workers
+            on this machine (plain ``bytes`` always go inline).
             ``None`` disables shared memory.
         close_grace: default seconds ``close()`` lets running requests finish.
     """

@@ -8,8 +8,8 @@ Every message after the handshake is one frame::
     +--------+----------------+----------------+=================+
 
 Bodies of ``REQUEST`` and ``RESULT`` frames are *payloads*: a pickle
-(protocol 5). Large out-of-band buffers (NumPy arrays, bytes-like objects of
-``shm_threshold`` bytes or more) travel through a file in ``/dev/shm`` when
+(protocol 5). Large out-of-band buffers (NumPy arrays, ``pickle.PickleBuffer``; plain
+``bytes`` are always pickled in band) of ``shm_threshold`` bytes or more travel through a file in ``/dev/shm`` when
 both ends share one machine; the frame then names the file and the buffers'
 offsets, and the pickle carries only the small rest. Across machines the
 same call is inline.

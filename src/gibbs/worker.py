@@ -47,6 +47,7 @@ from .transport import (
     KeyLike,
     client_handshake,
     connect,
+    is_loopback,
     resolve_authkey,
 )
 
@@ -54,8 +55,11 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger("gibbs")
 
-#: Longest pause between two connection attempts to an absent hub.
-MAX_BACKOFF = 2.0
+#: Longest pause between two connection attempts to an absent hub: short on
+#: this machine (a refused connect costs microseconds, and a hub bound on its
+#: first request should not wait for its workers), longer across the network.
+MAX_BACKOFF_LOCAL = 0.05
+MAX_BACKOFF_REMOTE = 2.0
 #: Pause before trying again after the hub refused our key.
 AUTH_BACKOFF = 5.0
 #: How long a worker whose model failed to build tries to tell the hub.
@@ -346,6 +350,7 @@ class _Runtime:
 
     def _serve_forever(self) -> None:
         backoff = 0.02
+        max_backoff = MAX_BACKOFF_LOCAL if is_loopback(self.spec.host) else MAX_BACKOFF_REMOTE
         where = f"{self.spec.host}:{self.spec.port}"
         while not self.stopping:
             try:
@@ -357,7 +362,7 @@ class _Runtime:
             except (OSError, ProtocolError) as exc:
                 logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                backoff = min(backoff * 2, max_backoff)
                 continue
             backoff = 0.02
             logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where)

@@ -1,0 +1,64 @@
+"""The benchmark suite runs end to end and prints its table.
+
+Timings are not checked (the machine running the tests may be busy): only
+that ``python -m benchmarks --quick`` completes, reaps what it starts, and
+produces every row of the table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b")
+
+
+def _results_state() -> tuple[bool, float]:
+    path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    return (os.path.exists(path), os.path.getmtime(path) if os.path.exists(path) else 0.0)
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_prints_the_table() -> None:
+    before = _results_state()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--repeat", "1", "--no-write"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    out = proc.stdout
+    assert "| # | Measure | gibbs | Baseline | Ratio | Target | Result |" in out
+    for key in ROWS:
+        assert f"\n| {key} | " in out, f"row {key} missing:\n{out}"
+    assert "targets met" in out
+    # every judged row says PASS or MISS, the others "reported"
+    for line in out.splitlines():
+        if line.startswith("| ") and not line.startswith("| # "):
+            assert line.rstrip().endswith(("| PASS |", "| MISS |", "| reported |")), line
+    assert _results_state() == before, "--no-write must leave RESULTS.md alone"
+
+
+def test_table_rendering() -> None:
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks.report import Row, summary, table
+    finally:
+        sys.path.remove(ROOT)
+    rows = [
+        Row("1", "a | b", "1 ms", "2 ms", "0.5×", "≤ 1×", True),
+        Row("2", "c", "3 ms", "1 ms", "3×", "≤ 1.5×", False),
+        Row("2i", "info", "x", "y"),
+    ]
+    text = table(rows)
+    assert "a \\| b" in text
+    assert text.splitlines()[2].endswith("| PASS |")
+    assert text.splitlines()[3].endswith("| MISS |")
+    assert text.splitlines()[4].endswith("| reported |")
+    assert summary(rows) == "1 of 2 targets met (missed: 2)"
