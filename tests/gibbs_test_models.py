@@ -135,3 +135,10 @@ class DieOnce:
         if how == "segfault":
             ctypes.string_at(0)
         raise AssertionError(how)
+
+
+class Clock:
+    """Returns the monotonic clock (shared by every process) when called."""
+
+    def __call__(self, *args: Any) -> int:
+        return time.perf_counter_ns()

@@ -93,10 +93,13 @@ class Peer:
         self.pid = int(hello.get("pid", 0))
         self.host = str(hello.get("host", "?"))
         self.name = str(hello.get("name", "worker"))
-        try:
-            self.address = describe(sock.getpeername())
-        except OSError:
-            self.address = "?"
+        if sock.family == socket.AF_UNIX:
+            self.address = "local socket"
+        else:
+            try:
+                self.address = describe(sock.getpeername())
+            except OSError:
+                self.address = "?"
         self.interval = max(0.01, float(hello.get("heartbeat_interval", 1.0)))
         self.shm = bool(hello.get("shm", False))
         now = time.monotonic()
@@ -115,7 +118,7 @@ class Peer:
 class Bridge:
     def __init__(
         self,
-        listener: socket.socket,
+        listeners: list[socket.socket],
         *,
         authkey: bytes,
         heartbeat_interval: float,
@@ -129,7 +132,7 @@ class Bridge:
         deliver: Callable[[list[tuple[Call, Outcome]]], None],
         describe_exit: Callable[[int], Optional[str]],
     ) -> None:
-        self._listener = listener
+        self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
@@ -150,6 +153,7 @@ class Bridge:
         self._idle: list[Peer] = []  # peers with nothing in flight, not leaving
         self._outcomes: list[tuple[Call, Outcome]] = []
         self._new_peers: list[tuple[socket.socket, dict[str, Any]]] = []
+        self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
         self._init_failures: collections.deque[str] = collections.deque(maxlen=16)
         self._worker_waiters: list[tuple[int, Callable[[], None]]] = []
         self._closing = False
@@ -398,6 +402,7 @@ class Bridge:
         if want != peer.want_write:
             peer.want_write = want
             if threading.current_thread() is not self._thread:
+                self._dirty.append(peer)  # the selector is the bridge thread's
                 self._wake_locked()
             else:
                 self._update_registration(peer)
@@ -447,8 +452,9 @@ class Bridge:
 
     def _loop(self) -> None:
         sel = self._selector
-        self._listener.setblocking(False)
-        sel.register(self._listener, selectors.EVENT_READ, "listener")
+        for listener in self._listeners:
+            listener.setblocking(False)
+            sel.register(listener, selectors.EVENT_READ, ("listener", listener))
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_check = time.monotonic()
         while True:
@@ -458,8 +464,8 @@ class Bridge:
                 data = key.data
                 if data == "wake":
                     self._drain_wake()
-                elif data == "listener":
-                    self._accept()
+                elif isinstance(data, tuple):
+                    self._accept(data[1])
                 else:
                     peer: Peer = data
                     if mask & selectors.EVENT_READ:
@@ -467,25 +473,25 @@ class Bridge:
                     if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
                         with self._lock:
                             self._flush_locked(peer)
-            with self._lock:
-                new_peers, self._new_peers = self._new_peers, []
-                for peer in self._peers.values():
-                    if peer.want_write:
-                        self._update_registration(peer)
-            for sock, hello in new_peers:
-                self._add_peer(sock, hello)
+            if self._new_peers or self._dirty:
+                with self._lock:
+                    new_peers, self._new_peers = self._new_peers, []
+                    dirty, self._dirty = self._dirty, []
+                for peer in dirty:
+                    self._update_registration(peer)
+                for sock, hello in new_peers:
+                    self._add_peer(sock, hello)
             now = time.monotonic()
             if now >= next_check:
                 self._check_heartbeats(now)
                 next_check = now + min(
                     [self._interval / 2] + [p.interval / 2 for p in self._peers.values()]
                 )
-            with self._lock:
-                outcomes, self._outcomes = self._outcomes, []
-                closing = self._closing
-            if outcomes:
+            if self._outcomes:
+                with self._lock:
+                    outcomes, self._outcomes = self._outcomes, []
                 self._deliver(outcomes)
-            if closing and self._close_step():
+            if self._closing and self._close_step():
                 return
 
     def _drain_wake(self) -> None:
@@ -499,10 +505,10 @@ class Bridge:
 
     # ---------------------------------------------------------------- new connections
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -749,9 +755,9 @@ class Bridge:
             except OSError:
                 pass
         self._peers.clear()
-        for obj in (self._listener,):
+        for listener in self._listeners:
             try:
-                obj.close()
+                listener.close()
             except OSError:
                 pass
         try:
@@ -775,10 +781,11 @@ class Bridge:
                 sock.close()
             except OSError:
                 pass
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        for listener in self._listeners:
+            try:
+                listener.close()
+            except OSError:
+                pass
         try:
             self._selector.close()
         except (OSError, RuntimeError):

@@ -65,7 +65,7 @@ from .errors import (
     SerializationError,
     UserCodeException,
 )
-from .transport import DEFAULT_HOST, DEFAULT_PORT, KeyLike, is_loopback, listen, resolve_authkey
+from .transport import DEFAULT_HOST, DEFAULT_PORT, KeyLike, is_loopback, listen, listen_local, resolve_authkey
 from .worker import _local_workers, local_worker_failures
 
 __all__ = ["Hub"]
@@ -205,9 +205,14 @@ class Hub:
                     exc.errno, f"gibbs hub cannot listen on {self._host}:{self._port}: {exc.strerror}"
                 ) from exc
             self._bound = listener.getsockname()[:2]
+            listeners = [listener]
+            if is_loopback(self._host):
+                local = listen_local(self.port)
+                if local is not None:
+                    listeners.append(local)
             probe = self._make_probe()
             bridge = Bridge(
-                listener,
+                listeners,
                 authkey=self._authkey,
                 heartbeat_interval=self._heartbeat_interval,
                 heartbeat_misses=self._heartbeat_misses,

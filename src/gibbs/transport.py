@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import socket
 import struct
+import sys
 from typing import Optional, Union
 
 from .errors import AuthenticationError, ProtocolError
@@ -116,6 +117,39 @@ def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
     return sock
 
 
+def local_name(port: int) -> str:
+    """The abstract unix socket a hub on ``port`` also listens on (Linux), so
+    workers on this machine skip the TCP stack. Abstract names live in the
+    network namespace, like the TCP address, and vanish with the socket."""
+    return f"\0gibbs-{port}"
+
+
+def listen_local(port: int) -> Optional[socket.socket]:
+    if not sys.platform.startswith("linux"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(local_name(port))
+        sock.listen(128)
+    except OSError:
+        sock.close()  # another hub on this port number: TCP only
+        return None
+    return sock
+
+
+def connect_local(port: int, timeout: Optional[float]) -> Optional[socket.socket]:
+    if not sys.platform.startswith("linux"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(local_name(port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytes:
     chunks = []
     while n:
@@ -187,6 +221,12 @@ def client_handshake(sock: socket.socket, key: bytes) -> None:
 
 
 def connect(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+    """Connect to a hub: through its local socket when it is on this machine's
+    loopback, else TCP."""
+    if is_loopback(host):
+        local = connect_local(port, timeout)
+        if local is not None:
+            return local
     sock = socket.create_connection((host, port), timeout=timeout)
     tune(sock)
     return sock

@@ -30,7 +30,6 @@ import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its joins)
 import os
-import select
 import signal
 import socket
 import struct
@@ -391,21 +390,25 @@ class _Runtime:
         with self.send_lock:
             self.sock = sock
         reader = protocol.FrameReader()
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
         silence = self.hub_interval * self.spec.reset_after_n_miss
+        # A kernel receive timeout rather than poll() before each recv: one
+        # system call per message, and still a bound on the hub's silence.
+        wait = min(silence, self.hub_interval)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(wait), int((wait % 1) * 1e6))
+        )
         last_heard = time.monotonic()
+        recv = sock.recv
         try:
             while True:
                 if self.stopping:
                     raise _Stop()
-                if not poller.poll(min(silence, self.hub_interval) * 1000):
+                try:
+                    data = recv(1 << 20)
+                except (BlockingIOError, TimeoutError):
                     if time.monotonic() - last_heard > silence:
-                        raise ConnectionAbortedError(
-                            f"hub silent for more than {silence:.1f} s"
-                        )
+                        raise ConnectionAbortedError(f"hub silent for more than {silence:.1f} s") from None
                     continue
-                data = sock.recv(1 << 20)
                 if not data:
                     logger.info("worker %s: hub closed the connection", self.spec.name)
                     return
