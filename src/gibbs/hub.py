@@ -23,7 +23,8 @@ Data flow (keep this true when the code changes)::
       loop.call_soon_threadsafe per loop per pass (batched);
       the result is unpickled by the caller, not the bridge
     ─────────────────────────────────────────────────────────────────────────
-                 one TCP connection per worker (TCP_NODELAY), framed:
+                 one stream per worker: TCP (TCP_NODELAY), or on Linux an
+                 abstract unix socket for workers on this machine; framed:
                  kind | request id | length | body   (protocol.py)
     ─────────────────────────────────────────────────────────────────────────
     worker process (worker.py): model = cls(*args, **kwargs) once, then
