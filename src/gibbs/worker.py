@@ -61,6 +61,9 @@ MAX_BACKOFF_LOCAL = 0.05
 MAX_BACKOFF_REMOTE = 2.0
 #: Pause before trying again after the hub refused our key.
 AUTH_BACKOFF = 5.0
+#: Answers of quick calls that arrived together are sent together, but the
+#: first of them never waits longer than this for the others.
+COALESCE_WINDOW = 0.0005
 #: How long a worker whose model failed to build tries to tell the hub.
 INIT_REPORT_WINDOW = 3.0
 
@@ -378,7 +381,9 @@ class _Runtime:
 
     def _send(self, sock: socket.socket, buffers: list[protocol.Buffer]) -> None:
         with self.send_lock:
-            if len(buffers) == 1 or sum(len(b) for b in buffers) < 65536:
+            if len(buffers) == 1:
+                sock.sendall(buffers[0])
+            elif sum(len(b) for b in buffers) < 65536:
                 sock.sendall(b"".join(buffers))
             else:
                 for b in buffers:
@@ -413,16 +418,10 @@ class _Runtime:
                     logger.info("worker %s: hub closed the connection", self.spec.name)
                     return
                 last_heard = time.monotonic()
-                for kind, req_id, body in reader.feed(data):
-                    if self.stopping:
-                        raise _Stop()
-                    if kind == protocol.REQUEST:
-                        self.busy = True
-                        try:
-                            self._handle(sock, req_id, body)
-                        finally:
-                            self.busy = False
-                        last_heard = time.monotonic()
+                frames = reader.feed(data)
+                if frames:
+                    self._serve_batch(sock, frames)
+                    last_heard = time.monotonic()
         except _Stop:
             self._goodbye(sock)
             raise
@@ -443,36 +442,70 @@ class _Runtime:
         except OSError:
             pass
 
-    def _handle(self, sock: socket.socket, req_id: int, body: bytes) -> None:
+    def _serve_batch(self, sock: socket.socket, frames: list[tuple[int, int, bytes]]) -> None:
+        """Run the requests that arrived together, in order. Answers of quick
+        calls go out together (one send), but none waits more than
+        COALESCE_WINDOW behind the others. ``busy`` stays set until every
+        answer computed is sent, so a stop signal never strands one."""
+        out: list[protocol.Buffer] = []
+        files: list[protocol.Payload] = []
+        first_ready = 0.0
+        self.busy = True
+        try:
+            for kind, req_id, body in frames:
+                if self.stopping:
+                    break  # what is left was not started: the hub re-queues it
+                if kind != protocol.REQUEST:
+                    continue
+                buffers, payload = self._handle(req_id, body)
+                if not out:
+                    first_ready = time.monotonic()
+                out.extend(buffers)
+                if payload is not None and payload.shm_path is not None:
+                    files.append(payload)
+                if time.monotonic() - first_ready > COALESCE_WINDOW:
+                    self._send_answers(sock, out, files)
+                    out, files = [], []
+            if out:
+                self._send_answers(sock, out, files)
+        finally:
+            self.busy = False
+        if self.stopping:
+            raise _Stop()
+
+    def _send_answers(
+        self, sock: socket.socket, out: list[protocol.Buffer], files: list[protocol.Payload]
+    ) -> None:
+        try:
+            self._send(sock, out)
+        except BaseException:
+            for payload in files:
+                payload.release()  # the hub never saw them: the files are still ours
+            raise
+
+    def _handle(self, req_id: int, body: bytes) -> tuple[list[protocol.Buffer], Optional[protocol.Payload]]:
+        """Run one request; return the answer's frame buffers (and its payload)."""
         try:
             args, kwargs = protocol.decode(body, unlink=False)
         except Exception as exc:
-            self._send_error(sock, req_id, protocol.ERR_ARGS_UNPICKLE, exc)
-            return
+            return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), None
         try:
             result = self.model(*args, **kwargs)
         except Exception as exc:
             del args, kwargs
-            self._send_error(sock, req_id, protocol.ERR_USER, exc)
-            return
+            return self._error_frame(req_id, protocol.ERR_USER, exc), None
         del args, kwargs
         try:
             payload = protocol.encode(result, self.shm_prefix)
         except Exception as exc:
-            self._send_error(sock, req_id, protocol.ERR_RESULT_PICKLE, exc)
-            return
+            return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), None
         finally:
             del result
-        try:
-            self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, payload.body))
-        except BaseException:
-            payload.release()  # the hub never saw it: the file is still ours
-            raise
+        return protocol.pack_frame(protocol.RESULT, req_id, payload.body), payload
 
-    def _send_error(self, sock: socket.socket, req_id: int, kind: str, exc: BaseException) -> None:
+    def _error_frame(self, req_id: int, kind: str, exc: BaseException) -> list[protocol.Buffer]:
         tb = traceback.format_exc()
-        body = protocol.make_error_body(kind, exc, tb)
-        self._send(sock, protocol.pack_frame(protocol.ERROR, req_id, body))
+        return protocol.pack_frame(protocol.ERROR, req_id, protocol.make_error_body(kind, exc, tb))
 
     # -------------------------------------------------------------- heartbeats
 
