@@ -55,8 +55,12 @@ OUT_EXCEPTION = 2  # value: an exception instance
 Outcome = tuple[int, Any]
 
 _MAX_HANDSHAKES = 64
-#: Above this EWMA service time a worker never gets a call while busy.
-PIPELINE_MAX_SERVICE = 0.002
+#: A busy worker may be sent more calls only while the work already committed
+#: to it stays under this many seconds (by its moving-average service time):
+#: fast models do not wait a round trip between calls, and no call waits long
+#: behind another while a worker could free up. Slow models (a call of this
+#: length or more) never get a second call.
+PIPELINE_WINDOW = 0.001
 
 
 class Call:
@@ -341,12 +345,12 @@ class Bridge:
         if self._depth > 1:
             best: Optional[Peer] = None
             for peer in self._peers.values():
-                if (
-                    not peer.leaving
-                    and len(peer.inflight) < self._depth
-                    and peer.ewma is not None
-                    and peer.ewma < PIPELINE_MAX_SERVICE
-                    and (best is None or len(peer.inflight) < len(best.inflight))
+                ewma = peer.ewma
+                if peer.leaving or ewma is None or ewma >= PIPELINE_WINDOW:
+                    continue
+                n = len(peer.inflight)
+                if n < self._depth and n * ewma < PIPELINE_WINDOW and (
+                    best is None or n < len(best.inflight)
                 ):
                     best = peer
             return best

@@ -97,9 +97,11 @@ class Hub:
         max_frame_bytes: largest message accepted from a worker; a bigger one
             closes that connection.
         handshake_timeout: seconds a new connection has to authenticate.
-        pipeline_depth: calls a worker may hold at once when its calls are
-            very short (under 2 ms), to hide the round trip. Slow models never
-            get a second call while another worker is idle. 1 disables it.
+        pipeline_depth: most calls a worker may hold at once. A busy worker
+            gets another only while the work committed to it stays under 1 ms
+            (by its measured service time): fast models do not wait a round
+            trip between calls; a model of 1 ms or more never gets a second
+            call while busy. 1 disables pipelining.
         shm_threshold: out-of-band buffers (NumPy arrays, ``pickle.PickleBuffer``)
             of at least this many bytes travel through shared memory to workers
             on this machine (plain ``bytes`` always go inline).
@@ -119,7 +121,7 @@ class Hub:
         max_queued: Optional[int] = None,
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME,
         handshake_timeout: float = 5.0,
-        pipeline_depth: int = 2,
+        pipeline_depth: int = 8,
         shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
         close_grace: float = 10.0,
     ) -> None:

@@ -254,6 +254,7 @@ class _Runtime:
         self.spec = spec
         self.model: Any = None
         self.stopping = False
+        self._stop_raised = False
         self.busy = False
         self.sock: Optional[socket.socket] = None
         self.send_lock = threading.Lock()  # owns: sends on self.sock
@@ -270,7 +271,8 @@ class _Runtime:
         # Runs in the main thread between two bytecodes. While a request is in
         # hand we only note the wish; while idle we leave the wait at once.
         self.stopping = True
-        if not self.busy:
+        if not self.busy and not self._stop_raised:
+            self._stop_raised = True  # once: a second signal must not break the cleanup
             raise _Stop()
 
     def run(self, parent_pid: Optional[int]) -> None:
@@ -407,6 +409,7 @@ class _Runtime:
         try:
             while True:
                 if self.stopping:
+                    self._stop_raised = True
                     raise _Stop()
                 try:
                     data = recv(1 << 20)
@@ -471,6 +474,7 @@ class _Runtime:
         finally:
             self.busy = False
         if self.stopping:
+            self._stop_raised = True
             raise _Stop()
 
     def _send_answers(
