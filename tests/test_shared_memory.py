@@ -1,0 +1,81 @@
+"""Large buffers through /dev/shm: round trips, and no segment ever left
+behind, even when a worker is SIGKILLed while it holds one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+from conftest import run, shm_files
+from gibbs_test_models import DieOnce, Identity, LeakThenDie
+
+from gibbs import WorkerDiedError
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this system")
+
+
+def test_large_arrays_round_trip_through_shared_memory(hub, make_workers) -> None:
+    make_workers(hub, Identity, 1)
+    hub.wait_for_workers_sync(1, timeout=30)
+    assert hub.workers()[0]["shared_memory"]
+    arrays = [
+        np.arange(1 << 20, dtype=np.float64),
+        np.arange(1 << 20, dtype=np.int32).reshape(1024, 1024)[::2, 1::3],  # non-contiguous
+        np.asfortranarray(np.ones((512, 1024), dtype=np.complex64)),
+        np.zeros(1 << 20, dtype=bool),
+    ]
+
+    async def main() -> None:
+        for a in arrays:
+            out = await hub.request(a)
+            assert out.dtype == a.dtype and out.shape == a.shape
+            np.testing.assert_array_equal(out, a)
+            out[...] = out  # writable
+
+    run(main())
+    assert shm_files() == []
+
+
+def test_request_segment_survives_a_worker_death_then_is_removed(hub, make_workers, tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text("")
+    make_workers(hub, DieOnce, 2, str(token))
+    hub.wait_for_workers_sync(2, timeout=30)
+    a = np.arange(1 << 19, dtype=np.float64)
+
+    async def main() -> None:
+        out = await hub.request(a, "sigkill")  # the second worker reads the same segment
+        np.testing.assert_array_equal(out, a)
+
+    run(main())
+    assert hub.statistics()["retried"] == 1
+    assert shm_files() == []
+
+
+def test_segments_of_a_killed_worker_are_removed(make_hub, make_workers) -> None:
+    hub = make_hub(max_attempts=1)
+    ws = make_workers(hub, LeakThenDie, 1)
+    hub.wait_for_workers_sync(1, timeout=30)
+
+    async def main() -> None:
+        with pytest.raises(WorkerDiedError):
+            await hub.request(np.arange(1 << 18, dtype=np.float64))
+
+    run(main())
+    ws[0].join(10)
+    assert shm_files() == []
+
+
+def test_cancelled_request_with_a_large_argument_leaves_nothing(hub) -> None:
+    async def main() -> None:
+        task = asyncio.ensure_future(hub.request(np.ones(1 << 20)))
+        await asyncio.sleep(0.05)
+        assert shm_files() != []  # queued, holding its segment
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert shm_files() == []
