@@ -35,7 +35,8 @@ import time
 from typing import Any, Callable, Optional
 
 from . import protocol
-from .errors import GibbsError, HubClosedError, ProtocolError, QueueFullError, WorkerDiedError
+from .errors import GibbsError, HubClosedError, ProtocolError, QueueFullError, SerializationError, WorkerDiedError
+from .protocol import Buffer
 from .transport import describe, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
@@ -51,6 +52,7 @@ ABANDONED = 4  # caller gone while running: the answer will be dropped
 OUT_RESULT = 0  # value: RESULT payload body (bytes)
 OUT_ERROR = 1  # value: ERROR record body (bytes)
 OUT_EXCEPTION = 2  # value: an exception instance
+OUT_COPIED = 3  # value: (pickle, buffers) of an answer read out of shared memory
 
 Outcome = tuple[int, Any]
 
@@ -135,6 +137,7 @@ class Bridge:
         shm_probe: Optional[dict[str, str]],
         deliver: Callable[[list[tuple[Call, Outcome]]], None],
         describe_exit: Callable[[int], Optional[str]],
+        mappings: Optional[protocol.MappingCache] = None,
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
@@ -148,6 +151,7 @@ class Bridge:
         self._shm_probe = shm_probe
         self._deliver = deliver
         self._describe_exit = describe_exit
+        self._maps = mappings or protocol.MappingCache()  # bridge thread only
 
         self._lock = threading.Lock()
         # --- owned by _lock
@@ -617,20 +621,45 @@ class Bridge:
             return
         if not frames:
             return
+        releases: list[Buffer] = []
+        answers: list[tuple[int, int, Outcome]] = []
+        for kind, req_id, body in frames:
+            if kind == protocol.RESULT:
+                if protocol.is_shm(body):
+                    # Copied out here, outside the lock, so the worker can
+                    # reuse its segment at once (RELEASE below).
+                    try:
+                        pickled, copies, name = protocol.read_copy(body, self._maps)
+                    except (OSError, ValueError, ProtocolError) as exc:
+                        err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
+                        answers.append((kind, req_id, (OUT_EXCEPTION, err)))
+                    else:
+                        answers.append((kind, req_id, (OUT_COPIED, (pickled, copies))))
+                        releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
+                else:
+                    answers.append((kind, req_id, (OUT_RESULT, body)))
+            elif kind == protocol.ERROR:
+                answers.append((kind, req_id, (OUT_ERROR, body)))
+            else:
+                answers.append((kind, req_id, (-1, None)))
         with self._lock:
-            for kind, req_id, body in frames:
+            for kind, req_id, outcome in answers:
                 if kind == protocol.RESULT or kind == protocol.ERROR:
-                    self._answer_locked(peer, req_id, kind, body)
+                    self._answer_locked(peer, req_id, kind, outcome)
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
                     self._goodbye_locked(peer)
                 else:
                     logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
+            if releases:
+                peer.out.extend(memoryview(b) for b in releases)
             if self._n_queued:
                 self._dispatch_locked()
+            if releases and peer.out:
+                self._flush_locked(peer)
 
-    def _answer_locked(self, peer: Peer, req_id: int, kind: int, body: bytes) -> None:
+    def _answer_locked(self, peer: Peer, req_id: int, kind: int, outcome: Outcome) -> None:
         call = peer.inflight.pop(req_id, None)
         now = time.monotonic()
         service = now - max(peer.last_done, call.sent_at if call else 0.0)
@@ -641,11 +670,9 @@ class Bridge:
             self._idle.append(peer)
         if call is None or call.state != RUNNING:
             # An answer nobody waits for any more (cancelled, or sent twice).
-            if kind == protocol.RESULT:
-                protocol.release_body(body)
             return
         self._stats["completed" if kind == protocol.RESULT else "failed"] += 1
-        self._finish_locked(call, (OUT_RESULT if kind == protocol.RESULT else OUT_ERROR, body))
+        self._finish_locked(call, outcome)
 
     def _goodbye_locked(self, peer: Peer) -> None:
         """The worker is leaving on purpose: what it has not answered was never
@@ -708,8 +735,11 @@ class Bridge:
             if self._n_queued:
                 self._dispatch_locked()
         if peer.shm:
-            # Files the worker made for answers it never sent.
-            protocol.remove_segments(f"{protocol.SHM_PREFIX}w{peer.pid}-")
+            # The worker's segments: answers it never sent, and its pool.
+            prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
+            self._maps.forget(prefix)
+            if not peer.leaving:
+                protocol.remove_segments(prefix)
 
     # ---------------------------------------------------------------- heartbeats
 
@@ -746,6 +776,7 @@ class Bridge:
         if outcomes:
             self._deliver(outcomes)
         self._shutdown_sockets()
+        self._maps.clear()
         return True
 
     def close_timeout(self) -> float:

@@ -58,7 +58,7 @@ import weakref
 from typing import Any, Optional
 
 from . import protocol
-from .bridge import OUT_ERROR, OUT_RESULT, Bridge, Call, Outcome
+from .bridge import OUT_COPIED, OUT_ERROR, OUT_RESULT, Bridge, Call, Outcome
 from .errors import (
     GibbsError,
     HubClosedError,
@@ -163,7 +163,7 @@ class Hub:
         self._closed = False
         self._bound: Optional[tuple[str, int]] = None
         self._probe_path: Optional[str] = None
-        self._shm_prefix: Optional[str] = None
+        self._pool: Optional[protocol.SegmentPool] = None  # shared memory for requests
         self._pid = os.getpid()
         _live_hubs.add(self)
 
@@ -247,7 +247,7 @@ class Hub:
         except OSError:
             return None
         self._probe_path = path
-        self._shm_prefix = f"{protocol.SHM_PREFIX}h{os.getpid()}-"
+        self._pool = protocol.SegmentPool(f"{protocol.SHM_PREFIX}h{os.getpid()}-")
         return {"path": path, "token": token}
 
     def close(self, grace: Optional[float] = None) -> None:
@@ -286,6 +286,8 @@ class Hub:
         return bridge
 
     def _remove_probe(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         path, self._probe_path = self._probe_path, None
         if path is not None:
             try:
@@ -312,14 +314,17 @@ class Hub:
         self._state_lock = threading.Lock()
         self._bound = None
         self._probe_path = None  # the parent's file: not ours to remove
+        if self._pool is not None:
+            self._pool.forget()  # the parent's segments, likewise
+            self._pool = None
         self._pid = os.getpid()
 
     # ------------------------------------------------------------ requests
 
     def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> protocol.Payload:
         try:
-            if self._shm_prefix is not None and self._shm_threshold is not None:
-                return protocol.encode((args, kwargs), self._shm_prefix, self._shm_threshold)
+            if self._pool is not None and self._shm_threshold is not None:
+                return protocol.encode((args, kwargs), self._pool, self._shm_threshold)
             return protocol.encode((args, kwargs))
         except Exception as exc:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
@@ -543,6 +548,12 @@ def _unwrap(outcome: Outcome) -> Any:
     if kind == OUT_RESULT:
         try:
             return protocol.decode(value, unlink=True)
+        except Exception as exc:
+            raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
+    if kind == OUT_COPIED:
+        pickled, buffers = value
+        try:
+            return pickle.loads(pickled, buffers=buffers)
         except Exception as exc:
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind == OUT_ERROR:

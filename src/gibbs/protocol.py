@@ -21,11 +21,13 @@ messages are never unpickled at all.
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 import os
 import pickle
 import struct
+import threading
 import uuid
 from typing import Any, Optional, Union
 
@@ -42,6 +44,7 @@ ERROR = 5  # worker -> hub: pickle of an error record (see make_error_body)
 HEARTBEAT = 6  # both ways, empty
 GOODBYE = 7  # worker -> hub: "I am leaving; re-queue what I have not started"
 INIT_FAILED = 8  # worker -> hub: JSON {pid, host, exc_type, message, traceback}
+RELEASE = 9  # hub -> worker: "I have copied your answer out of this segment" (body: its name)
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -52,6 +55,7 @@ KIND_NAMES = {
     HEARTBEAT: "HEARTBEAT",
     GOODBYE: "GOODBYE",
     INIT_FAILED: "INIT_FAILED",
+    RELEASE: "RELEASE",
 }
 
 HEADER = struct.Struct("!BQI")
@@ -152,16 +156,25 @@ class Payload:
     """An encoded argument tuple or result, ready to send.
 
     ``body`` is the frame body. ``shm_path`` is the shared-memory file it
-    refers to, if any: the side that created it owns it and must call
-    :meth:`release` when no worker will read it again.
+    refers to, if any: the side that wrote it owns it and must call
+    :meth:`release` when no peer will read it again (the file goes back to
+    its pool, or is removed if it came from none).
     """
 
-    __slots__ = ("body", "shm_path", "_inline")
+    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name")
 
-    def __init__(self, body: Buffer, shm_path: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        body: Buffer,
+        shm_path: Optional[str] = None,
+        pool: "Optional[SegmentPool]" = None,
+        name: Optional[str] = None,
+    ) -> None:
         self.body = body
         self.shm_path = shm_path
         self._inline: Optional[Buffer] = None if shm_path else body
+        self._pool = pool
+        self._name = name
 
     @property
     def nbytes(self) -> int:
@@ -178,8 +191,198 @@ class Payload:
 
     def release(self) -> None:
         path, self.shm_path = self.shm_path, None
-        if path is not None:
+        if path is None:
+            return
+        if self._pool is not None and self._name is not None:
+            self._pool.release(self._name)
+        else:
             _unlink_quietly(path)
+
+
+class Segment:
+    __slots__ = ("name", "path", "size", "mm")
+
+    def __init__(self, name: str, path: str, size: int, mm: mmap.mmap) -> None:
+        self.name = name
+        self.path = path
+        self.size = size
+        self.mm = mm
+
+
+class SegmentPool:
+    """Shared-memory files one process writes into, used again and again.
+
+    A new 16 MiB file costs thousands of page faults to fill; a file that was
+    filled before costs none. A segment is leased while a peer may read it
+    and comes back with :meth:`release`; up to ``max_free_bytes`` of free
+    segments are kept. Every file's name starts with ``prefix`` (which names
+    the owning process, so that files of a dead process can be found).
+    Thread-safe.
+    """
+
+    def __init__(self, prefix: str, max_free_bytes: int = 256 << 20) -> None:
+        self.prefix = prefix
+        self._max_free = max_free_bytes
+        self._lock = threading.Lock()  # owns: _free, _leased, _free_bytes
+        self._free: list[Segment] = []
+        self._leased: dict[str, Segment] = {}
+        self._free_bytes = 0
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        size = 1 << 20
+        while size < nbytes:
+            size <<= 1
+        return size
+
+    def acquire(self, nbytes: int) -> Segment:
+        size = self.size_class(nbytes)
+        with self._lock:
+            for i, seg in enumerate(self._free):
+                if seg.size == size:
+                    del self._free[i]
+                    self._free_bytes -= size
+                    self._leased[seg.name] = seg
+                    return seg
+        name = f"{self.prefix}{uuid.uuid4().hex[:16]}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        seg = Segment(name, path, size, mm)
+        with self._lock:
+            self._leased[name] = seg
+        return seg
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            seg = self._leased.pop(name, None)
+            if seg is None:
+                return
+            if self._free_bytes + seg.size <= self._max_free:
+                self._free.append(seg)
+                self._free_bytes += seg.size
+                return
+        self._destroy(seg)
+
+    def release_all(self) -> None:
+        with self._lock:
+            names = list(self._leased)
+        for name in names:
+            self.release(name)
+
+    def _destroy(self, seg: Segment) -> None:
+        _unlink_quietly(seg.path)
+        try:
+            seg.mm.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with it
+
+    def close(self) -> None:
+        """Remove every file of this pool (free or leased)."""
+        with self._lock:
+            segs = self._free + list(self._leased.values())
+            self._free, self._leased, self._free_bytes = [], {}, 0
+        for seg in segs:
+            self._destroy(seg)
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's segments without removing them."""
+        self._lock = threading.Lock()
+        self._free, self._leased, self._free_bytes = [], {}, 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._free) + len(self._leased)
+
+
+class MappingCache:
+    """The receiving side: mappings of a peer's segments, kept open (up to
+    ``size`` of them) so that reading a reused segment maps nothing anew.
+    Buffers are copied out, so the peer may reuse the segment at once."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._lock = threading.Lock()  # owns: _maps
+        self._maps: "collections.OrderedDict[str, mmap.mmap]" = collections.OrderedDict()
+
+    def get(self, name: str) -> mmap.mmap:
+        with self._lock:
+            mm = self._maps.get(name)
+            if mm is not None:
+                self._maps.move_to_end(name)
+                return mm
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._maps[name] = mm
+            while len(self._maps) > self._size:
+                _, old = self._maps.popitem(last=False)
+                _close_map(old)
+        return mm
+
+    def forget(self, prefix: str) -> None:
+        """Drop the mappings of segments whose names start with ``prefix``."""
+        with self._lock:
+            names = [n for n in self._maps if n.startswith(prefix)]
+            maps = [self._maps.pop(n) for n in names]
+        for mm in maps:
+            _close_map(mm)
+
+    def clear(self) -> None:
+        self.forget("")
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray], str]:
+    """Read a shared-memory payload into private memory: (pickle, buffers,
+    segment name). After this the writer may reuse the segment."""
+    mv = memoryview(body)
+    name, bufs, pos = _parse_shm_head(mv)
+    mm = cache.get(name)
+    whole = memoryview(mm)
+    try:
+        copies = []
+        for off, length in bufs:
+            if off + length > len(mm):
+                raise ProtocolError("shared-memory buffer out of range")
+            copies.append(bytearray(whole[off : off + length]))
+    finally:
+        whole.release()
+    return bytes(mv[pos:]), copies, name
+
+
+def _parse_shm_head(mv: memoryview) -> tuple[str, list[tuple[int, int]], int]:
+    name_len, count = _SHM_HEAD.unpack_from(mv, 1)
+    pos = 1 + _SHM_HEAD.size
+    name = bytes(mv[pos : pos + name_len]).decode()
+    pos += name_len
+    if "/" in name or not name.startswith(SHM_PREFIX):
+        raise ProtocolError(f"bad shared-memory name {name!r}")
+    bufs = []
+    for _ in range(count):
+        bufs.append(_SHM_BUF.unpack_from(mv, pos))
+        pos += _SHM_BUF.size
+    return name, bufs, pos
+
+
+def is_shm(body: Buffer) -> bool:
+    return bool(body) and body[0] == _SHM
 
 
 def _unlink_quietly(path: str) -> None:
@@ -193,11 +396,16 @@ def shm_available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-def encode(obj: Any, shm_prefix: Optional[str] = None, threshold: int = DEFAULT_SHM_THRESHOLD) -> Payload:
-    """Pickle ``obj`` (protocol 5). With ``shm_prefix``, buffers of at least
-    ``threshold`` bytes are written to one new file in ``/dev/shm`` whose name
-    starts with that prefix. Raises whatever pickle raises."""
-    if shm_prefix is None:
+def encode(
+    obj: Any,
+    shm: "Union[str, SegmentPool, None]" = None,
+    threshold: int = DEFAULT_SHM_THRESHOLD,
+) -> Payload:
+    """Pickle ``obj`` (protocol 5). With ``shm`` (a :class:`SegmentPool`, or a
+    name prefix for a one-off file), out-of-band buffers of at least
+    ``threshold`` bytes are written to shared memory. Raises whatever pickle
+    raises."""
+    if shm is None:
         return Payload(bytes([_INLINE]) + pickle.dumps(obj, protocol=5))
 
     big: list[pickle.PickleBuffer] = []
@@ -218,26 +426,37 @@ def encode(obj: Any, shm_prefix: Optional[str] = None, threshold: int = DEFAULT_
     for v in views:
         offsets.append(total)
         total += (v.nbytes + 63) & ~63  # keep every buffer 64-byte aligned
-    name = f"{shm_prefix}{uuid.uuid4().hex[:16]}"
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, max(total, 1))
-        with mmap.mmap(fd, max(total, 1)) as mm:
+    if isinstance(shm, SegmentPool):
+        seg = shm.acquire(total)
+        try:
             for v, off in zip(views, offsets):
-                mm[off : off + v.nbytes] = v
-    except BaseException:
+                seg.mm[off : off + v.nbytes] = v
+        except BaseException:
+            shm.release(seg.name)
+            raise
+        name, path, pool = seg.name, seg.path, shm
+    else:
+        name = f"{shm}{uuid.uuid4().hex[:16]}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(total, 1))
+            with mmap.mmap(fd, max(total, 1)) as mm:
+                for v, off in zip(views, offsets):
+                    mm[off : off + v.nbytes] = v
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
         os.close(fd)
-        _unlink_quietly(path)
-        raise
-    os.close(fd)
+        pool = None
     encoded_name = name.encode()
     head = bytearray([_SHM])
     head += _SHM_HEAD.pack(len(encoded_name), len(views))
     head += encoded_name
     for v, off in zip(views, offsets):
         head += _SHM_BUF.pack(off, v.nbytes)
-    return Payload(bytes(head) + pickled, shm_path=path)
+    return Payload(bytes(head) + pickled, shm_path=path, pool=pool, name=name)
 
 
 def open_shm_payload(body: Buffer, unlink: bool) -> tuple[memoryview, list[memoryview], str]:
@@ -248,16 +467,7 @@ def open_shm_payload(body: Buffer, unlink: bool) -> tuple[memoryview, list[memor
     ``unlink``, the file is removed at once: the mapping keeps the memory.
     """
     mv = memoryview(body)
-    name_len, count = _SHM_HEAD.unpack_from(mv, 1)
-    pos = 1 + _SHM_HEAD.size
-    name = bytes(mv[pos : pos + name_len]).decode()
-    pos += name_len
-    if "/" in name or not name.startswith(SHM_PREFIX):
-        raise ProtocolError(f"bad shared-memory name {name!r}")
-    bufs = []
-    for _ in range(count):
-        bufs.append(_SHM_BUF.unpack_from(mv, pos))
-        pos += _SHM_BUF.size
+    name, bufs, pos = _parse_shm_head(mv)
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -276,14 +486,18 @@ def open_shm_payload(body: Buffer, unlink: bool) -> tuple[memoryview, list[memor
     return mv[pos:], views, path
 
 
-def decode(body: Buffer, unlink: bool = False) -> Any:
-    """Unpickle a payload body. ``unlink`` removes its shared-memory file (the
-    receiver of a result owns it; a worker reading a request does not)."""
+def decode(body: Buffer, unlink: bool = False, cache: Optional[MappingCache] = None) -> Any:
+    """Unpickle a payload body. With ``cache``, shared-memory buffers are
+    copied out (the writer may reuse its segment at once); without, they are
+    mapped in place and ``unlink`` removes a one-off file."""
     if not body:
         raise ProtocolError("empty payload")
     flavour = body[0]
     if flavour == _INLINE:
         return pickle.loads(memoryview(body)[1:])
+    if flavour == _SHM and cache is not None:
+        copied, copies, _ = read_copy(body, cache)
+        return pickle.loads(copied, buffers=copies)
     if flavour == _SHM:
         pickled, buffers, _ = open_shm_payload(body, unlink=unlink)
         return pickle.loads(pickled, buffers=buffers)

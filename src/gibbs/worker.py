@@ -259,7 +259,9 @@ class _Runtime:
         self.sock: Optional[socket.socket] = None
         self.send_lock = threading.Lock()  # owns: sends on self.sock
         self.hub_interval = 1.0
-        self.shm_prefix: Optional[str] = None
+        self.pool: Optional[protocol.SegmentPool] = None  # answers' shared memory (when the hub shares /dev/shm)
+        self.shm_ok = False
+        self.maps = protocol.MappingCache()  # the hub's request segments
         self.parent_pid: Optional[int] = None
         self._hb_stop = threading.Event()
         self._in_main_thread = threading.current_thread() is threading.main_thread()
@@ -304,6 +306,9 @@ class _Runtime:
             self._hb_stop.set()
             if heartbeat is not None:
                 heartbeat.join(5.0)
+            if self.pool is not None:
+                self.pool.close()
+            self.maps.clear()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
 
@@ -331,14 +336,16 @@ class _Runtime:
     def _apply_welcome(self, sock: socket.socket, welcome: dict[str, Any]) -> socket.socket:
         self.hub_interval = float(welcome.get("heartbeat_interval", 1.0))
         probe = welcome.get("shm_probe")
-        self.shm_prefix = None
+        self.shm_ok = False
         if isinstance(probe, dict) and protocol.shm_available():
             try:
                 path = str(probe["path"])
                 if os.path.dirname(path) == protocol.SHM_DIR:
                     with open(path, "rb") as f:
                         if f.read(64).decode() == str(probe["token"]):
-                            self.shm_prefix = f"{protocol.SHM_PREFIX}w{os.getpid()}-"
+                            self.shm_ok = True
+                            if self.pool is None:
+                                self.pool = protocol.SegmentPool(f"{protocol.SHM_PREFIX}w{os.getpid()}-")
             except (OSError, KeyError, UnicodeDecodeError):
                 pass
         return sock
@@ -349,7 +356,7 @@ class _Runtime:
             "host": socket.gethostname(),
             "name": self.spec.name,
             "heartbeat_interval": self.spec.heartbeat_interval,
-            "shm": self.shm_prefix is not None,
+            "shm": self.shm_ok,
         }
 
     def _serve_forever(self) -> None:
@@ -378,6 +385,11 @@ class _Runtime:
                 with self.send_lock:
                     self.sock = None
                 sock.close()
+                # Nobody will read or release what this connection leased; and
+                # with no hub to clean up after us, keep no file while away.
+                if self.pool is not None:
+                    self.pool.close()
+                self.maps.clear()
 
     # -------------------------------------------------------------- serving
 
@@ -458,6 +470,10 @@ class _Runtime:
             for kind, req_id, body in frames:
                 if self.stopping:
                     break  # what is left was not started: the hub re-queues it
+                if kind == protocol.RELEASE:
+                    if self.pool is not None:
+                        self.pool.release(body.decode(errors="replace"))
+                    continue
                 if kind != protocol.REQUEST:
                     continue
                 buffers, payload = self._handle(req_id, body)
@@ -490,7 +506,7 @@ class _Runtime:
     def _handle(self, req_id: int, body: bytes) -> tuple[list[protocol.Buffer], Optional[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
         try:
-            args, kwargs = protocol.decode(body, unlink=False)
+            args, kwargs = protocol.decode(body, cache=self.maps)
         except Exception as exc:
             return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), None
         try:
@@ -500,7 +516,7 @@ class _Runtime:
             return self._error_frame(req_id, protocol.ERR_USER, exc), None
         del args, kwargs
         try:
-            payload = protocol.encode(result, self.shm_prefix)
+            payload = protocol.encode(result, self.pool if self.shm_ok else None)
         except Exception as exc:
             return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), None
         finally:
