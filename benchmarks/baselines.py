@@ -1,0 +1,156 @@
+"""Baselines: a raw multiprocessing Pipe (the limit), ProcessPoolExecutor
+behind ``loop.run_in_executor`` (the stdlib alternative), and the bare
+shared-memory copies of a big array."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+from multiprocessing import shared_memory
+from typing import Any, Awaitable, Callable
+
+from .common import perf, reap
+from .models import identity, pipe_echo
+
+# ---------------------------------------------------------------- raw Pipe
+
+
+class PipeEcho:
+    """One echo child process behind a duplex multiprocessing.Pipe."""
+
+    def __enter__(self) -> "PipeEcho":
+        self.conn, child = multiprocessing.Pipe(duplex=True)
+        self.proc = multiprocessing.Process(target=pipe_echo, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.conn.close()
+        reap([self.proc])
+
+    def ping_pong(self, n: int) -> list[float]:
+        """n sequential round trips of a small object; one latency each."""
+        send, recv = self.conn.send, self.conn.recv
+        lat = []
+        for i in range(n):
+            t = perf()
+            send(i)
+            recv()
+            lat.append(perf() - t)
+        return lat
+
+    def pipelined(self, n: int, window: int = 64) -> float:
+        """Messages per second with ``window`` messages outstanding (the
+        pipe's buffer holds them all, so one thread cannot deadlock)."""
+        send, recv = self.conn.send, self.conn.recv
+        t0 = perf()
+        for i in range(min(window, n)):
+            send(i)
+        for i in range(window, n):
+            recv()
+            send(i)
+        for _ in range(min(window, n)):
+            recv()
+        return n / (perf() - t0)
+
+
+# ---------------------------------------------------------------- concurrency driver
+
+
+async def drive_concurrent(
+    call: Callable[[int], Awaitable[Any]], total: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """``concurrency`` asyncio tasks issue ``total`` calls between them, each
+    waiting for its answer before its next call. Returns (calls per second,
+    per-call latencies)."""
+    lat: list[float] = []
+    left = [total]
+
+    async def caller() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            t = perf()
+            await call(left[0])
+            lat.append(perf() - t)
+
+    t0 = perf()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return total / (perf() - t0), lat
+
+
+async def drive_sequential(call: Callable[[Any], Awaitable[Any]], n: int, arg: Any = None) -> list[float]:
+    lat = []
+    for i in range(n):
+        x = i if arg is None else arg
+        t = perf()
+        await call(x)
+        lat.append(perf() - t)
+    return lat
+
+
+# ---------------------------------------------------------------- ProcessPoolExecutor
+
+
+class PPE:
+    """ProcessPoolExecutor(n) used through loop.run_in_executor."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    async def __aenter__(self) -> "PPE":
+        self.pool = concurrent.futures.ProcessPoolExecutor(self.workers)
+        self.loop = asyncio.get_running_loop()
+        # Start every process before timing anything.
+        await asyncio.gather(*(self.call(i) for i in range(self.workers * 4)))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        procs = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        reap(procs)
+
+    def call(self, x: Any) -> "asyncio.Future[Any]":
+        return self.loop.run_in_executor(self.pool, identity, x)
+
+
+# ---------------------------------------------------------------- shared-memory copies
+
+
+class ShmCopies:
+    """The copies a shared-memory transport cannot avoid, alone: the array
+    written into a shared-memory segment and read back out, there and back
+    (four copies). ``fresh=False``: one segment made before timing (its pages
+    already faulted in): memcpy only. ``fresh=True``: a new segment for each
+    direction (create, fault in, copy, copy out, unlink), as a transport that
+    does not recycle segments must."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.seg = shared_memory.SharedMemory(create=True, size=nbytes)
+        self.seg.buf[:] = b"\0" * nbytes  # fault the pages in
+
+    def close(self) -> None:
+        self.seg.close()
+        self.seg.unlink()
+
+    def round_trip(self, arr: Any, fresh: bool) -> Any:
+        import numpy as np
+
+        out = arr
+        for _ in range(2):  # there, and back
+            seg = shared_memory.SharedMemory(create=True, size=arr.nbytes) if fresh else self.seg
+            try:
+                view = np.ndarray(arr.shape, arr.dtype, buffer=seg.buf)
+                view[...] = out  # write it in
+                out = view.copy()  # read it back out
+                del view
+            finally:
+                if fresh:
+                    seg.close()
+                    seg.unlink()
+        return out
