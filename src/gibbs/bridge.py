@@ -779,31 +779,9 @@ class Bridge:
         self._maps.clear()
         return True
 
-    def close_timeout(self) -> float:
-        with self._lock:
-            return max(0.0, self._close_deadline - time.monotonic())
-
     def _shutdown_sockets(self) -> None:
-        for peer in list(self._peers.values()):
-            try:
-                peer.sock.close()
-            except OSError:
-                pass
+        self._close_descriptors([p.sock for p in self._peers.values()])
         self._peers.clear()
-        for listener in self._listeners:
-            try:
-                listener.close()
-            except OSError:
-                pass
-        try:
-            self._selector.close()
-        except (OSError, RuntimeError):
-            pass
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def forget_after_fork(self) -> None:
         """In a forked child: close the inherited descriptors without touching
@@ -811,14 +789,14 @@ class Bridge:
         been held by a thread that does not exist here: do not take it."""
         socks = [p.sock for p in self._peers.values()]
         socks += list(self._handshaking) + [s for s, _ in self._new_peers]
-        for sock in socks:
+        self._close_descriptors(socks)
+
+    def _close_descriptors(self, socks: list[socket.socket]) -> None:
+        """Close ``socks``, the listeners, the selector and the wake-up pipe
+        (a plain close: no shutdown, so a forked child can use it too)."""
+        for sock in socks + self._listeners:
             try:
                 sock.close()
-            except OSError:
-                pass
-        for listener in self._listeners:
-            try:
-                listener.close()
             except OSError:
                 pass
         try:
