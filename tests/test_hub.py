@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 
@@ -165,3 +166,25 @@ def test_repr_shows_live_state(hub, make_workers) -> None:
         assert stats["completed"] == 3 and stats["queued"] == 0
 
     run(main())
+
+
+def test_fork_after_close_leaves_the_child_s_descriptors_alone() -> None:
+    hub = Hub(port=0)
+    hub.start()
+    hub.close()
+    # The closed hub's descriptor numbers are free again: new pipes get them.
+    fds = [fd for _ in range(8) for fd in os.pipe()]
+    pid = os.fork()
+    if pid == 0:  # child: the at-fork hook ran; our pipes must still be open
+        try:
+            for fd in fds:
+                os.fstat(fd)
+        except OSError:
+            os._exit(1)
+        os._exit(0)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -76,7 +76,7 @@ class Call:
         self.sink = sink
         self.state = QUEUED
         self.attempts = 0
-        self.failures: list[tuple[str, int, str]] = []  # (worker, pid, how it ended)
+        self.failures: Optional[list[tuple[str, int, str]]] = None  # (worker, pid, how it ended)
         self.peer: Optional[Peer] = None
         self.sent_at = 0.0
 
@@ -152,6 +152,8 @@ class Bridge:
         self._deliver = deliver
         self._describe_exit = describe_exit
         self._maps = mappings or protocol.MappingCache()  # bridge thread only
+        self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
+        self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
         # --- owned by _lock
@@ -176,6 +178,7 @@ class Bridge:
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
+        self._fds_closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
@@ -603,18 +606,20 @@ class Bridge:
 
     def _read(self, peer: Peer) -> None:
         try:
-            data = peer.sock.recv(1 << 18)
+            # Into one reused buffer: a fresh 256 KiB bytes object per read
+            # would be an mmap and munmap each time.
+            n = peer.sock.recv_into(self._rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._drop(peer, f"connection error: {exc}")
             return
-        if not data:
+        if not n:
             self._drop(peer, "connection closed (end of file)")
             return
         peer.last_heard = time.monotonic()
         try:
-            frames = peer.reader.feed(data)
+            frames = peer.reader.feed(self._rview[:n])
         except ProtocolError as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             self._drop(peer, f"protocol error: {exc}")
@@ -690,6 +695,8 @@ class Bridge:
                 continue  # abandoned by its caller: nothing to retry
             if i == 0 and penalty is not None:
                 call.attempts += 1
+                if call.failures is None:
+                    call.failures = []
                 call.failures.append((peer.describe(), peer.pid, penalty))
                 if call.attempts >= self._max_attempts:
                     self._stats["failed"] += 1
@@ -704,7 +711,7 @@ class Bridge:
 
     def _died_error(self, call: Call) -> WorkerDiedError:
         lines = []
-        for who, pid, how in call.failures:
+        for who, pid, how in call.failures or ():
             exit_info = self._describe_exit(pid)
             lines.append(f"{who}: {how}" + (f"; {exit_info}" if exit_info else ""))
         n = len(lines)
@@ -793,7 +800,11 @@ class Bridge:
 
     def _close_descriptors(self, socks: list[socket.socket]) -> None:
         """Close ``socks``, the listeners, the selector and the wake-up pipe
-        (a plain close: no shutdown, so a forked child can use it too)."""
+        (a plain close: no shutdown, so a forked child can use it too). Once
+        only: afterwards the pipe's numbers may belong to someone else."""
+        if self._fds_closed:
+            return
+        self._fds_closed = True
         for sock in socks + self._listeners:
             try:
                 sock.close()

@@ -310,7 +310,7 @@ class Hub:
     def _after_fork_in_child(self) -> None:
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
-            bridge.forget_after_fork()
+            bridge.forget_after_fork()  # a no-op for a bridge already closed
         self._state_lock = threading.Lock()
         self._bound = None
         self._probe_path = None  # the parent's file: not ours to remove

@@ -262,6 +262,9 @@ class _Runtime:
         self.pool: Optional[protocol.SegmentPool] = None  # answers' shared memory (when the hub shares /dev/shm)
         self.shm_ok = False
         self.maps = protocol.MappingCache()  # the hub's request segments
+        # Every read lands in this one buffer (allocated here, once: a fresh
+        # 1 MiB object per read would be an mmap and munmap each time).
+        self.rbuf = bytearray(1 << 20)
         self.parent_pid: Optional[int] = None
         self._hb_stop = threading.Event()
         self._in_main_thread = threading.current_thread() is threading.main_thread()
@@ -405,9 +408,6 @@ class _Runtime:
 
     def _serve(self, sock: socket.socket) -> None:
         self._set_timeouts(sock)
-        self._send(sock, [protocol.pack_json(protocol.HELLO, self._hello())])
-        with self.send_lock:
-            self.sock = sock
         reader = protocol.FrameReader()
         silence = self.hub_interval * self.spec.reset_after_n_miss
         # A kernel receive timeout rather than poll() before each recv: one
@@ -417,23 +417,28 @@ class _Runtime:
             socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(wait), int((wait % 1) * 1e6))
         )
         last_heard = time.monotonic()
-        recv = sock.recv
+        recv_into = sock.recv_into
+        rview = memoryview(self.rbuf)
         try:
+            # HELLO inside the try: a stop signal from here on says GOODBYE.
+            self._send(sock, [protocol.pack_json(protocol.HELLO, self._hello())])
+            with self.send_lock:
+                self.sock = sock
             while True:
                 if self.stopping:
                     self._stop_raised = True
                     raise _Stop()
                 try:
-                    data = recv(1 << 20)
+                    n = recv_into(rview)
                 except (BlockingIOError, TimeoutError):
                     if time.monotonic() - last_heard > silence:
                         raise ConnectionAbortedError(f"hub silent for more than {silence:.1f} s") from None
                     continue
-                if not data:
+                if not n:
                     logger.info("worker %s: hub closed the connection", self.spec.name)
                     return
                 last_heard = time.monotonic()
-                frames = reader.feed(data)
+                frames = reader.feed(rview[:n])
                 if frames:
                     self._serve_batch(sock, frames)
                     last_heard = time.monotonic()
