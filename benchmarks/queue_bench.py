@@ -14,8 +14,8 @@ Modes:
                  in a list allocated before the baseline, so the list is not
                  counted; the concurrent.futures.Future each request returns
                  is counted (the hub makes it).
-``mem-sync N future``  the same for a bare concurrent.futures.Future with one
-                 done-callback: the Future's own share, for the breakdown.
+``mem-sync N future``  the same for a bare concurrent.futures.Future: the
+                 Future's own share, for the breakdown.
 ``mem-async N hub|bare``  N asyncio tasks awaiting ``hub.request(i)``, or
                  awaiting a bare loop future (what a task itself costs); the
                  difference is what the hub adds per awaiting caller.
@@ -69,18 +69,12 @@ def _measure(make: Callable[[int], Any], n: int, traced: bool) -> float:
 
 
 def _bare_future(i: int) -> concurrent.futures.Future:
-    f: concurrent.futures.Future = concurrent.futures.Future()
-    f.add_done_callback(_noop)  # hub.submit adds one done-callback too
-    return f
-
-
-def _noop(_f: Any) -> None:
-    pass
+    return concurrent.futures.Future()  # what hub.submit returns, bare
 
 
 def mem_sync(n: int, traced: bool, variant: str) -> dict[str, Any]:
     """variant "submit": hub.submit(i) with no worker; "future": a bare
-    concurrent.futures.Future with one done-callback (its share)."""
+    concurrent.futures.Future (its share)."""
     hub = Hub(port=0)
     hub.start()
     try:

@@ -118,7 +118,7 @@ that a change of machine load affects both alike):
   before the baseline); growth of tracemalloc's traced memory (every Python
   and raw allocation, the bridge thread's included) divided by N. The
   `concurrent.futures.Future` that `submit` returns is counted (the hub makes
-  it); a bare Future with one done-callback is measured alone for the
+  it); a bare Future is measured alone for the
   breakdown. RSS growth (another fresh interpreter, no tracemalloc) and the
   asyncio path (N tasks awaiting `hub.request(i)` minus N tasks awaiting a
   bare future, i.e. without the cost of the Task itself) are shown for

@@ -256,7 +256,7 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
     rows.append(Row(
         "6a", f"Hub memory per queued request, {n:,} queued via hub.submit (tracemalloc)",
         fmt_bytes(m["mem_submit"]), "", "", "≤ 2 KiB", m["mem_submit"] <= 2048,
-        note=f"of which the concurrent.futures.Future returned by submit (with one done-callback), "
+        note=f"of which the concurrent.futures.Future returned by submit, "
         f"measured alone: {fmt_bytes(m['mem_future'])}; the hub's own structures: "
         f"{fmt_bytes(m['mem_submit'] - m['mem_future'])}.",
     ))

@@ -398,19 +398,14 @@ class Hub:
         request (it never runs)."""
         bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
         payload = self._encode(args, kwargs)
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut = _SubmitFuture()
         try:
             call = bridge.submit(payload, fut)
         except BaseException:
             payload.release()
             raise
-
-        def on_done(f: concurrent.futures.Future[Any]) -> None:
-            if f.cancelled():
-                bridge.cancel(call)
-            payload.release()
-
-        fut.add_done_callback(on_done)
+        fut._gibbs_bridge = bridge
+        fut._gibbs_call = call
         return fut
 
     # ------------------------------------------------------------ workers
@@ -501,6 +496,24 @@ class Hub:
 # ---------------------------------------------------------------- delivery
 
 
+class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The future ``submit`` returns: cancelling it while the request is
+    queued removes the request (it never runs). No done-callback per
+    request: a queue of 100 000 costs no 100 000 closures."""
+
+    _gibbs_bridge: Optional[Bridge] = None
+    _gibbs_call: Optional[Call] = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        call = self._gibbs_call
+        if call is not None and self._gibbs_bridge is not None:
+            self._gibbs_bridge.cancel(call)
+            call.payload.release()
+        return True
+
+
 def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -526,6 +539,7 @@ def _deliver(items: list[tuple[Call, Outcome]]) -> None:
     for call, outcome in items:
         sink = call.sink
         if isinstance(sink, concurrent.futures.Future):
+            call.payload.release()  # done: no worker will read it again
             if not sink.set_running_or_notify_cancel():
                 _discard(outcome)
                 continue
