@@ -234,6 +234,8 @@ def _worker_command(ns: argparse.Namespace) -> int:
 
 def _supervise(make: Any, n: int, where: str) -> int:
     """Keep n workers running until SIGTERM/SIGINT, then stop them gracefully."""
+    from .worker import stop_workers
+
     stopping = False
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
@@ -265,14 +267,7 @@ def _supervise(make: Any, n: int, where: str) -> int:
                     slots[i] = w
             time.sleep(0.1)
     finally:
-        live = [w for w in slots if w is not None]
-        for w in live:
-            w.terminate()
-        for w in live:
-            w.join(60)
-            if w.is_alive():
-                w.kill()
-                w.join(5)
+        stop_workers([w for w in slots if w is not None], grace=60.0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     return 0

@@ -520,17 +520,12 @@ def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
 
 
 def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> None:
-    """Runs on the caller's loop."""
+    """Runs on the caller's loop. An outcome nobody waits for holds nothing
+    to free: answers in shared memory were copied out (and their segment
+    released) by the bridge on arrival."""
     for fut, outcome in batch:
-        if fut.done():  # cancelled meanwhile
-            _discard(outcome)
-        else:
+        if not fut.done():  # else cancelled meanwhile
             fut.set_result(outcome)
-
-
-def _discard(outcome: Outcome) -> None:
-    if outcome[0] == OUT_RESULT:
-        protocol.release_body(outcome[1])
 
 
 def _deliver(items: list[tuple[Call, Outcome]]) -> None:
@@ -541,7 +536,6 @@ def _deliver(items: list[tuple[Call, Outcome]]) -> None:
         if isinstance(sink, concurrent.futures.Future):
             call.payload.release()  # done: no worker will read it again
             if not sink.set_running_or_notify_cancel():
-                _discard(outcome)
                 continue
             try:
                 sink.set_result(_unwrap(outcome))
@@ -553,15 +547,14 @@ def _deliver(items: list[tuple[Call, Outcome]]) -> None:
         try:
             loop.call_soon_threadsafe(_resolve_batch, batch)
         except RuntimeError:  # the loop is closed: nobody is waiting
-            for _, outcome in batch:
-                _discard(outcome)
+            pass
 
 
 def _unwrap(outcome: Outcome) -> Any:
     kind, value = outcome
     if kind == OUT_RESULT:
         try:
-            return protocol.decode(value, unlink=True)
+            return protocol.decode(value)
         except Exception as exc:
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind == OUT_COPIED:

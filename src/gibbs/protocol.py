@@ -271,12 +271,6 @@ class SegmentPool:
                 return
         self._destroy(seg)
 
-    def release_all(self) -> None:
-        with self._lock:
-            names = list(self._leased)
-        for name in names:
-            self.release(name)
-
     def _destroy(self, seg: Segment) -> None:
         _unlink_quietly(seg.path)
         try:
@@ -297,9 +291,6 @@ class SegmentPool:
         self._lock = threading.Lock()
         self._free, self._leased, self._free_bytes = [], {}, 0
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._free) + len(self._leased)
 
 
 class MappingCache:

@@ -230,8 +230,10 @@ def local_worker_failures() -> list[str]:
     return lines
 
 
-def _stop_local_workers(grace: float = 5.0) -> None:
-    workers = [w for w in _local_workers if w.is_alive()]
+def stop_workers(workers: list[Worker], grace: float) -> None:
+    """SIGTERM every live worker (each finishes the request in hand), wait up
+    to ``grace`` seconds in all, then SIGKILL what is left."""
+    workers = [w for w in workers if w.is_alive()]
     for w in workers:
         w.terminate()
     deadline = time.monotonic() + grace
@@ -241,6 +243,10 @@ def _stop_local_workers(grace: float = 5.0) -> None:
         if w.is_alive():
             w.kill()
             w.join(1.0)
+
+
+def _stop_local_workers(grace: float = 5.0) -> None:
+    stop_workers(_local_workers, grace)
     _local_workers.clear()
 
 
