@@ -1,0 +1,604 @@
+"""The core: every rule of a call's life, with no I/O.
+
+This module does no I/O, starts no thread and reads no clock (time comes in
+as an argument), in the manner of h11 and h2: the driver (``bridge.py``) turns
+socket events into calls of the methods below, and carries out the actions
+they return. Property-based tests drive it with random event orders and check
+:meth:`Core.check_invariants` after every event.
+
+Events in (methods)                      Actions out (records returned)
+───────────────────────────────────────  ───────────────────────────────────
+submit(call)                             Send(worker, calls)       one unit
+cancel(call, outcome)                    Resolve(call, outcome)    once a call
+resend(call)             (gibbs_retries) Release(call)             payload free
+worker_joined(w) / worker_leaving(w)     Refuse(worker, why)       at join
+worker_lost(w, why)                      Drop(worker, why)
+answered(w, call_id, outcome, now)
+model_unavailable(model, error)
+close(now, grace) / tick(now)
+
+A call is in exactly one of these states:
+
+* **queued**: in its model's queue (possibly also held by workers, when a
+  retry asked for a second attempt);
+* **running**: held by one or more live workers (each holds one attempt);
+* **done**: its outcome was returned in a ``Resolve``; it may still be held
+  by workers whose answer will be dropped; once no worker holds it, a
+  ``Release`` says its payload (shared memory) may be reused.
+
+Transitions::
+
+    submit ──► queued ──dispatch──► running ──answer──► done
+                 ▲  │                  │ │
+                 │  └─cancel──► done   │ └─cancel / close deadline──► done
+                 └──── worker lost (attempts left) ◄┘
+                       worker lost (no attempts left) ──► done (WorkerDiedError)
+
+Scheduling: idle workers pull work. Each model has its own FIFO queue and its
+own workers. A worker runs ``slots`` units at once (a unit is one call, or a
+batch of up to ``batch_size`` calls); a busy worker may be sent a unit ahead
+(pipelining) only while the work already committed to it stays under
+``PIPELINE_WINDOW`` seconds by its measured service time, and never more
+than ``depth`` units. Batching is work-conserving: a free worker takes what
+is queued for its model, up to its batch size, at once, unless the model asks
+to wait ``batch_wait`` seconds to fill a batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from typing import Any, Hashable, NamedTuple, Optional, Union
+
+from .errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+
+__all__ = [
+    "Core",
+    "Call",
+    "WorkerInfo",
+    "Outcome",
+    "OutcomeKind",
+    "Send",
+    "Resolve",
+    "Release",
+    "Refuse",
+    "Drop",
+    "Action",
+    "PIPELINE_WINDOW",
+    "DEFAULT_MODEL",
+]
+
+DEFAULT_MODEL = "default"
+
+#: A busy worker may be sent more work only while the work already committed
+#: to it stays under this many seconds (by its moving-average service time):
+#: fast models do not wait a round trip between calls, and no call waits long
+#: behind another while a worker could free up. Slow models never get a unit
+#: beyond their slots.
+PIPELINE_WINDOW = 0.001
+
+
+class OutcomeKind(enum.Enum):
+    RESULT = "result"  # value: the answer's payload, as the driver received it
+    ERROR = "error"  # value: the worker's error record (bytes)
+    COPIED = "copied"  # value: (pickle, buffers) read out of shared memory
+    EXCEPTION = "exception"  # value: an exception instance made here or by the driver
+    CANCELLED = "cancelled"  # value: None; the caller gave up
+
+
+class Outcome(NamedTuple):
+    kind: OutcomeKind
+    value: Any
+
+
+CANCELLED = Outcome(OutcomeKind.CANCELLED, None)
+
+
+class Call:
+    """One request. The driver makes it; the core owns the fields below
+    ``sink``. ``payload`` and ``sink`` are opaque to the core."""
+
+    __slots__ = (
+        "id", "model", "payload", "sink", "queued", "done", "holders",
+        "attempts", "failures", "queued_at",
+    )
+
+    def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None) -> None:
+        self.id = call_id
+        self.model = model
+        self.payload = payload
+        self.sink = sink
+        self.queued = False  # in its model's queue
+        self.done = False  # its Resolve was returned
+        self.holders: list[Hashable] = []  # workers holding an attempt
+        self.attempts = 0  # attempts lost with their worker
+        self.failures: list[str] = []  # how each lost attempt ended
+        self.queued_at = 0.0
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "queued" if self.queued else "running" if self.holders else "?"
+        return f"<Call {self.id} {self.model} {state} holders={self.holders}>"
+
+
+class WorkerInfo:
+    """What the core knows of one connected worker."""
+
+    __slots__ = (
+        "id", "model", "cls", "slots", "batch_size", "depth", "units", "held",
+        "ewma", "last_done", "leaving", "served", "describe",
+    )
+
+    def __init__(
+        self,
+        worker_id: Hashable,
+        model: str,
+        cls: str = "",
+        *,
+        slots: int = 1,
+        batch_size: int = 1,
+        depth: int = 1,
+        describe: str = "",
+    ) -> None:
+        self.id = worker_id
+        self.model = model
+        self.cls = cls
+        self.slots = max(1, slots)
+        self.batch_size = max(1, batch_size)
+        self.depth = max(self.slots, depth)
+        # Units in the order sent; each is the list of call ids it still owes.
+        self.units: collections.deque[list[int]] = collections.deque()
+        self.held: dict[int, Call] = {}  # call id -> call, every attempt it holds
+        self.ewma: Optional[float] = None  # seconds per unit
+        self.last_done = 0.0
+        self.leaving = False
+        self.served = 0
+        self.describe = describe or f"worker {worker_id}"
+
+    @property
+    def load(self) -> int:
+        return len(self.units)
+
+
+class _Model:
+    __slots__ = ("name", "cls", "queue", "workers", "batch_wait", "unavailable")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cls = ""
+        self.queue: collections.OrderedDict[int, Call] = collections.OrderedDict()
+        self.workers: dict[Hashable, WorkerInfo] = {}
+        self.batch_wait = 0.0
+        self.unavailable: Optional[BaseException] = None
+
+
+class Send(NamedTuple):
+    worker: Hashable
+    calls: tuple[Call, ...]
+
+
+class Resolve(NamedTuple):
+    call: Call
+    outcome: Outcome
+
+
+class Release(NamedTuple):
+    call: Call
+
+
+class Refuse(NamedTuple):
+    worker: Hashable
+    reason: str
+
+
+class Drop(NamedTuple):
+    worker: Hashable
+    reason: str
+
+
+Action = Union[Send, Resolve, Release, Refuse, Drop]
+
+
+class Core:
+    """The call lifecycle and the scheduler of one hub. Not thread-safe: the
+    driver serialises every call (the bridge's lock)."""
+
+    def __init__(self, *, max_attempts: int = 3, max_queued: Optional[int] = None) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.max_attempts = max_attempts
+        self.max_queued = max_queued
+        self.models: dict[str, _Model] = {}
+        self.workers: dict[Hashable, WorkerInfo] = {}
+        self.calls: dict[int, Call] = {}  # every call not yet done
+        self.n_queued = 0
+        self.closing = False
+        self.close_deadline: Optional[float] = None
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------ helpers
+
+    def _model(self, name: str) -> _Model:
+        m = self.models.get(name)
+        if m is None:
+            m = self.models[name] = _Model(name)
+        return m
+
+    def _resolve(self, call: Call, outcome: Outcome, out: list[Action]) -> None:
+        call.done = True
+        self.calls.pop(call.id, None)
+        if call.queued:
+            self._unqueue(call)
+        out.append(Resolve(call, outcome))
+        if not call.holders:
+            out.append(Release(call))
+
+    def _enqueue(self, call: Call, front: bool = False) -> None:
+        q = self._model(call.model).queue
+        q[call.id] = call
+        if front:
+            q.move_to_end(call.id, last=False)
+        call.queued = True
+        self.n_queued += 1
+
+    def _unqueue(self, call: Call) -> None:
+        del self.models[call.model].queue[call.id]
+        call.queued = False
+        self.n_queued -= 1
+
+    # ------------------------------------------------------------ callers
+
+    def submit(self, call: Call, now: float = 0.0) -> list[Action]:
+        """A caller's new call. Raises (and stores nothing) when the hub is
+        closing, the queue is full, or the model is known to be unavailable."""
+        if self.closing:
+            raise HubClosedError("the hub is closed")
+        model = self._model(call.model)
+        if model.unavailable is not None and not model.workers:
+            err = NoWorkersError(str(model.unavailable))
+            err.__cause__ = model.unavailable.__cause__
+            raise err
+        if self.max_queued is not None and self.n_queued >= self.max_queued:
+            if not any(w.load < w.slots and not w.leaving for w in model.workers.values()):
+                raise QueueFullError(
+                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})"
+                )
+        if call.id in self.calls:
+            raise ValueError(f"call id {call.id} is already in use")
+        self.calls[call.id] = call
+        call.queued_at = now
+        self._enqueue(call)
+        self.stats["submitted"] += 1
+        out: list[Action] = []
+        if model.workers:
+            self._dispatch(model, now, out)
+        return out
+
+    def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
+        """The caller gave up (cancelled, timed out). A queued call leaves the
+        queue and is never sent; a running one is done, and its answer will
+        be dropped."""
+        out: list[Action] = []
+        if call.done:
+            return out
+        self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
+        self._resolve(call, outcome, out)
+        return out
+
+    def resend(self, call: Call, now: float = 0.0) -> list[Action]:
+        """gibbs_retries: the caller's timeout passed with retries left. A
+        call still queued keeps its place; a running one is queued again at
+        the front for a second attempt on another worker, and the first
+        answer of any attempt wins."""
+        out: list[Action] = []
+        if call.done or call.queued:
+            return out
+        if self.closing:
+            return out
+        self.stats["resent"] += 1
+        self._enqueue(call, front=True)
+        self._dispatch(self.models[call.model], now, out)
+        return out
+
+    # ------------------------------------------------------------ workers
+
+    def worker_joined(self, worker: WorkerInfo, now: float = 0.0, batch_wait: float = 0.0) -> list[Action]:
+        out: list[Action] = []
+        if worker.id in self.workers:
+            raise ValueError(f"worker {worker.id!r} joined twice")
+        if self.closing:
+            out.append(Refuse(worker.id, "the hub is closing"))
+            return out
+        model = self._model(worker.model)
+        if model.workers and worker.cls and model.cls and worker.cls != model.cls:
+            out.append(
+                Refuse(
+                    worker.id,
+                    f"model {worker.model!r} is already served by class {model.cls}, "
+                    f"not {worker.cls}: start this worker under another model name (gibbs_model=...)",
+                )
+            )
+            return out
+        if not model.workers:
+            model.cls = worker.cls
+            model.batch_wait = batch_wait
+        model.unavailable = None
+        model.workers[worker.id] = worker
+        self.workers[worker.id] = worker
+        worker.last_done = now
+        self._dispatch(model, now, out)
+        return out
+
+    def worker_leaving(self, worker_id: Hashable, now: float = 0.0) -> list[Action]:
+        """The worker said goodbye: it answered what it started; what it
+        holds was never started and goes back to the front of the queue."""
+        out: list[Action] = []
+        w = self.workers.get(worker_id)
+        if w is None or w.leaving:
+            return out
+        w.leaving = True
+        self._take_back(w, penalty=None, out=out)
+        self._dispatch(self.models[w.model], now, out)
+        return out
+
+    def worker_lost(self, worker_id: Hashable, reason: str, now: float = 0.0) -> list[Action]:
+        """The worker's connection ended (death, lost host, silence, or its
+        exit after a goodbye). The units it was running count one attempt
+        each; the rest go back to the queue without penalty."""
+        out: list[Action] = []
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return out
+        model = self.models[w.model]
+        del model.workers[worker_id]
+        if not w.leaving:
+            self.stats["deaths"] += 1
+        self._take_back(w, penalty=None if w.leaving else reason, out=out)
+        self._dispatch(model, now, out)
+        return out
+
+    def _take_back(self, w: WorkerInfo, penalty: Optional[str], out: list[Action]) -> None:
+        running: set[int] = set()
+        if penalty is not None:
+            for unit in list(w.units)[: w.slots]:
+                running.update(unit)
+        # Front of the queue, in the order they were sent.
+        back: list[Call] = []
+        for call_id, call in w.held.items():
+            call.holders.remove(w.id)
+            if call.done:
+                if not call.holders:
+                    out.append(Release(call))
+                continue
+            if call_id in running:
+                call.attempts += 1
+                call.failures.append(f"{w.describe}: {penalty}")
+                if call.attempts >= self.max_attempts and not call.holders:
+                    self.stats["failed"] += 1
+                    self._resolve(call, Outcome(OutcomeKind.EXCEPTION, self._died_error(call)), out)
+                    continue
+                self.stats["retried"] += 1
+            if call.holders or call.queued:
+                continue  # another attempt is on its way
+            if self.closing:
+                err = HubClosedError(
+                    f"the hub was closing when {w.describe} left with this request"
+                    + (f" ({penalty})" if penalty else "")
+                )
+                self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+                continue
+            back.append(call)
+        w.held.clear()
+        w.units.clear()
+        for call in reversed(back):
+            self._enqueue(call, front=True)
+
+    def _died_error(self, call: Call) -> WorkerDiedError:
+        n = len(call.failures)
+        msg = (
+            f"the request was lost with the worker that ran it, {n} time{'s' if n != 1 else ''} "
+            f"(max_attempts={self.max_attempts}):\n  " + "\n  ".join(call.failures)
+        )
+        return WorkerDiedError(msg, list(call.failures))
+
+    def answered(self, worker_id: Hashable, call_id: int, outcome: Outcome, now: float = 0.0) -> list[Action]:
+        """The worker answered one call. The first answer of any attempt
+        resolves it; later ones are dropped. An answer for a call the worker
+        does not hold is dropped too (a confused or hostile peer)."""
+        out: list[Action] = []
+        w = self.workers.get(worker_id)
+        if w is None:
+            return out
+        call = w.held.pop(call_id, None)
+        if call is None:
+            return out
+        call.holders.remove(worker_id)
+        # Free the unit once every call in it is answered.
+        for unit in w.units:
+            if call_id in unit:
+                unit.remove(call_id)
+                if not unit:
+                    w.units.remove(unit)
+                    service = now - w.last_done
+                    w.ewma = service if w.ewma is None else 0.8 * w.ewma + 0.2 * service
+                    w.last_done = now
+                break
+        w.served += 1
+        if call.done:
+            if not call.holders:
+                out.append(Release(call))
+        else:
+            self.stats["completed" if outcome.kind is not OutcomeKind.ERROR else "errors"] += 1
+            self._resolve(call, outcome, out)
+        if not w.leaving:
+            self._dispatch(self.models[w.model], now, out)
+        return out
+
+    def model_unavailable(self, model_name: str, error: BaseException) -> list[Action]:
+        """No worker of this model can come (every local worker failed to
+        build it): fail its queued calls, and new ones at once, until a
+        worker of the model joins."""
+        out: list[Action] = []
+        model = self._model(model_name)
+        if model.workers:
+            return out
+        model.unavailable = error
+        for call in list(model.queue.values()):
+            if call.holders:
+                continue
+            err = NoWorkersError(str(error))
+            err.__cause__ = error.__cause__
+            self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+        return out
+
+    # ------------------------------------------------------------ time
+
+    def close(self, now: float, grace: float) -> list[Action]:
+        """Stop taking calls; fail the queued ones; the running ones have
+        until ``now + grace`` (enforced by :meth:`tick`)."""
+        out: list[Action] = []
+        if self.closing:
+            return out
+        self.closing = True
+        self.close_deadline = now + max(0.0, grace)
+        for model in self.models.values():
+            for call in list(model.queue.values()):
+                if call.holders:
+                    self._unqueue(call)  # a running attempt may still answer
+                    continue
+                err = HubClosedError("the hub was closed before a worker took this request")
+                self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+        out.extend(self.tick(now))
+        return out
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: the close deadline, and batches waiting to fill."""
+        out: list[Action] = []
+        if self.closing:
+            assert self.close_deadline is not None
+            if now >= self.close_deadline:
+                for call in list(self.calls.values()):
+                    err = HubClosedError("the hub was closed before the worker answered (grace period over)")
+                    self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+            return out
+        for model in self.models.values():
+            if model.batch_wait and model.queue and model.workers:
+                self._dispatch(model, now, out)
+        return out
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest time at which :meth:`tick` has something to do."""
+        if self.closing:
+            return self.close_deadline if self.calls else None
+        best: Optional[float] = None
+        for model in self.models.values():
+            if model.batch_wait and model.queue and model.workers:
+                t = next(iter(model.queue.values())).queued_at + model.batch_wait
+                best = t if best is None else min(best, t)
+        return best
+
+    @property
+    def idle(self) -> bool:
+        """Nothing open: every call is done (used to finish a close early)."""
+        return not self.calls
+
+    # ------------------------------------------------------------ scheduling
+
+    def _pick(self, model: _Model, exclude: Optional[set[Hashable]] = None) -> Optional[WorkerInfo]:
+        best: Optional[WorkerInfo] = None
+        for w in model.workers.values():
+            if w.leaving or (exclude and w.id in exclude):
+                continue
+            load = w.load
+            if load < w.slots:
+                if best is None or load < best.load:
+                    best = w
+                    if load == 0:
+                        break
+        if best is not None:
+            return best
+        for w in model.workers.values():
+            if w.leaving or (exclude and w.id in exclude):
+                continue
+            ewma = w.ewma
+            load = w.load
+            if ewma is None or load >= w.depth or load * ewma >= PIPELINE_WINDOW:
+                continue
+            if best is None or load < best.load:
+                best = w
+        return best
+
+    def _dispatch(self, model: _Model, now: float, out: list[Action]) -> None:
+        if self.closing:
+            return
+        queue = model.queue
+        skip: Optional[set[Hashable]] = None
+        while queue:
+            w = self._pick(model, skip)
+            if w is None:
+                return
+            if w.batch_size > 1 and model.batch_wait and len(queue) < w.batch_size:
+                first = next(iter(queue.values()))
+                if now < first.queued_at + model.batch_wait:
+                    return  # wait to fill the batch (tick will come back)
+            calls: list[Call] = []
+            for call in queue.values():
+                # A worker already holding an attempt of a call (a retry)
+                # would gain nothing from a second one: leave it for another.
+                if w.id not in call.holders:
+                    calls.append(call)
+                    if len(calls) >= w.batch_size:
+                        break
+            for call in calls:
+                self._unqueue(call)
+            if not calls:
+                skip = (skip or set()) | {w.id}
+                continue
+            if not w.units:
+                w.last_done = now
+            w.units.append([c.id for c in calls])
+            for call in calls:
+                call.holders.append(w.id)
+                w.held[call.id] = call
+            out.append(Send(w.id, tuple(calls)))
+
+    # ------------------------------------------------------------ views
+
+    def queued(self, model: Optional[str] = None) -> int:
+        if model is None:
+            return self.n_queued
+        m = self.models.get(model)
+        return len(m.queue) if m else 0
+
+    def check_invariants(self) -> None:
+        """Assert every rule of the lifecycle (property tests call this after
+        every event)."""
+        n = 0
+        for name, model in self.models.items():
+            for cid, call in model.queue.items():
+                assert call.queued and not call.done, call
+                assert call.id == cid and call.model == name
+                assert self.calls.get(cid) is call, call
+            n += len(model.queue)
+            for wid, w in model.workers.items():
+                assert self.workers[wid] is w and w.model == name
+        assert n == self.n_queued
+        if self.closing:
+            assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"
+        for cid, call in self.calls.items():
+            assert not call.done
+            assert call.queued or call.holders, f"{call} is neither queued nor held"
+            for wid in call.holders:
+                assert wid in self.workers, f"{call} held by a worker that is gone"
+            if self.closing:
+                assert self.close_deadline is not None
+        for wid, w in self.workers.items():
+            assert w.load <= w.depth, f"{w.describe} holds {w.load} units, over {w.depth}"
+            ids = [cid for unit in w.units for cid in unit]
+            assert sorted(ids) == sorted(w.held), (ids, list(w.held))
+            for unit in w.units:
+                assert 0 < len(unit) <= w.batch_size
+            for cid, call in w.held.items():
+                assert call.holders.count(wid) == 1
+                if not call.done:
+                    assert self.calls.get(cid) is call
+

@@ -1,0 +1,323 @@
+"""The sans-I/O core, driven by hypothesis with random event orders: no
+socket, no thread, no sleep. After every event the core's own invariants are
+checked, and a model of what callers saw checks the promises from outside:
+one outcome per call, cancelled-while-queued never sent, first answer wins,
+everything resolved by the close deadline, nothing held for a gone caller."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from gibbs.core import (
+    Call,
+    Core,
+    Drop,
+    Outcome,
+    OutcomeKind,
+    Refuse,
+    Release,
+    Resolve,
+    Send,
+    WorkerInfo,
+)
+from gibbs.errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+
+EXAMPLES = int(os.environ.get("GIBBS_HYPOTHESIS_EXAMPLES", "1500"))
+MODELS = ["a", "b"]
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Random callers, workers and a clock against one Core."""
+
+    @initialize(max_attempts=st.integers(1, 3), max_queued=st.one_of(st.none(), st.integers(0, 6)))
+    def setup(self, max_attempts: int, max_queued: Any) -> None:
+        self.core = Core(max_attempts=max_attempts, max_queued=max_queued)
+        self.now = 0.0
+        self.next_call = 1
+        self.next_worker = 1
+        self.calls: dict[int, Call] = {}
+        self.outcomes: dict[int, Outcome] = {}
+        self.released: set[int] = set()
+        self.cancelled_while_queued: set[int] = set()
+        self.sent: dict[int, int] = {}  # call id -> times sent
+        self.live: dict[int, WorkerInfo] = {}
+        self.holding: dict[int, list[int]] = {}  # worker -> call ids sent, in order, unanswered
+        self.answered_by: dict[int, set[int]] = {}  # call id -> workers that answered
+        self.refused: set[int] = set()
+
+    def apply(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                assert a.worker in self.live, "sent to a worker that is gone"
+                w = self.live[a.worker]
+                assert 1 <= len(a.calls) <= w.batch_size
+                for c in a.calls:
+                    assert c.id not in self.cancelled_while_queued, "a call cancelled while queued was sent"
+                    assert c.id not in self.outcomes, "a call already resolved was sent"
+                    assert c.model == w.model, "a call was sent to a worker of another model"
+                    self.sent[c.id] = self.sent.get(c.id, 0) + 1
+                    assert c.id not in self.holding[a.worker], "two attempts of one call on one worker"
+                    self.holding[a.worker].append(c.id)
+            elif isinstance(a, Resolve):
+                assert a.call.id not in self.outcomes, "a call resolved twice"
+                self.outcomes[a.call.id] = a.outcome
+            elif isinstance(a, Release):
+                assert a.call.id not in self.released, "released twice"
+                assert a.call.id in self.outcomes, "released before its outcome"
+                assert not any(a.call.id in ids for ids in self.holding.values()), "released while a worker holds it"
+                self.released.add(a.call.id)
+            elif isinstance(a, Refuse):
+                self.refused.add(a.worker)
+                self.live.pop(a.worker, None)
+                self.holding.pop(a.worker, None)
+            elif isinstance(a, Drop):
+                pass
+
+    # ------------------------------------------------------------ callers
+
+    @rule(model=st.sampled_from(MODELS))
+    def submit(self, model: str) -> None:
+        call = Call(self.next_call, model, payload=b"x")
+        self.next_call += 1
+        try:
+            actions = self.core.submit(call, self.now)
+        except (HubClosedError, QueueFullError, NoWorkersError):
+            return
+        self.calls[call.id] = call
+        self.apply(actions)
+
+    @precondition(lambda self: any(c.id not in self.outcomes for c in self.calls.values()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        open_calls = [c for c in self.calls.values() if c.id not in self.outcomes]
+        call = data.draw(st.sampled_from(open_calls))
+        queued_only = call.queued and not call.holders
+        self.apply(self.core.cancel(call))
+        assert self.outcomes[call.id].kind is OutcomeKind.CANCELLED
+        if queued_only:
+            self.cancelled_while_queued.add(call.id)
+            assert call.id in self.released
+
+    @precondition(lambda self: any(c.id not in self.outcomes for c in self.calls.values()))
+    @rule(data=st.data())
+    def resend(self, data: st.DataObject) -> None:
+        open_calls = [c for c in self.calls.values() if c.id not in self.outcomes]
+        self.apply(self.core.resend(data.draw(st.sampled_from(open_calls)), self.now))
+
+    # ------------------------------------------------------------ workers
+
+    @rule(
+        model=st.sampled_from(MODELS),
+        cls=st.sampled_from(["A", "A", "B"]),
+        slots=st.integers(1, 3),
+        batch=st.sampled_from([1, 1, 2, 4]),
+        depth=st.integers(1, 4),
+    )
+    def join(self, model: str, cls: str, slots: int, batch: int, depth: int) -> None:
+        wid = self.next_worker
+        self.next_worker += 1
+        w = WorkerInfo(wid, model, cls, slots=slots, batch_size=batch, depth=depth)
+        self.live[wid] = w
+        self.holding[wid] = []
+        self.apply(self.core.worker_joined(w, self.now))
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        wid = data.draw(st.sampled_from(sorted(self.live)))
+        self.live.pop(wid)
+        self.holding.pop(wid)
+        self.apply(self.core.worker_lost(wid, "killed", self.now))
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def goodbye(self, data: st.DataObject) -> None:
+        wid = data.draw(st.sampled_from(sorted(self.live)))
+        actions = self.core.worker_leaving(wid, self.now)
+        # What it held comes back: it will not answer it.
+        self.holding[wid] = []
+        self.apply(actions)
+
+    @precondition(lambda self: any(self.holding.values()))
+    @rule(data=st.data(), error=st.booleans())
+    def answer(self, data: st.DataObject, error: bool) -> None:
+        wid = data.draw(st.sampled_from(sorted(w for w, ids in self.holding.items() if ids)))
+        ids = self.holding[wid]
+        cid = data.draw(st.sampled_from(ids))
+        ids.remove(cid)
+        first = cid not in self.outcomes
+        outcome = Outcome(OutcomeKind.ERROR if error else OutcomeKind.RESULT, (wid, cid))
+        self.apply(self.core.answered(wid, cid, outcome, self.now))
+        if first:
+            assert self.outcomes[cid] == outcome, "the first answer did not win"
+        self.answered_by.setdefault(cid, set()).add(wid)
+
+    @rule(model=st.sampled_from(MODELS))
+    def unavailable(self, model: str) -> None:
+        self.apply(self.core.model_unavailable(model, NoWorkersError("constructor raised")))
+
+    # ------------------------------------------------------------ time
+
+    @rule(dt=st.floats(0, 0.01))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.apply(self.core.tick(self.now))
+
+    @rule(grace=st.sampled_from([0.0, 0.005, 1.0]))
+    def close(self, grace: float) -> None:
+        self.apply(self.core.close(self.now, grace))
+
+    # ------------------------------------------------------------ checks
+
+    @invariant()
+    def core_invariants(self) -> None:
+        self.core.check_invariants()
+
+    @invariant()
+    def every_call_has_one_fate(self) -> None:
+        for cid, call in self.calls.items():
+            if cid in self.outcomes:
+                assert call.done
+                assert cid not in self.core.calls, "a resolved call is still held by the core"
+                for model in self.core.models.values():
+                    assert cid not in model.queue
+                # Nothing held for it once no worker holds an attempt.
+                if not any(cid in ids for ids in self.holding.values()):
+                    assert cid in self.released, f"call {cid} resolved and free of workers but never released"
+            else:
+                assert call.queued or any(h in self.live for h in call.holders), f"call {cid} stranded"
+
+    @invariant()
+    def close_deadline_kept(self) -> None:
+        core = self.core
+        if core.closing and core.close_deadline is not None and self.now >= core.close_deadline:
+            self.apply(core.tick(self.now))
+            assert not core.calls, "calls open after the close deadline"
+            assert all(c.id in self.outcomes for c in self.calls.values())
+
+    @invariant()
+    def max_attempts_bound(self) -> None:
+        for cid, outcome in self.outcomes.items():
+            if outcome.kind is OutcomeKind.EXCEPTION and isinstance(outcome.value, WorkerDiedError):
+                assert len(outcome.value.failures) >= self.core.max_attempts
+
+
+TestCoreMachine = CoreMachine.TestCase
+TestCoreMachine.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# ---------------------------------------------------------------- plain examples
+
+
+def _core(**kw: Any) -> Core:
+    return Core(**kw)
+
+
+def test_idle_worker_pulls_and_fifo() -> None:
+    core = _core()
+    calls = [Call(i, "default", b"") for i in range(1, 4)]
+    for c in calls:
+        assert core.submit(c) == []
+    acts = core.worker_joined(WorkerInfo(1, "default", "A"))
+    assert [a for a in acts if isinstance(a, Send)] == [Send(1, (calls[0],))]
+    acts = core.answered(1, 1, Outcome(OutcomeKind.RESULT, b"r"), now=0.5)
+    assert Send(1, (calls[1],)) in acts
+
+
+def test_first_answer_wins_with_a_resent_attempt() -> None:
+    core = _core()
+    c = Call(1, "default", b"")
+    core.worker_joined(WorkerInfo(1, "default"))
+    core.worker_joined(WorkerInfo(2, "default"))
+    assert core.submit(c) == [Send(1, (c,))]
+    assert core.resend(c) == [Send(2, (c,))]
+    acts = core.answered(2, 1, Outcome(OutcomeKind.RESULT, "second"))
+    assert Resolve(c, Outcome(OutcomeKind.RESULT, "second")) in acts
+    assert not any(isinstance(a, Release) for a in acts)  # worker 1 may still read it
+    acts = core.answered(1, 1, Outcome(OutcomeKind.RESULT, "first"))
+    assert acts == [Release(c)]
+
+
+def test_worker_lost_during_close_fails_its_call() -> None:
+    core = _core()
+    c = Call(1, "default", b"")
+    core.worker_joined(WorkerInfo(1, "default"))
+    core.submit(c)
+    core.close(now=0.0, grace=10.0)
+    acts = core.worker_lost(1, "killed")
+    (res,) = [a for a in acts if isinstance(a, Resolve)]
+    assert isinstance(res.outcome.value, HubClosedError)
+
+
+def test_batch_takes_what_is_queued_and_lone_call_is_not_held() -> None:
+    core = _core()
+    w = WorkerInfo(1, "m", batch_size=4)
+    core.worker_joined(w)
+    a = Call(1, "m", b"")
+    assert core.submit(a) == [Send(1, (a,))]  # lone call: at once, a batch of one
+    more = [Call(i, "m", b"") for i in range(2, 8)]
+    for c in more:
+        core.submit(c)
+    acts = core.answered(1, 1, Outcome(OutcomeKind.RESULT, None), now=1.0)
+    sends = [a for a in acts if isinstance(a, Send)]
+    assert sends == [Send(1, tuple(more[:4]))]
+
+
+def test_class_mismatch_is_refused() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "text", "mod.Text"))
+    acts = core.worker_joined(WorkerInfo(2, "text", "mod.Image"))
+    assert len(acts) == 1 and isinstance(acts[0], Refuse)
+    assert "mod.Text" in acts[0].reason and 2 not in core.workers
+
+
+def test_models_have_their_own_queues() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "a"))
+    core.worker_joined(WorkerInfo(2, "b"))
+    burst = [Call(i, "a", b"") for i in range(1, 10)]
+    for c in burst:
+        core.submit(c)
+    b = Call(100, "b", b"")
+    assert core.submit(b) == [Send(2, (b,))]
+
+
+def test_model_unavailable_fails_queued_and_new_calls() -> None:
+    core = _core()
+    c = Call(1, "m", b"")
+    core.submit(c)
+    acts = core.model_unavailable("m", NoWorkersError("boom"))
+    assert isinstance(acts[0], Resolve) and isinstance(acts[0].outcome.value, NoWorkersError)
+    with pytest.raises(NoWorkersError):
+        core.submit(Call(2, "m", b""))
+    core.worker_joined(WorkerInfo(1, "m"))
+    c3 = Call(3, "m", b"")
+    assert core.submit(c3) == [Send(1, (c3,))]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.sampled_from(["submit", "cancel", "join", "answer"]), max_size=40))
+def test_cancelled_queue_holds_nothing(ops: list[str]) -> None:
+    """Calls cancelled while queued leave no trace in the core (the 20 000
+    timed-out requests that stayed in the queue with their bodies)."""
+    core = _core()
+    n = 0
+    for op in ops:
+        if op == "submit":
+            n += 1
+            c = Call(n, "default", b"x" * 10)
+            core.submit(c)
+            core.cancel(c)
+    assert core.n_queued == 0 and not core.calls
+    assert all(not m.queue for m in core.models.values())
