@@ -276,10 +276,10 @@ def test_batch_takes_what_is_queued_and_lone_call_is_not_held() -> None:
 
 def test_class_mismatch_is_refused() -> None:
     core = _core()
-    core.worker_joined(WorkerInfo(1, "text", "mod.Text"))
-    acts = core.worker_joined(WorkerInfo(2, "text", "mod.Image"))
+    core.worker_joined(WorkerInfo(1, "text", "mod:Text"))
+    acts = core.worker_joined(WorkerInfo(2, "text", "mod:Image"))
     assert len(acts) == 1 and isinstance(acts[0], Refuse)
-    assert "mod.Text" in acts[0].reason and 2 not in core.workers
+    assert "mod:Text" in acts[0].reason and 2 not in core.workers
 
 
 def test_models_have_their_own_queues() -> None:
@@ -321,3 +321,12 @@ def test_cancelled_queue_holds_nothing(ops: list[str]) -> None:
             core.cancel(c)
     assert core.n_queued == 0 and not core.calls
     assert all(not m.queue for m in core.models.values())
+
+
+def test_same_class_across_a_script_and_its_import() -> None:
+    from gibbs.core import same_class
+
+    assert same_class("app:Model", "app:Model")
+    assert same_class("__main__:Model", "app:Model")
+    assert not same_class("app:Model", "other:Model")
+    assert not same_class("__main__:Model", "app:Other")

@@ -22,6 +22,7 @@ from .errors import (
     SerializationError,
     UserCodeException,
     WorkerDiedError,
+    WorkerRefusedError,
 )
 from .hub import Hub
 from .worker import Worker
@@ -45,5 +46,6 @@ __all__ = [
     "SerializationError",
     "AuthenticationError",
     "ProtocolError",
+    "WorkerRefusedError",
     "__version__",
 ]

@@ -1,23 +1,29 @@
-"""The bridge: the one thread of a hub that talks to workers.
+"""The bridge: the driver around the core, and the one thread of a hub that
+talks to workers.
 
-It owns the listener, every worker connection and the scheduling state. It
-waits (``selectors``) on the listener, each worker's socket and a wake-up
-pipe, and:
+Every rule of a call's life is in ``core.py``; this module only turns I/O
+into core events and carries out the core's actions. The thread waits
+(``selectors``) on the listeners, each worker's socket and a wake-up pipe,
+and:
 
-* hands each new connection to a short-lived handshake thread (HMAC challenge
-  both ways, WELCOME/HELLO), which passes an authenticated peer back to it;
-* reads frames without ever blocking on a partial one; a RESULT or ERROR
-  resolves its call and frees the worker, which gets the next queued call in
-  the same pass (idle workers pull work: never round-robin onto a busy one);
-* notices a worker's death at once (end of file on its socket) or, for a hung
-  worker or a lost host, when it has been silent for ``heartbeat_interval *
-  heartbeat_misses``; its unfinished calls go back to the front of the queue,
-  the one it was running counting one attempt;
-* sends heartbeats so that workers notice a hub that went away.
+* hands each new connection to a short-lived handshake thread (HMAC
+  challenge both ways, WELCOME/HELLO) under a deadline for the whole
+  handshake; an authenticated worker becomes ``core.worker_joined``;
+* reads frames without ever blocking on a partial one: RESULT/ERROR become
+  ``core.answered``, GOODBYE ``core.worker_leaving``; end of file, a bad
+  frame or silence beyond the heartbeat bound become ``core.worker_lost``
+  (for a worker process started here, once its exit status is known, so the
+  error says how it died);
+* carries out the actions: ``Send`` writes frames (non-blocking; the rest
+  waits for the socket to be writable), ``Resolve`` hands the outcome to its
+  caller, ``Release`` frees the payload's shared memory, ``Refuse`` and
+  ``Drop`` close a connection.
 
-Callers submit from any thread: under ``_lock`` they append to the queue and,
-when a worker is idle, send at once (non-blocking; the bridge finishes a
-partial send). Outcomes go back through ``deliver``, one batch per pass.
+Callers submit from any thread: under ``_lock`` they call ``core.submit``
+and carry out its ``Send`` at once (non-blocking). Outcomes are handed over
+outside the lock: to asyncio callers with one ``call_soon_threadsafe`` per
+loop per pass; to ``concurrent.futures`` callers on a delivery thread, so
+that no user callback ever runs on this thread or under this lock.
 
 Shared state below is owned by ``_lock`` unless marked "bridge thread only".
 """
@@ -28,6 +34,7 @@ import collections
 import itertools
 import logging
 import os
+import queue
 import selectors
 import socket
 import threading
@@ -35,67 +42,57 @@ import time
 from typing import Any, Callable, Optional
 
 from . import protocol
-from .errors import GibbsError, HubClosedError, ProtocolError, QueueFullError, SerializationError, WorkerDiedError
+from .core import (
+    DEFAULT_MODEL,
+    Call,
+    Core,
+    Drop,
+    Outcome,
+    OutcomeKind,
+    Refuse,
+    Release,
+    Resolve,
+    Send,
+    WorkerInfo,
+)
+from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .transport import describe, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
 
-# Call states
-QUEUED = 0  # in _queue, not yet sent
-RUNNING = 1  # sent to a worker, answer awaited
-DONE = 2  # outcome handed to deliver
-CANCELLED = 3  # removed while queued: never sent
-ABANDONED = 4  # caller gone while running: the answer will be dropped
-
-# Outcome kinds handed to deliver()
-OUT_RESULT = 0  # value: RESULT payload body (bytes)
-OUT_ERROR = 1  # value: ERROR record body (bytes)
-OUT_EXCEPTION = 2  # value: an exception instance
-OUT_COPIED = 3  # value: (pickle, buffers) of an answer read out of shared memory
-
-Outcome = tuple[int, Any]
-
 _MAX_HANDSHAKES = 64
-#: A busy worker may be sent more calls only while the work already committed
-#: to it stays under this many seconds (by its moving-average service time):
-#: fast models do not wait a round trip between calls, and no call waits long
-#: behind another while a worker could free up. Slow models (a call of this
-#: length or more) never get a second call.
-PIPELINE_WINDOW = 0.001
+#: How long the loss of a local worker waits for its exit status (so that
+#: the error names the signal or exit code) before it is declared anyway.
+_EXIT_STATUS_WAIT = 0.5
 
 
-class Call:
-    """One request on its way. ``sink`` receives the outcome (from ``deliver``)."""
+class LocalWorker:
+    """What the bridge may ask of a worker process started in this process
+    (``Worker.start()``): its pid, model, and exit status (non-blocking)."""
 
-    __slots__ = ("id", "payload", "sink", "state", "attempts", "failures", "peer", "sent_at")
+    __slots__ = ("pid", "model", "exitcode", "sentinel")
 
-    def __init__(self, call_id: int, payload: protocol.Payload, sink: Any) -> None:
-        self.id = call_id
-        self.payload = payload
-        self.sink = sink
-        self.state = QUEUED
-        self.attempts = 0
-        self.failures: Optional[list[tuple[str, int, str]]] = None  # (worker, pid, how it ended)
-        self.peer: Optional[Peer] = None
-        self.sent_at = 0.0
+    def __init__(self, pid: int, model: str, exitcode: Callable[[], Optional[int]], sentinel: int) -> None:
+        self.pid = pid
+        self.model = model
+        self.exitcode = exitcode
+        self.sentinel = sentinel
 
 
 class Peer:
     """One authenticated worker connection."""
 
     __slots__ = (
-        "sock", "fd", "reader", "out", "inflight", "pid", "host", "name", "address",
-        "interval", "shm", "last_heard", "last_sent", "ewma", "last_done", "leaving",
-        "want_write", "served",
+        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
+        "last_heard", "last_sent", "want_write", "info", "batched", "gone",
     )
 
     def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = protocol.FrameReader(max_frame)
-        self.out: collections.deque[memoryview] = collections.deque()
-        self.inflight: dict[int, Call] = {}  # in the order sent: the first is running
+        self.out: collections.deque[Buffer] = collections.deque()
         self.pid = int(hello.get("pid", 0))
         self.host = str(hello.get("host", "?"))
         self.name = str(hello.get("name", "worker"))
@@ -111,14 +108,16 @@ class Peer:
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
-        self.ewma: Optional[float] = None
-        self.last_done = now
-        self.leaving = False
         self.want_write = False
-        self.served = 0
+        self.batched = int(hello.get("batch_size", 1)) > 1
+        self.gone = False  # closed; its loss may still wait for an exit status
+        self.info: WorkerInfo  # set by the bridge
 
     def describe(self) -> str:
         return f"worker {self.name} (pid {self.pid} on {self.host}, {self.address})"
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.describe()}>"
 
 
 class Bridge:
@@ -135,53 +134,58 @@ class Bridge:
         handshake_timeout: float,
         pipeline_depth: int,
         shm_probe: Optional[dict[str, str]],
-        deliver: Callable[[list[tuple[Call, Outcome]]], None],
-        describe_exit: Callable[[int], Optional[str]],
+        deliver_async: Callable[[list[tuple[Call, Outcome]]], None],
+        deliver_sync: Callable[[Call, Outcome], None],
+        local_workers: Callable[[], list[LocalWorker]] = lambda: [],
         mappings: Optional[protocol.MappingCache] = None,
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
-        self._max_attempts = max_attempts
-        self._max_queued = max_queued
         self._max_frame = max_frame
         self._handshake_timeout = handshake_timeout
         self._depth = pipeline_depth
         self._shm_probe = shm_probe
-        self._deliver = deliver
-        self._describe_exit = describe_exit
+        self._deliver_async = deliver_async
+        self._deliver_sync = deliver_sync
+        self._local_workers = local_workers
         self._maps = mappings or protocol.MappingCache()  # bridge thread only
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
         self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
         # --- owned by _lock
-        self._queue: collections.deque[Call] = collections.deque()  # may hold stale (non-QUEUED) calls
-        self._n_queued = 0
-        self._peers: dict[int, Peer] = {}
-        self._idle: list[Peer] = []  # peers with nothing in flight, not leaving
-        self._outcomes: list[tuple[Call, Outcome]] = []
+        self._core = Core(max_attempts=max_attempts, max_queued=max_queued)
+        self._peers: dict[int, Peer] = {}  # fd -> peer, connected and not yet lost
+        self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
         self._new_peers: list[tuple[socket.socket, dict[str, Any]]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
-        self._init_failures: collections.deque[str] = collections.deque(maxlen=16)
-        self._worker_waiters: list[tuple[int, Callable[[], None]]] = []
-        self._closing = False
-        self._close_deadline = 0.0
+        self._init_failures: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)  # (pid, text)
+        self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
+        self._n_handshake_failures = 0
+        self._joined_pids: set[int] = set()
+        self._check_locals = False  # a report came in: look at local workers now
+        self._waiters: dict[int, Callable[[], None]] = {}
+        self._next_waiter = 0
         self._closed = False
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
-        self._handshaking: set[socket.socket] = set()  # sockets in handshake threads
+        self._handshaking: dict[socket.socket, float] = {}  # sockets in handshake threads -> deadline
         self._next_id = 1
-        self._stats = collections.Counter[str]()
         self._on_closed: list[Callable[[], None]] = []
+        self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self._fds_closed = False
+        # lost peers waiting for an exit status: [deadline, reason, local worker, exiting]
+        self._losing: dict[Peer, list[Any]] = {}
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
+        self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
+        self._sync_thread: Optional[threading.Thread] = None
 
     # ================================================================ callers
 
@@ -192,101 +196,135 @@ class Bridge:
     def thread(self) -> threading.Thread:
         return self._thread
 
-    def submit(self, payload: protocol.Payload, sink: Any) -> Call:
-        with self._lock:
-            self._check_open_locked()
-            if (
-                self._max_queued is not None
-                and self._n_queued >= self._max_queued
-                and not self._idle
-            ):
-                raise QueueFullError(
-                    f"{self._n_queued} requests are already queued (max_queued={self._max_queued})"
-                )
-            call = Call(self._next_id, payload, sink)
-            self._next_id += 1
-            self._queue.append(call)
-            self._n_queued += 1
-            if self._idle:
-                self._dispatch_locked()
-        return call
+    def join(self) -> None:
+        """Wait for the bridge thread and the delivery thread to end."""
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        sync = self._sync_thread
+        if sync is not None and sync is not threading.current_thread():
+            sync.join()
 
-    def _check_open_locked(self) -> None:
-        if self._crashed is not None:
-            raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
-        if self._closing:
-            raise HubClosedError("the hub is closed")
+    def is_batched(self, model: str) -> bool:
+        return model in self._batched_models
+
+    def submit(self, payload: protocol.Payload, sink: Any, model: str = DEFAULT_MODEL) -> Call:
+        with self._lock:
+            if self._crashed is not None:
+                raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
+            call = Call(self._next_id, model, payload, sink)
+            self._next_id += 1
+            self._apply_locked(self._core.submit(call, time.monotonic()))
+        if self._outcomes:
+            self._hand_over()
+        return call
 
     def cancel(self, call: Call) -> None:
         """The caller gave up (cancelled, timed out): a queued call is removed
         and never runs; a running one's answer will be dropped."""
         with self._lock:
-            if call.state == QUEUED:
-                call.state = CANCELLED
-                self._n_queued -= 1
-                self._stats["cancelled"] += 1
-            elif call.state == RUNNING:
-                call.state = ABANDONED
-                self._stats["abandoned"] += 1
+            self._apply_locked(self._core.cancel(call))
+        if self._outcomes:
+            self._hand_over()
 
-    def resubmit(self, call: Call) -> Call:
-        """gibbs_retries: the caller's timeout expired with retries left. A call
-        still queued keeps its place; a running one is sent again (to the first
-        free worker) and the first answer wins."""
+    def resend(self, call: Call) -> None:
+        """gibbs_retries: send a running call again to the next free worker
+        (the first answer of any attempt wins)."""
         with self._lock:
-            self._check_open_locked()
-            if call.state != RUNNING:
-                return call
-            call.state = ABANDONED
-            new = Call(self._next_id, call.payload, call.sink)
-            self._next_id += 1
-            new.attempts = call.attempts
-            new.failures = call.failures
-            self._queue.appendleft(new)
-            self._n_queued += 1
-            self._stats["resent"] += 1
-            if self._idle:
-                self._dispatch_locked()
-            return new
+            self._apply_locked(self._core.resend(call, time.monotonic()))
+        if self._outcomes:
+            self._hand_over()
 
-    def add_worker_waiter(self, n: int, callback: Callable[[], None]) -> bool:
-        """Call ``callback`` (from the bridge thread) once ``n`` workers are
-        connected. Returns True, without registering, if they already are."""
+    # ---------------------------------------------------------------- waiting for workers
+
+    def add_waiter(self, callback: Callable[[], None]) -> int:
+        """``callback`` (no argument, any thread) runs whenever the set of
+        workers changes or a model becomes unavailable, and when the bridge
+        ends. Returns a token for :meth:`remove_waiter`."""
         with self._lock:
-            if self._count_workers_locked() >= n:
-                return True
-            self._worker_waiters.append((n, callback))
-            return False
+            self._next_waiter += 1
+            self._waiters[self._next_waiter] = callback
+            return self._next_waiter
 
-    def remove_worker_waiter(self, callback: Callable[[], None]) -> None:
+    def remove_waiter(self, token: int) -> None:
         with self._lock:
-            self._worker_waiters = [w for w in self._worker_waiters if w[1] is not callback]
+            self._waiters.pop(token, None)
 
-    def init_failures(self) -> list[str]:
+    def _notify_waiters(self) -> None:
         with self._lock:
-            return list(self._init_failures)
+            waiters = list(self._waiters.values())
+        for cb in waiters:
+            cb()
 
-    def _count_workers_locked(self) -> int:
-        return sum(1 for p in self._peers.values() if not p.leaving)
+    def worker_count(self, model: Optional[str] = None) -> int:
+        with self._lock:
+            return sum(
+                1 for p in self._peers.values() if not p.info.leaving and (model is None or p.info.model == model)
+            )
+
+    def unavailable(self, model: Optional[str] = None) -> Optional[BaseException]:
+        """Why no worker of ``model`` (None: of any model) can come, if that is known."""
+        with self._lock:
+            models = self._core.models
+            if model is not None:
+                m = models.get(model)
+                return m.unavailable if m is not None and not m.workers else None
+            if self._peers:
+                return None
+            local_models = {w.model for w in self._local_workers()}
+            errs = [models[m].unavailable for m in local_models if m in models and models[m].unavailable]
+            return errs[0] if errs and len(errs) == len(local_models) else None
+
+    # ---------------------------------------------------------------- views
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def closing(self) -> bool:
+        return self._core.closing
+
+    def failures(self) -> list[str]:
+        """What the hub saw that explains missing workers: constructors that
+        raised, handshakes that failed."""
+        with self._lock:
+            return [t for _, t in self._init_failures] + list(self._handshake_failures)
 
     def statistics(self) -> dict[str, Any]:
         with self._lock:
-            peers = [p for p in self._peers.values() if not p.leaving]
-            busy = sum(1 for p in peers if p.inflight)
+            core = self._core
+            peers = [p for p in self._peers.values() if not p.info.leaving]
+            busy = sum(1 for p in peers if p.info.units)
+            stats = core.stats
+            models = {}
+            for name, m in core.models.items():
+                ws = [w for w in m.workers.values() if not w.leaving]
+                models[name] = {
+                    "class": m.cls,
+                    "workers": len(ws),
+                    "busy": sum(1 for w in ws if w.units),
+                    "queued": len(m.queue),
+                    "in_flight": sum(len(w.held) for w in ws),
+                    "batch_size": max((w.batch_size for w in ws), default=1),
+                }
             return {
                 "workers": len(peers),
                 "busy": busy,
                 "idle": len(peers) - busy,
-                "queued": self._n_queued,
-                "in_flight": sum(len(p.inflight) for p in peers),
-                "completed": self._stats["completed"],
-                "failed": self._stats["failed"],
-                "retried": self._stats["retried"],
-                "resent": self._stats["resent"],
-                "cancelled": self._stats["cancelled"],
-                "abandoned": self._stats["abandoned"],
-                "worker_deaths": self._stats["deaths"],
-                "closing": self._closing,
+                "queued": core.n_queued,
+                "in_flight": sum(len(p.info.held) for p in peers),
+                "completed": stats["completed"],
+                "failed": stats["errors"] + stats["failed"],
+                "errors": stats["errors"],
+                "retried": stats["retried"],
+                "resent": stats["resent"],
+                "cancelled": stats["cancelled"],
+                "abandoned": stats["abandoned"],
+                "worker_deaths": stats["deaths"],
+                "handshake_failures": self._n_handshake_failures,
+                "init_failures": len(self._init_failures),
+                "closing": core.closing,
+                "models": models,
             }
 
     def workers(self) -> list[dict[str, Any]]:
@@ -296,14 +334,22 @@ class Bridge:
                     "pid": p.pid,
                     "host": p.host,
                     "name": p.name,
+                    "model": p.info.model,
+                    "class": p.info.cls,
                     "address": p.address,
-                    "in_flight": len(p.inflight),
-                    "served": p.served,
+                    "in_flight": len(p.info.held),
+                    "served": p.info.served,
+                    "batch_size": p.info.batch_size,
                     "shared_memory": p.shm,
                 }
                 for p in self._peers.values()
-                if not p.leaving
+                if not p.info.leaving
             ]
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        return dict(self.statistics()["models"])
+
+    # ---------------------------------------------------------------- closing
 
     def begin_close(self, grace: float, on_closed: Callable[[], None]) -> None:
         """Stop taking calls; fail the queued ones; let the running ones finish
@@ -315,16 +361,10 @@ class Bridge:
             else:
                 done = False
                 self._on_closed.append(on_closed)
-                if not self._closing:
-                    self._closing = True
-                    self._close_deadline = time.monotonic() + max(0.0, grace)
-                    while self._queue:
-                        call = self._queue.popleft()
-                        if call.state == QUEUED:
-                            err = HubClosedError("the hub was closed before a worker took this request")
-                            self._finish_locked(call, (OUT_EXCEPTION, err))
-                    self._n_queued = 0
+                self._apply_locked(self._core.close(time.monotonic(), grace))
                 self._wake_locked()
+        if self._outcomes:
+            self._hand_over()
         if done:
             on_closed()
 
@@ -336,58 +376,88 @@ class Bridge:
             except OSError:
                 pass
 
-    # ================================================================ scheduling (under _lock)
+    # ================================================================ actions (under _lock)
 
-    def _finish_locked(self, call: Call, outcome: Outcome) -> None:
-        call.state = DONE
-        call.peer = None
-        self._outcomes.append((call, outcome))
+    def _apply_locked(self, actions: list[Any]) -> None:
+        touched: Optional[list[Peer]] = None
+        peer: Peer
+        for action in actions:
+            if type(action) is Send:
+                peer = action.worker  # type: ignore[assignment]
+                calls = action.calls
+                if peer.batched:
+                    items = [(c.id, self._body_for(peer, c)) for c in calls]
+                    peer.out.extend(protocol.pack_batch(items))
+                else:
+                    c = calls[0]
+                    peer.out.extend(protocol.pack_frame(protocol.REQUEST, c.id, self._body_for(peer, c)))
+                if touched is None:
+                    touched = [peer]
+                elif peer not in touched:
+                    touched.append(peer)
+            elif type(action) is Resolve:
+                if action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
+                    self._outcomes.append((action.call, action.outcome))
+            elif type(action) is Release:
+                action.call.payload.release()
+            elif type(action) is Refuse:
+                peer = action.worker  # type: ignore[assignment]
+                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason)
+                self._handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
+                self._n_handshake_failures += 1
+                try:
+                    peer.sock.setblocking(True)
+                    peer.sock.settimeout(1.0)
+                    peer.sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": action.reason}))
+                except OSError:
+                    pass
+                peer.sock.close()
+                peer.gone = True
+            elif type(action) is Drop:
+                pass  # the core never drops on its own yet; the driver drops on I/O
+        if touched:
+            for peer in touched:
+                self._flush_locked(peer)
 
-    def _pick_locked(self) -> Optional[Peer]:
-        idle = self._idle
-        while idle:
-            peer = idle.pop()
-            if not peer.inflight and not peer.leaving and peer.fd in self._peers:
-                return peer
-        if self._depth > 1:
-            best: Optional[Peer] = None
-            for peer in self._peers.values():
-                ewma = peer.ewma
-                if peer.leaving or ewma is None or ewma >= PIPELINE_WINDOW:
-                    continue
-                n = len(peer.inflight)
-                if n < self._depth and n * ewma < PIPELINE_WINDOW and (
-                    best is None or n < len(best.inflight)
-                ):
-                    best = peer
-            return best
-        return None
+    @staticmethod
+    def _body_for(peer: Peer, call: Call) -> Buffer:
+        payload = call.payload
+        return payload.body if (peer.shm or payload.shm_path is None) else payload.inline_body()
 
-    def _dispatch_locked(self) -> None:
-        queue = self._queue
-        touched: dict[int, Peer] = {}
-        while self._n_queued:
-            peer = self._pick_locked()
-            if peer is None:
-                break
-            call = queue.popleft()
-            while call.state != QUEUED:
-                call = queue.popleft()
-            self._n_queued -= 1
-            payload = call.payload
-            body = payload.body if (peer.shm or payload.shm_path is None) else payload.inline_body()
-            now = time.monotonic()
-            if not peer.inflight:
-                peer.last_done = now
-            call.state = RUNNING
-            call.peer = peer
-            call.sent_at = now
-            peer.inflight[call.id] = call
-            for b in protocol.pack_frame(protocol.REQUEST, call.id, body):
-                peer.out.append(memoryview(b))
-            touched[peer.fd] = peer
-        for peer in touched.values():
-            self._flush_locked(peer)
+    def _hand_over(self) -> None:
+        """Hand outcomes to their callers, outside the lock."""
+        with self._lock:
+            items, self._outcomes = self._outcomes, []
+        if not items:
+            return
+        sync = [it for it in items if not hasattr(it[0].sink, "get_loop")]
+        if len(sync) != len(items):
+            self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
+        if sync:
+            q = self._sync_queue
+            if q is None:
+                with self._lock:
+                    if self._sync_queue is None:
+                        self._sync_queue = queue.SimpleQueue()
+                        self._sync_thread = threading.Thread(
+                            target=self._sync_loop, args=(self._sync_queue,), name="gibbs-deliver", daemon=True
+                        )
+                        self._sync_thread.start()
+                    q = self._sync_queue
+            for it in sync:
+                q.put(it)
+
+    def _sync_loop(self, q: "queue.SimpleQueue[Optional[tuple[Call, Outcome]]]") -> None:
+        """Resolves ``concurrent.futures`` callers: their done-callbacks (user
+        code) run here, never on the bridge thread nor under its lock."""
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            try:
+                self._deliver_sync(*item)
+            except BaseException:  # noqa: BLE001 - a callback's error is the caller's
+                logger.exception("gibbs hub: delivering a result failed")
 
     def _flush_locked(self, peer: Peer) -> None:
         out = peer.out
@@ -398,11 +468,12 @@ class Bridge:
                 peer.last_sent = time.monotonic()
                 while sent and out:
                     head = out[0]
-                    if sent >= head.nbytes:
-                        sent -= head.nbytes
+                    n = head.nbytes if isinstance(head, memoryview) else len(head)
+                    if sent >= n:
+                        sent -= n
                         out.popleft()
                     else:
-                        out[0] = head[sent:]
+                        out[0] = memoryview(head)[sent:]
                         sent = 0
         except (BlockingIOError, InterruptedError):
             pass
@@ -421,6 +492,8 @@ class Bridge:
     # ================================================================ bridge thread
 
     def _update_registration(self, peer: Peer) -> None:
+        if peer.gone:
+            return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.want_write else 0)
         try:
             self._selector.modify(peer.sock, events, peer)
@@ -432,34 +505,23 @@ class Bridge:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - fail every waiter, never hang them
             logger.exception("gibbs bridge thread crashed")
+            err = GibbsError("the hub's bridge thread stopped unexpectedly")
+            err.__cause__ = exc
             with self._lock:
                 self._crashed = exc
-                for call in self._all_open_calls_locked():
-                    err = GibbsError("the hub's bridge thread stopped unexpectedly")
-                    err.__cause__ = exc
-                    self._finish_locked(call, (OUT_EXCEPTION, err))
-                self._n_queued = 0
-                self._queue.clear()
+                self._apply_locked(self._core.abort(err))
             self._shutdown_sockets()
         finally:
+            self._hand_over()
             with self._lock:
-                outcomes, self._outcomes = self._outcomes, []
                 self._closed = True
                 callbacks, self._on_closed = self._on_closed, []
-                waiters, self._worker_waiters = self._worker_waiters, []
-            if outcomes:
-                self._deliver(outcomes)
-            for _, cb in waiters:
-                cb()
+                sync_q = self._sync_queue
+            if sync_q is not None:
+                sync_q.put(None)
+            self._notify_waiters()
             for cb in callbacks:
                 cb()
-
-    def _all_open_calls_locked(self) -> list[Call]:
-        calls = [c for c in self._queue if c.state == QUEUED]
-        for peer in self._peers.values():
-            calls.extend(c for c in peer.inflight.values() if c.state == RUNNING)
-            peer.inflight.clear()
-        return calls
 
     def _loop(self) -> None:
         sel = self._selector
@@ -469,19 +531,30 @@ class Bridge:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         next_check = time.monotonic()
         while True:
-            timeout = max(0.0, next_check - time.monotonic())
-            events = sel.select(timeout)
+            deadline = next_check
+            with self._lock:
+                core_deadline = self._core.next_deadline()
+            if core_deadline is not None and core_deadline < deadline:
+                deadline = core_deadline
+            if self._losing:
+                soon = time.monotonic() + 0.002
+                for entry in self._losing.values():
+                    deadline = min(deadline, soon if entry[3] else entry[0])
+            events = sel.select(max(0.0, deadline - time.monotonic()))
             for key, mask in events:
                 data = key.data
                 if data == "wake":
                     self._drain_wake()
                 elif isinstance(data, tuple):
-                    self._accept(data[1])
+                    if data[0] == "listener":
+                        self._accept(data[1])
+                    else:  # ("exit", peer): a lost local worker's process is ending
+                        self._sentinel_fired(data[1])
                 else:
                     peer: Peer = data
                     if mask & selectors.EVENT_READ:
                         self._read(peer)
-                    if mask & selectors.EVENT_WRITE and peer.fd in self._peers:
+                    if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
             if self._new_peers or self._dirty:
@@ -493,16 +566,21 @@ class Bridge:
                 for sock, hello in new_peers:
                     self._add_peer(sock, hello)
             now = time.monotonic()
+            with self._lock:
+                self._apply_locked(self._core.tick(now))
+            if self._check_locals:
+                self._check_locals = False
+                self._check_local_workers()
+            if self._losing:
+                self._check_losses(now)
             if now >= next_check:
                 self._check_heartbeats(now)
-                next_check = now + min(
-                    [self._interval / 2] + [p.interval / 2 for p in self._peers.values()]
-                )
+                self._check_handshakes(now)
+                self._check_local_workers()
+                next_check = now + min([self._interval / 2] + [p.interval / 2 for p in self._peers.values()])
             if self._outcomes:
-                with self._lock:
-                    outcomes, self._outcomes = self._outcomes, []
-                self._deliver(outcomes)
-            if self._closing and self._close_step():
+                self._hand_over()
+            if self._core.closing and self._close_step():
                 return
 
     def _drain_wake(self) -> None:
@@ -526,18 +604,29 @@ class Bridge:
                 logger.warning("gibbs hub: accept failed: %s", exc)
                 return
             with self._lock:
-                if self._closing or len(self._handshaking) >= _MAX_HANDSHAKES:
+                if self._core.closing or len(self._handshaking) >= _MAX_HANDSHAKES:
                     sock.close()
                     logger.warning("gibbs hub: refused connection from %s (busy or closing)", describe(addr))
                     continue
-                self._handshaking.add(sock)
+                self._handshaking[sock] = time.monotonic() + self._handshake_timeout
             threading.Thread(
                 target=self._handshake, args=(sock, addr), name="gibbs-handshake", daemon=True
             ).start()
 
+    def _check_handshakes(self, now: float) -> None:
+        """A handshake has ``handshake_timeout`` in all, not per read: a peer
+        that trickles a byte at a time is cut off at the deadline."""
+        with self._lock:
+            late = [s for s, deadline in self._handshaking.items() if now > deadline]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the handshake thread's recv returns
+            except OSError:
+                pass
+
     def _handshake(self, sock: socket.socket, addr: Any) -> None:
         """Runs in its own short-lived thread: a peer that stalls holds up only itself."""
-        who = describe(addr)
+        who = describe(addr) if addr else "local socket"
         try:
             sock.setblocking(True)
             sock.settimeout(self._handshake_timeout)
@@ -559,12 +648,13 @@ class Bridge:
             if kind == protocol.INIT_FAILED:
                 line = (
                     f"worker {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) "
-                    f"failed to build its model: {info.get('exc_type')}: {info.get('message')}\n"
-                    f"{info.get('traceback', '')}"
+                    f"failed to build model {info.get('model', DEFAULT_MODEL)!r}: "
+                    f"{info.get('exc_type')}: {info.get('message')}\n{info.get('traceback', '')}"
                 )
                 logger.error("gibbs hub: %s", line)
                 with self._lock:
-                    self._init_failures.append(line)
+                    self._init_failures.append((int(info.get("pid", 0) or 0), line))
+                    self._check_locals = True
                     self._wake_locked()
                 sock.close()
                 return
@@ -575,32 +665,53 @@ class Bridge:
             sock.settimeout(None)
             sock.setblocking(False)
             with self._lock:
-                self._handshaking.discard(sock)
-                if self._closing:
+                self._handshaking.pop(sock, None)
+                if self._core.closing:
                     sock.close()
                     return
                 self._new_peers.append((sock, info))
                 self._wake_locked()
         except Exception as exc:  # noqa: BLE001 - any failure closes this connection only
             logger.warning("gibbs hub: rejected connection from %s: %s", who, exc)
+            with self._lock:
+                self._n_handshake_failures += 1
+                self._handshake_failures.append(f"a connection from {who} failed its handshake: {exc}")
             sock.close()
         finally:
             with self._lock:
-                self._handshaking.discard(sock)
+                self._handshaking.pop(sock, None)
 
     def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         peer = Peer(sock, hello, self._max_frame)
+        model = str(hello.get("model") or DEFAULT_MODEL)
+        peer.info = WorkerInfo(
+            peer,
+            model,
+            str(hello.get("cls", "")),
+            slots=int(hello.get("concurrency", 1)),
+            batch_size=int(hello.get("batch_size", 1)),
+            depth=self._depth,
+            describe=peer.describe(),
+        )
         self._selector.register(sock, selectors.EVENT_READ, peer)
-        logger.info("gibbs hub: %s joined", peer.describe())
         with self._lock:
             self._peers[peer.fd] = peer
-            self._idle.append(peer)
-            self._dispatch_locked()
-            n = self._count_workers_locked()
-            ready = [w for w in self._worker_waiters if w[0] <= n]
-            self._worker_waiters = [w for w in self._worker_waiters if w[0] > n]
-        for _, cb in ready:
-            cb()
+            actions = self._core.worker_joined(peer.info, time.monotonic(), float(hello.get("batch_wait", 0.0)))
+            self._apply_locked(actions)
+            if peer.gone:  # refused
+                del self._peers[peer.fd]
+            else:
+                self._joined_pids.add(peer.pid)
+                if peer.info.batch_size > 1:
+                    self._batched_models.add(model)
+        if peer.gone:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            return
+        logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model)
+        self._notify_waiters()
 
     # ---------------------------------------------------------------- reading
 
@@ -627,7 +738,7 @@ class Bridge:
         if not frames:
             return
         releases: list[Buffer] = []
-        answers: list[tuple[int, int, Outcome]] = []
+        answers: list[tuple[int, int, Optional[Outcome]]] = []
         for kind, req_id, body in frames:
             if kind == protocol.RESULT:
                 if protocol.is_shm(body):
@@ -637,133 +748,147 @@ class Bridge:
                         pickled, copies, name = protocol.read_copy(body, self._maps)
                     except (OSError, ValueError, ProtocolError) as exc:
                         err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
-                        answers.append((kind, req_id, (OUT_EXCEPTION, err)))
+                        answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
                     else:
-                        answers.append((kind, req_id, (OUT_COPIED, (pickled, copies))))
+                        answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, copies))))
                         releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
                 else:
-                    answers.append((kind, req_id, (OUT_RESULT, body)))
+                    answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
             elif kind == protocol.ERROR:
-                answers.append((kind, req_id, (OUT_ERROR, body)))
+                answers.append((kind, req_id, Outcome(OutcomeKind.ERROR, body)))
             else:
-                answers.append((kind, req_id, (-1, None)))
+                answers.append((kind, req_id, None))
+        now = time.monotonic()
+        core = self._core
         with self._lock:
             for kind, req_id, outcome in answers:
-                if kind == protocol.RESULT or kind == protocol.ERROR:
-                    self._answer_locked(peer, req_id, kind, outcome)
+                if outcome is not None:
+                    self._apply_locked(core.answered(peer, req_id, outcome, now))
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
-                    self._goodbye_locked(peer)
+                    logger.info("gibbs hub: %s is leaving", peer.describe())
+                    self._apply_locked(core.worker_leaving(peer, now))
                 else:
                     logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
             if releases:
-                peer.out.extend(memoryview(b) for b in releases)
-            if self._n_queued:
-                self._dispatch_locked()
-            if releases and peer.out:
+                peer.out.extend(releases)
                 self._flush_locked(peer)
 
-    def _answer_locked(self, peer: Peer, req_id: int, kind: int, outcome: Outcome) -> None:
-        call = peer.inflight.pop(req_id, None)
-        now = time.monotonic()
-        service = now - max(peer.last_done, call.sent_at if call else 0.0)
-        peer.ewma = service if peer.ewma is None else 0.8 * peer.ewma + 0.2 * service
-        peer.last_done = now
-        peer.served += 1
-        if not peer.inflight and not peer.leaving:
-            self._idle.append(peer)
-        if call is None or call.state != RUNNING:
-            # An answer nobody waits for any more (cancelled, or sent twice).
-            return
-        self._stats["completed" if kind == protocol.RESULT else "failed"] += 1
-        self._finish_locked(call, outcome)
-
-    def _goodbye_locked(self, peer: Peer) -> None:
-        """The worker is leaving on purpose: what it has not answered was never
-        started; put it back at the front of the queue, without penalty."""
-        logger.info("gibbs hub: %s is leaving", peer.describe())
-        peer.leaving = True
-        self._requeue_locked(peer, penalty=None)
-
-    def _requeue_locked(self, peer: Peer, penalty: Optional[str]) -> None:
-        calls = list(peer.inflight.values())
-        peer.inflight.clear()
-        back: list[Call] = []
-        for i, call in enumerate(calls):
-            if call.state != RUNNING:
-                continue  # abandoned by its caller: nothing to retry
-            if i == 0 and penalty is not None:
-                call.attempts += 1
-                if call.failures is None:
-                    call.failures = []
-                call.failures.append((peer.describe(), peer.pid, penalty))
-                if call.attempts >= self._max_attempts:
-                    self._stats["failed"] += 1
-                    self._finish_locked(call, (OUT_EXCEPTION, self._died_error(call)))
-                    continue
-                self._stats["retried"] += 1
-            call.state = QUEUED
-            call.peer = None
-            back.append(call)
-        self._queue.extendleft(reversed(back))
-        self._n_queued += len(back)
-
-    def _died_error(self, call: Call) -> WorkerDiedError:
-        lines = []
-        for who, pid, how in call.failures or ():
-            exit_info = self._describe_exit(pid)
-            lines.append(f"{who}: {how}" + (f"; {exit_info}" if exit_info else ""))
-        n = len(lines)
-        msg = (
-            f"the request was lost with the worker that ran it, {n} time{'s' if n != 1 else ''} "
-            f"(max_attempts={self._max_attempts}):\n  " + "\n  ".join(lines)
-        )
-        return WorkerDiedError(msg, lines)
-
     def _drop(self, peer: Peer, reason: str) -> None:
-        if peer.fd not in self._peers:
+        """Close a worker's connection; its loss reaches the core once the
+        exit status of a local worker process is known (or soon anyway)."""
+        if peer.gone:
             return
+        peer.gone = True
         try:
             self._selector.unregister(peer.sock)
         except (KeyError, ValueError):
             pass
         peer.sock.close()
+        local = None
+        if not peer.info.leaving:
+            local = next((w for w in self._local_workers() if w.pid == peer.pid), None)
+        if local is not None and local.exitcode() is None:
+            # Its socket closes a moment before its exit status is known:
+            # wait (a little) for the status, so the error can say how it died.
+            try:
+                self._selector.register(local.sentinel, selectors.EVENT_READ, ("exit", peer))
+            except (KeyError, ValueError, OSError):
+                pass
+            self._losing[peer] = [time.monotonic() + _EXIT_STATUS_WAIT, reason, local, False]
+            return
+        self._lose(peer, reason, local)
+
+    def _sentinel_fired(self, peer: Peer) -> None:
+        entry = self._losing.get(peer)
+        if entry is not None:
+            self._unregister_sentinel(entry[2])
+            entry[3] = True  # exiting now: poll for the status until it is there
+
+    def _unregister_sentinel(self, local: LocalWorker) -> None:
+        try:
+            self._selector.unregister(local.sentinel)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _check_losses(self, now: float) -> None:
+        for peer, (deadline, reason, local, _) in list(self._losing.items()):
+            if local.exitcode() is not None or now >= deadline:
+                del self._losing[peer]
+                self._unregister_sentinel(local)
+                self._lose(peer, reason, local)
+
+    def _lose(self, peer: Peer, reason: str, local: Optional[LocalWorker]) -> None:
+        if local is not None:
+            code = local.exitcode()
+            if code is not None:
+                reason = f"{reason}; {describe_exit(code)}"
         with self._lock:
-            del self._peers[peer.fd]
-            if peer in self._idle:
-                self._idle.remove(peer)
-            if peer.leaving and not peer.inflight:
+            self._peers.pop(peer.fd, None)
+            if peer.info.leaving and not peer.info.held:
                 logger.info("gibbs hub: %s left", peer.describe())
             else:
-                self._stats["deaths"] += 1
                 logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
-            self._requeue_locked(peer, penalty=reason)
-            if self._n_queued:
-                self._dispatch_locked()
+            self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
             self._maps.forget(prefix)
-            if not peer.leaving:
+            if not peer.info.leaving:
                 protocol.remove_segments(prefix)
+        self._notify_waiters()
+
+    # ---------------------------------------------------------------- local workers
+
+    def _check_local_workers(self) -> None:
+        """Fail fast when no worker can come: every worker process this
+        process started for a model has exited without ever joining (its
+        constructor raised, or it could not start), and none is connected."""
+        locals_ = self._local_workers()
+        if not locals_:
+            return
+        by_model: dict[str, list[LocalWorker]] = {}
+        for w in locals_:
+            by_model.setdefault(w.model, []).append(w)
+        changed = False
+        with self._lock:
+            for model, ws in by_model.items():
+                m = self._core.models.get(model)
+                if m is not None and (m.workers or m.unavailable is not None):
+                    continue
+                codes = [w.exitcode() for w in ws]
+                if any(c is None for c in codes) or any(w.pid in self._joined_pids for w in ws):
+                    continue
+                pids = {w.pid for w in ws}
+                lines = [t for pid, t in self._init_failures if pid in pids]
+                lines += [f"local worker pid {w.pid} exited: {describe_exit(c)}" for w, c in zip(ws, codes) if c]
+                err = NoWorkersError(
+                    f"no worker can serve model {model!r}: every worker started for it in this process "
+                    f"({len(ws)}) exited without joining:\n  " + "\n  ".join(x.rstrip().replace("\n", "\n  ") for x in lines)
+                )
+                self._apply_locked(self._core.model_unavailable(model, err))
+                changed = True
+        if changed:
+            if self._outcomes:
+                self._hand_over()
+            self._notify_waiters()
 
     # ---------------------------------------------------------------- heartbeats
 
     def _check_heartbeats(self, now: float) -> None:
-        hb = b"".join(protocol.pack_frame(protocol.HEARTBEAT, 0))
+        hb = protocol.pack_frame(protocol.HEARTBEAT, 0)[0]
         for peer in list(self._peers.values()):
+            if peer.gone:
+                continue
             silent = now - peer.last_heard
             limit = peer.interval * self._misses
             if silent > limit:
-                self._drop(
-                    peer,
-                    f"silent for {silent:.1f} s (no heartbeat within {limit:.1f} s)",
-                )
+                self._drop(peer, f"silent for {silent:.1f} s (no heartbeat within {limit:.1f} s)")
                 continue
             if now - peer.last_sent >= self._interval / 2:
                 with self._lock:
-                    peer.out.append(memoryview(hb))
+                    peer.out.append(hb)
                     self._flush_locked(peer)
 
     # ---------------------------------------------------------------- closing
@@ -771,17 +896,10 @@ class Bridge:
     def _close_step(self) -> bool:
         """While closing: True once everything is closed."""
         with self._lock:
-            running = [c for p in self._peers.values() for c in p.inflight.values() if c.state == RUNNING]
-            if running and time.monotonic() < self._close_deadline:
+            self._apply_locked(self._core.tick(time.monotonic()))
+            if not self._core.idle:
                 return False
-            for call in running:
-                err = HubClosedError("the hub was closed before the worker answered (grace period over)")
-                self._finish_locked(call, (OUT_EXCEPTION, err))
-            for peer in self._peers.values():
-                peer.inflight.clear()
-            outcomes, self._outcomes = self._outcomes, []
-        if outcomes:
-            self._deliver(outcomes)
+        self._hand_over()
         self._shutdown_sockets()
         self._maps.clear()
         return True
@@ -819,3 +937,16 @@ class Bridge:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from its exit code (negative: a signal)."""
+    import signal
+
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"process killed by signal {name}"
+    return f"process exit code {code}"

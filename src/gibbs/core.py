@@ -171,6 +171,18 @@ class _Model:
         self.unavailable: Optional[BaseException] = None
 
 
+def same_class(a: str, b: str) -> bool:
+    """Whether two ``module:QualifiedName`` strings name one class. A class
+    defined in a script is ``__main__:X`` in the script's process and
+    ``script:X`` where the script is imported: then the qualified names
+    decide. An empty name (an older worker) matches any."""
+    if not a or not b or a == b:
+        return True
+    ma, _, qa = a.partition(":")
+    mb, _, qb = b.partition(":")
+    return (ma == "__main__" or mb == "__main__") and qa == qb
+
+
 class Send(NamedTuple):
     worker: Hashable
     calls: tuple[Call, ...]
@@ -309,7 +321,7 @@ class Core:
             out.append(Refuse(worker.id, "the hub is closing"))
             return out
         model = self._model(worker.model)
-        if model.workers and worker.cls and model.cls and worker.cls != model.cls:
+        if model.workers and not same_class(worker.cls, model.cls):
             out.append(
                 Refuse(
                     worker.id,
@@ -496,6 +508,17 @@ class Core:
                 best = t if best is None else min(best, t)
         return best
 
+    def abort(self, error: BaseException) -> list[Action]:
+        """The driver cannot go on (its thread crashed): every open call
+        fails with ``error`` now, and no call is taken any more."""
+        out: list[Action] = []
+        self.closing = True
+        if self.close_deadline is None:
+            self.close_deadline = 0.0
+        for call in list(self.calls.values()):
+            self._resolve(call, Outcome(OutcomeKind.EXCEPTION, error), out)
+        return out
+
     @property
     def idle(self) -> bool:
         """Nothing open: every call is done (used to finish a close early)."""
@@ -584,7 +607,7 @@ class Core:
         assert n == self.n_queued
         if self.closing:
             assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"
-        for cid, call in self.calls.items():
+        for call in self.calls.values():
             assert not call.done
             assert call.queued or call.holders, f"{call} is neither queued nor held"
             for wid in call.holders:

@@ -20,6 +20,7 @@ __all__ = [
     "SerializationError",
     "AuthenticationError",
     "ProtocolError",
+    "WorkerRefusedError",
 ]
 
 
@@ -115,3 +116,9 @@ class AuthenticationError(GibbsError):
 class ProtocolError(GibbsError):
     """A peer sent bytes that are not a valid gibbs frame (malformed or over
     the size limit). Only that connection is closed."""
+
+
+class WorkerRefusedError(GibbsError):
+    """Raised in a worker the hub refused: another class already serves the
+    model name it asked for (``gibbs_model``), or the hub is closing. The
+    worker stops (the worker command exits non-zero) instead of retrying."""

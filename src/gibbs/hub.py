@@ -51,14 +51,15 @@ import concurrent.futures
 import logging
 import os
 import pickle
-import signal
 import threading
 import uuid
+import warnings
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import protocol
-from .bridge import OUT_COPIED, OUT_ERROR, OUT_RESULT, Bridge, Call, Outcome
+from .bridge import Bridge, LocalWorker, describe_exit
+from .core import DEFAULT_MODEL, Call, Outcome, OutcomeKind
 from .errors import (
     GibbsError,
     HubClosedError,
@@ -67,7 +68,7 @@ from .errors import (
     UserCodeException,
 )
 from .transport import DEFAULT_HOST, DEFAULT_PORT, KeyLike, is_loopback, listen, listen_local, resolve_authkey
-from .worker import _local_workers, local_worker_failures
+from .worker import Worker, local_workers
 
 __all__ = ["Hub"]
 
@@ -107,6 +108,8 @@ class Hub:
             on this machine (plain ``bytes`` always go inline).
             ``None`` disables shared memory.
         close_grace: default seconds ``close()`` lets running requests finish.
+        resp_buffer_size: accepted for gibbs 0.2 code and unused: gibbs keeps
+            every pending request's answer (0.2 dropped the oldest ones).
     """
 
     def __init__(
@@ -124,7 +127,11 @@ class Hub:
         pipeline_depth: int = 8,
         shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
         close_grace: float = 10.0,
+        resp_buffer_size: Optional[int] = None,
     ) -> None:
+        # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
+        # drops a pending request's answer, so there is no buffer to size.
+        del resp_buffer_size
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"port must be a TCP port number (0 for any), got {port!r}")
         if heartbeat_interval <= 0:
@@ -165,6 +172,7 @@ class Hub:
         self._probe_path: Optional[str] = None
         self._pool: Optional[protocol.SegmentPool] = None  # shared memory for requests
         self._pid = os.getpid()
+        self._finalizer: Optional[weakref.finalize] = None
         _live_hubs.add(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -214,6 +222,7 @@ class Hub:
                 if local is not None:
                     listeners.append(local)
             probe = self._make_probe()
+            port = self.port
             bridge = Bridge(
                 listeners,
                 authkey=self._authkey,
@@ -225,11 +234,19 @@ class Hub:
                 handshake_timeout=self._handshake_timeout,
                 pipeline_depth=self._pipeline_depth,
                 shm_probe=probe,
-                deliver=_deliver,
-                describe_exit=_describe_exit,
+                deliver_async=_deliver_async,
+                deliver_sync=_deliver_sync,
+                local_workers=lambda: _local_workers_of(port),
             )
             bridge.start()
             self._bridge = bridge
+            # A hub dropped without close() still releases its port, threads
+            # and files when it is collected (with a ResourceWarning, as
+            # subprocess does); the finalizer holds no reference to the hub.
+            self._finalizer = weakref.finalize(
+                self, _finalize_unclosed, bridge, self._probe_path, self._pool, f"{self._host}:{port}"
+            )
+            self._finalizer.atexit = False  # _close_all_at_exit closes it quietly
             logger.info("gibbs hub listening on %s:%d", self._host, self.port)
             return bridge
 
@@ -256,9 +273,17 @@ class Hub:
         ``close_grace``); close every connection. Idempotent, and safe from
         any thread. Workers go back to waiting for a hub."""
         bridge = self._begin_close(grace, lambda: None)
-        if bridge is not None and bridge.thread is not threading.current_thread():
-            bridge.thread.join()
+        if bridge is not None:
+            bridge.join()
         self._remove_probe()
+
+    def __del__(self) -> None:
+        # gibbs 0.2 code calls hub.__del__() to close a hub. Collection runs
+        # the same finalizer (see _ensure_started); close() detaches it.
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None and finalizer.alive:
+            self._closed = True
+            finalizer()
 
     async def aclose(self, grace: Optional[float] = None) -> None:
         """``close()`` without blocking the event loop."""
@@ -274,13 +299,15 @@ class Hub:
         bridge = self._begin_close(grace, closed)
         if bridge is not None:
             await done
-            bridge.thread.join()
+            bridge.join()
         self._remove_probe()
 
     def _begin_close(self, grace: Optional[float], on_closed: Any) -> Optional[Bridge]:
         with self._state_lock:
             self._closed = True
             bridge = self._bridge
+            if self._finalizer is not None:
+                self._finalizer.detach()
         if bridge is not None:
             bridge.begin_close(self._close_grace if grace is None else grace, on_closed)
         return bridge
@@ -308,6 +335,9 @@ class Hub:
         self.close()
 
     def _after_fork_in_child(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the parent's bridge: not ours to close
+            self._finalizer = None
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
             bridge.forget_after_fork()  # a no-op for a bridge already closed
@@ -329,11 +359,27 @@ class Hub:
         except Exception as exc:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
 
+    def _prepare(
+        self, model: Optional[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Bridge, str, protocol.Payload]:
+        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
+        if model is None:
+            model = DEFAULT_MODEL
+        elif not isinstance(model, str) or not model:
+            raise TypeError(f"gibbs_model must be a non-empty str, got {model!r}")
+        if bridge.is_batched(model) and (len(args) != 1 or kwargs):
+            raise TypeError(
+                f"model {model!r} is batched: a request takes exactly one positional argument and no "
+                f"keyword arguments (got {len(args)} positional, {sorted(kwargs) or 'no'} keyword)"
+            )
+        return bridge, model, self._encode(args, kwargs)
+
     async def request(
         self,
         *args: Any,
         gibbs_timeout: Optional[float] = None,
         gibbs_retries: int = 0,
+        gibbs_model: Optional[str] = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
@@ -344,25 +390,29 @@ class Hub:
                 queued is removed and never runs.
             gibbs_retries: how many more times to wait ``gibbs_timeout`` after
                 the first; a request already running is then sent again to the
-                next free worker (the first answer wins). -1: forever.
+                next free worker, and the first answer of any attempt wins.
+                -1: forever.
+            gibbs_model: the name of the model to run (default ``"default"``):
+                only workers serving that model get the request.
 
         Raises:
             UserCodeException: the model raised (type, message, traceback kept).
             WorkerDiedError: workers died running it ``max_attempts`` times.
             SerializationError: an argument (at once) or the result cannot be pickled.
             QueueFullError: ``max_queued`` requests are already waiting.
+            NoWorkersError: no worker of the model can come (every worker
+                started here failed to build the model).
             HubClosedError: the hub was closed.
         """
         if gibbs_timeout is not None and gibbs_timeout <= 0:
             raise ValueError("gibbs_timeout must be > 0 or None")
         if gibbs_retries < -1:
             raise ValueError("gibbs_retries must be >= -1")
-        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
         loop = asyncio.get_running_loop()
-        payload = self._encode(args, kwargs)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut: asyncio.Future[Outcome] = loop.create_future()
         try:
-            call = bridge.submit(payload, fut)
+            call = bridge.submit(payload, fut, model)
         except BaseException:
             payload.release()
             raise
@@ -378,29 +428,28 @@ class Hub:
                         break
                     if gibbs_retries != -1 and tries >= gibbs_retries:
                         raise asyncio.TimeoutError(
-                            f"no answer within {gibbs_timeout} s"
+                            f"no answer from model {model!r} within {gibbs_timeout} s"
                             + (f" ({tries + 1} attempts)" if tries else "")
                         )
                     tries += 1
-                    logger.warning("gibbs: request timed out after %s s; retry %d", gibbs_timeout, tries)
-                    call = bridge.resubmit(call)
+                    logger.info("gibbs: request timed out after %s s; retry %d", gibbs_timeout, tries)
+                    bridge.resend(call)
         except BaseException:
             bridge.cancel(call)
-            fut.cancel()
+            if not loop.is_closed():  # cleaned up after its loop closed: nothing to cancel
+                fut.cancel()
             raise
-        finally:
-            payload.release()
         return _unwrap(outcome)
 
-    def submit(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
+    def submit(self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
         ``concurrent.futures.Future``. Cancelling it while queued removes the
-        request (it never runs)."""
-        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
-        payload = self._encode(args, kwargs)
+        request (it never runs). Its done-callbacks run on a gibbs delivery
+        thread, never under a lock of the hub."""
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut = _SubmitFuture()
         try:
-            call = bridge.submit(payload, fut)
+            call = bridge.submit(payload, fut, model)
         except BaseException:
             payload.release()
             raise
@@ -410,57 +459,95 @@ class Hub:
 
     # ------------------------------------------------------------ workers
 
-    async def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
-        """Wait until ``n`` workers are connected.
+    def _workers_ready(self, bridge: Bridge, n: int, model: Optional[str]) -> bool:
+        """True once ``n`` workers are there; raises when they cannot come."""
+        if bridge.worker_count(model) >= n:
+            return True
+        why = bridge.unavailable(model)
+        if why is not None:
+            err = NoWorkersError(str(why))
+            err.__cause__ = why.__cause__
+            raise err
+        if bridge.closed or bridge.closing or self._closed:
+            raise HubClosedError("the hub was closed while waiting for workers")
+        return False
 
-        Raises :class:`~gibbs.NoWorkersError` after ``timeout`` seconds, saying
-        why when it is known (a model constructor that raised, a local worker
-        process that exited), or HubClosedError if the hub closes meanwhile.
+    async def wait_for_workers(
+        self, n: int = 1, timeout: Optional[float] = None, *, model: Optional[str] = None
+    ) -> None:
+        """Wait until ``n`` workers (of ``model``, or of any model) are connected.
+
+        Raises :class:`~gibbs.NoWorkersError` as soon as no worker can come
+        (every worker started by this process for the model failed to build
+        it: the constructor's traceback is in the message), or after
+        ``timeout`` seconds, saying what the hub saw (workers that failed,
+        handshakes refused); HubClosedError if the hub closes meanwhile.
         """
         bridge = self._ensure_started()
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        changed = asyncio.Event()
 
-        def ready() -> None:
+        def wake() -> None:
             try:
-                loop.call_soon_threadsafe(_set_if_pending, fut, None)
-            except RuntimeError:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the loop is closed: nobody waits
                 pass
 
-        if bridge.add_worker_waiter(n, ready):
-            return
+        token = bridge.add_waiter(wake)
+        deadline = None if timeout is None else loop.time() + timeout
         try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise NoWorkersError(self._why_no_workers(n, timeout)) from None
+            while not self._workers_ready(bridge, n, model):
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise NoWorkersError(self._why_no_workers(n, timeout, model))
+                changed.clear()
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
         finally:
-            bridge.remove_worker_waiter(ready)
-        if self._closed and bridge.statistics()["workers"] < n:
-            raise HubClosedError("the hub was closed while waiting for workers")
+            bridge.remove_waiter(token)
 
-    def wait_for_workers_sync(self, n: int = 1, timeout: Optional[float] = None) -> None:
+    def wait_for_workers_sync(
+        self, n: int = 1, timeout: Optional[float] = None, *, model: Optional[str] = None
+    ) -> None:
         """``wait_for_workers`` for code without an event loop (blocks)."""
-        bridge = self._ensure_started()
-        event = threading.Event()
-        if bridge.add_worker_waiter(n, event.set):
-            return
-        try:
-            if not event.wait(timeout):
-                raise NoWorkersError(self._why_no_workers(n, timeout))
-        finally:
-            bridge.remove_worker_waiter(event.set)
-        if self._closed and bridge.statistics()["workers"] < n:
-            raise HubClosedError("the hub was closed while waiting for workers")
+        import time
 
-    def _why_no_workers(self, n: int, timeout: Optional[float]) -> str:
+        bridge = self._ensure_started()
+        changed = threading.Event()
+        token = bridge.add_waiter(changed.set)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._workers_ready(bridge, n, model):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise NoWorkersError(self._why_no_workers(n, timeout, model))
+                changed.clear()
+                if self._workers_ready(bridge, n, model):
+                    return
+                changed.wait(remaining)
+        finally:
+            bridge.remove_waiter(token)
+
+    def _why_no_workers(self, n: int, timeout: Optional[float], model: Optional[str]) -> str:
         bridge = self._bridge
-        have = bridge.statistics()["workers"] if bridge else 0
-        lines = [f"{have} of {n} workers connected to {self._host}:{self.port} within {timeout} s"]
-        reasons = (bridge.init_failures() if bridge else []) + local_worker_failures()
-        if reasons:
-            lines.append("why:")
-            lines.extend("  " + r.rstrip().replace("\n", "\n  ") for r in reasons)
-        else:
+        have = bridge.worker_count(model) if bridge else 0
+        of = f" of model {model!r}" if model is not None else ""
+        lines = [f"{have} of {n} workers{of} connected to {self._host}:{self.port} within {timeout} s"]
+        seen = bridge.failures() if bridge else []
+        locals_ = _local_workers_of(self.port)
+        alive = [w for w in locals_ if w.exitcode() is None]
+        exited = [f"local worker pid {w.pid} exited: {describe_exit(c)}" for w in locals_ if (c := w.exitcode())]
+        if seen or exited:
+            lines.append("what the hub saw:")
+            lines.extend("  " + r.rstrip().replace("\n", "\n  ") for r in seen + exited)
+        if alive:
+            lines.append(
+                f"{len(alive)} worker process(es) started here are still running but not connected "
+                "(still building the model?)"
+            )
+        if not seen and not exited and not alive:
             lines.append(
                 "no worker reported a failure: are workers started, pointed at this address "
                 "(gibbs_host/gibbs_port), and sharing this hub's key?"
@@ -469,14 +556,24 @@ class Hub:
 
     def statistics(self) -> dict[str, Any]:
         """Counters and current state: workers, busy, idle, queued, in_flight,
-        completed, failed, retried, cancelled, worker_deaths, ..."""
+        completed, failed, retried, resent, cancelled, worker_deaths,
+        handshake_failures, and ``models``: the same per model."""
         bridge = self._bridge
         if bridge is None:
-            return {"workers": 0, "busy": 0, "idle": 0, "queued": 0, "in_flight": 0, "closing": self._closed}
+            return {
+                "workers": 0, "busy": 0, "idle": 0, "queued": 0, "in_flight": 0,
+                "closing": self._closed, "models": {},
+            }
         return bridge.statistics()
 
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Per model name: its class, workers, busy, queued, in_flight, batch_size."""
+        bridge = self._bridge
+        return bridge.models() if bridge is not None else {}
+
     def workers(self) -> list[dict[str, Any]]:
-        """One dict per connected worker: pid, host, name, address, in_flight, served."""
+        """One dict per connected worker: pid, host, name, model, class,
+        address, in_flight, served, batch_size."""
         bridge = self._bridge
         return bridge.workers() if bridge is not None else []
 
@@ -487,10 +584,16 @@ class Hub:
         if self._bridge is None:
             return f"<Hub {where} [not started]>"
         s = self._bridge.statistics()
-        return (
+        text = (
             f"<Hub {where} [{s['workers']} workers: {s['busy']} busy, {s['idle']} idle"
-            f" | {s['queued']} queued]>"
+            f" | {s['queued']} queued]"
         )
+        models = s["models"]
+        if len(models) > 1 or (models and DEFAULT_MODEL not in models):
+            text += " " + ", ".join(
+                f"{name}: {m['workers']} workers, {m['queued']} queued" for name, m in sorted(models.items())
+            )
+        return text + ">"
 
 
 # ---------------------------------------------------------------- delivery
@@ -510,7 +613,6 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         call = self._gibbs_call
         if call is not None and self._gibbs_bridge is not None:
             self._gibbs_bridge.cancel(call)
-            call.payload.release()
         return True
 
 
@@ -528,20 +630,11 @@ def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> No
             fut.set_result(outcome)
 
 
-def _deliver(items: list[tuple[Call, Outcome]]) -> None:
-    """Runs in the bridge thread: hand outcomes to their callers."""
+def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
+    """Runs in the bridge thread: one hand-over per event loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
     for call, outcome in items:
         sink = call.sink
-        if isinstance(sink, concurrent.futures.Future):
-            call.payload.release()  # done: no worker will read it again
-            if not sink.set_running_or_notify_cancel():
-                continue
-            try:
-                sink.set_result(_unwrap(outcome))
-            except BaseException as exc:  # noqa: BLE001 - the caller's to see
-                sink.set_exception(exc)
-            continue
         by_loop.setdefault(sink.get_loop(), []).append((sink, outcome))
     for loop, batch in by_loop.items():
         try:
@@ -550,20 +643,32 @@ def _deliver(items: list[tuple[Call, Outcome]]) -> None:
             pass
 
 
+def _deliver_sync(call: Call, outcome: Outcome) -> None:
+    """Runs on the bridge's delivery thread: unpickles the result and runs
+    the future's done-callbacks (user code) there."""
+    sink = call.sink
+    if not sink.set_running_or_notify_cancel():
+        return
+    try:
+        sink.set_result(_unwrap(outcome))
+    except BaseException as exc:  # noqa: BLE001 - the caller's to see
+        sink.set_exception(exc)
+
+
 def _unwrap(outcome: Outcome) -> Any:
     kind, value = outcome
-    if kind == OUT_RESULT:
+    if kind is OutcomeKind.RESULT:
         try:
             return protocol.decode(value)
         except Exception as exc:
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
-    if kind == OUT_COPIED:
+    if kind is OutcomeKind.COPIED:
         pickled, buffers = value
         try:
             return pickle.loads(pickled, buffers=buffers)
         except Exception as exc:
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
-    if kind == OUT_ERROR:
+    if kind is OutcomeKind.ERROR:
         raise _error_from_record(value)
     raise value
 
@@ -598,22 +703,33 @@ def _error_from_record(body: bytes) -> GibbsError:
     return SerializationError(f"the worker could not unpickle the arguments: {type_name}: {message}")
 
 
-def _describe_exit(pid: int) -> Optional[str]:
-    """How a worker process started from here ended, if we know it."""
-    for w in list(_local_workers):
-        if w.pid == pid:
-            w.join(0.2)
-            code = w.exitcode
-            if code is None:
-                return None
-            if code < 0:
-                try:
-                    name = signal.Signals(-code).name
-                except ValueError:
-                    name = str(-code)
-                return f"process killed by signal {name}"
-            return f"process exit code {code}"
-    return None
+def _local_workers_of(port: int) -> list[LocalWorker]:
+    """Worker processes started by this process for the hub on ``port``."""
+    return [
+        LocalWorker(w.pid, w.model, _exitcode_of(w), w.sentinel)
+        for w in local_workers()
+        if w.pid is not None and w.port == port and is_loopback(w.host)
+    ]
+
+
+def _exitcode_of(worker: Worker) -> Callable[[], Optional[int]]:
+    return lambda: worker.exitcode
+
+
+def _finalize_unclosed(
+    bridge: Bridge, probe_path: Optional[str], pool: Optional[protocol.SegmentPool], where: str
+) -> None:
+    """A started hub collected without close(): release what it holds."""
+    warnings.warn(f"gibbs Hub {where} was never closed; closing it now", ResourceWarning, stacklevel=2)
+    bridge.begin_close(0.0, lambda: None)
+    bridge.join()
+    if pool is not None:
+        pool.close()
+    if probe_path is not None:
+        try:
+            os.unlink(probe_path)
+        except OSError:
+            pass
 
 
 def _remove_stale_segments() -> None:

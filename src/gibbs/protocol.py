@@ -21,17 +21,28 @@ messages are never unpickled at all.
 
 from __future__ import annotations
 
-import collections
 import json
-import mmap
-import os
 import pickle
 import struct
-import threading
-import uuid
 from typing import Any, Optional, Union
 
 from .errors import ProtocolError
+from .shm import (  # noqa: F401 - re-exported: the wire format names them
+    INLINE,
+    SHM,
+    SHM_BUF,
+    SHM_DIR,
+    SHM_HEAD,
+    SHM_PREFIX,
+    MappingCache,
+    Segment,
+    SegmentPool,
+    is_shm,
+    map_payload,
+    read_copy,
+    remove_segments,
+    shm_available,
+)
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -45,6 +56,8 @@ HEARTBEAT = 6  # both ways, empty
 GOODBYE = 7  # worker -> hub: "I am leaving; re-queue what I have not started"
 INIT_FAILED = 8  # worker -> hub: JSON {pid, host, exc_type, message, traceback}
 RELEASE = 9  # hub -> worker: "I have copied your answer out of this segment" (body: its name)
+REFUSED = 10  # hub -> worker: JSON {reason}; the hub will not serve this worker (then closes)
+BATCH = 11  # hub -> worker: several requests, see pack_batch; answered one RESULT/ERROR each
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -56,24 +69,22 @@ KIND_NAMES = {
     GOODBYE: "GOODBYE",
     INIT_FAILED: "INIT_FAILED",
     RELEASE: "RELEASE",
+    REFUSED: "REFUSED",
+    BATCH: "BATCH",
 }
 
 HEADER = struct.Struct("!BQI")
 HEADER_SIZE = HEADER.size
+BATCH_ITEM = struct.Struct("!QI")  # request id, body length
 
 #: Default upper bound on one frame's body (hub option ``max_frame_bytes``).
 DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
 #: Buffers of at least this many bytes go through shared memory when possible.
 DEFAULT_SHM_THRESHOLD = 1 << 18  # 256 KiB
 
-# Payload flavours (first byte of a REQUEST/RESULT body).
-_INLINE = 0
-_SHM = 1
-_SHM_HEAD = struct.Struct("!HI")  # name length, buffer count
-_SHM_BUF = struct.Struct("!QQ")  # offset, length
-
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "gibbs-"
+# Payload flavours (first byte of a REQUEST/RESULT body): see shm.py.
+_INLINE = INLINE
+_SHM = SHM
 
 # Error-record kinds carried by ERROR frames.
 ERR_USER = "user"  # the model raised
@@ -88,6 +99,40 @@ def pack_frame(kind: int, req_id: int, body: Buffer = b"") -> list[Buffer]:
         raise ProtocolError(f"frame body of {n} bytes is over the 4 GiB limit of the format")
     head = HEADER.pack(kind, req_id, n)
     return [head, body] if n else [head]
+
+
+def pack_batch(items: list[tuple[int, Buffer]]) -> list[Buffer]:
+    """One BATCH frame for several requests: its body is, per request, a
+    ``BATCH_ITEM`` header (request id, length) and the request's payload."""
+    out: list[Buffer] = [b""]
+    total = 0
+    for req_id, body in items:
+        n = len(body) if not isinstance(body, memoryview) else body.nbytes
+        out.append(BATCH_ITEM.pack(req_id, n))
+        out.append(body)
+        total += BATCH_ITEM.size + n
+    if total > 0xFFFFFFFF:
+        raise ProtocolError(f"batch of {total} bytes is over the 4 GiB limit of the format")
+    out[0] = HEADER.pack(BATCH, len(items), total)
+    return out
+
+
+def unpack_batch(body: Buffer) -> list[tuple[int, memoryview]]:
+    """The requests of a BATCH frame's body: (request id, payload) pairs."""
+    mv = memoryview(body)
+    items = []
+    pos = 0
+    end = len(mv)
+    while pos < end:
+        if end - pos < BATCH_ITEM.size:
+            raise ProtocolError("truncated batch")
+        req_id, n = BATCH_ITEM.unpack_from(mv, pos)
+        pos += BATCH_ITEM.size
+        if end - pos < n:
+            raise ProtocolError("truncated batch item")
+        items.append((req_id, mv[pos : pos + n]))
+        pos += n
+    return items
 
 
 def pack_json(kind: int, obj: Any) -> bytes:
@@ -183,220 +228,24 @@ class Payload:
     def inline_body(self) -> Buffer:
         """The same payload without shared memory (for a peer on another host)."""
         if self._inline is None:
-            pickled, buffers, _ = open_shm_payload(self.body, unlink=False)
+            pickled, buffers = map_payload(self.body)
             self._inline = bytes([_INLINE]) + pickle.dumps(
                 pickle.loads(pickled, buffers=buffers), protocol=5
             )
         return self._inline
 
     def release(self) -> None:
+        """The segment goes back to its pool (idempotent)."""
         path, self.shm_path = self.shm_path, None
-        if path is None:
-            return
-        if self._pool is not None and self._name is not None:
+        if path is not None and self._pool is not None and self._name is not None:
             self._pool.release(self._name)
-        else:
-            _unlink_quietly(path)
 
 
-class Segment:
-    __slots__ = ("name", "path", "size", "mm")
-
-    def __init__(self, name: str, path: str, size: int, mm: mmap.mmap) -> None:
-        self.name = name
-        self.path = path
-        self.size = size
-        self.mm = mm
-
-
-class SegmentPool:
-    """Shared-memory files one process writes into, used again and again.
-
-    A new 16 MiB file costs thousands of page faults to fill; a file that was
-    filled before costs none. A segment is leased while a peer may read it
-    and comes back with :meth:`release`; up to ``max_free_bytes`` of free
-    segments are kept. Every file's name starts with ``prefix`` (which names
-    the owning process, so that files of a dead process can be found).
-    Thread-safe.
-    """
-
-    def __init__(self, prefix: str, max_free_bytes: int = 256 << 20) -> None:
-        self.prefix = prefix
-        self._max_free = max_free_bytes
-        self._lock = threading.Lock()  # owns: _free, _leased, _free_bytes
-        self._free: list[Segment] = []
-        self._leased: dict[str, Segment] = {}
-        self._free_bytes = 0
-
-    @staticmethod
-    def size_class(nbytes: int) -> int:
-        size = 1 << 20
-        while size < nbytes:
-            size <<= 1
-        return size
-
-    def acquire(self, nbytes: int) -> Segment:
-        size = self.size_class(nbytes)
-        with self._lock:
-            for i, seg in enumerate(self._free):
-                if seg.size == size:
-                    del self._free[i]
-                    self._free_bytes -= size
-                    self._leased[seg.name] = seg
-                    return seg
-        name = f"{self.prefix}{uuid.uuid4().hex[:16]}"
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        except BaseException:
-            _unlink_quietly(path)
-            raise
-        finally:
-            os.close(fd)
-        seg = Segment(name, path, size, mm)
-        with self._lock:
-            self._leased[name] = seg
-        return seg
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            seg = self._leased.pop(name, None)
-            if seg is None:
-                return
-            if self._free_bytes + seg.size <= self._max_free:
-                self._free.append(seg)
-                self._free_bytes += seg.size
-                return
-        self._destroy(seg)
-
-    def _destroy(self, seg: Segment) -> None:
-        _unlink_quietly(seg.path)
-        try:
-            seg.mm.close()
-        except BufferError:
-            pass  # a view is still alive; the mapping goes with it
-
-    def close(self) -> None:
-        """Remove every file of this pool (free or leased)."""
-        with self._lock:
-            segs = self._free + list(self._leased.values())
-            self._free, self._leased, self._free_bytes = [], {}, 0
-        for seg in segs:
-            self._destroy(seg)
-
-    def forget(self) -> None:
-        """In a forked child: drop the parent's segments without removing them."""
-        self._lock = threading.Lock()
-        self._free, self._leased, self._free_bytes = [], {}, 0
-
-
-
-class MappingCache:
-    """The receiving side: mappings of a peer's segments, kept open (up to
-    ``size`` of them) so that reading a reused segment maps nothing anew.
-    Buffers are copied out, so the peer may reuse the segment at once."""
-
-    def __init__(self, size: int = 8) -> None:
-        self._size = size
-        self._lock = threading.Lock()  # owns: _maps
-        self._maps: "collections.OrderedDict[str, mmap.mmap]" = collections.OrderedDict()
-
-    def get(self, name: str) -> mmap.mmap:
-        with self._lock:
-            mm = self._maps.get(name)
-            if mm is not None:
-                self._maps.move_to_end(name)
-                return mm
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
-        try:
-            mm = mmap.mmap(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
-        with self._lock:
-            self._maps[name] = mm
-            while len(self._maps) > self._size:
-                _, old = self._maps.popitem(last=False)
-                _close_map(old)
-        return mm
-
-    def forget(self, prefix: str) -> None:
-        """Drop the mappings of segments whose names start with ``prefix``."""
-        with self._lock:
-            names = [n for n in self._maps if n.startswith(prefix)]
-            maps = [self._maps.pop(n) for n in names]
-        for mm in maps:
-            _close_map(mm)
-
-    def clear(self) -> None:
-        self.forget("")
-
-
-def _close_map(mm: mmap.mmap) -> None:
-    try:
-        mm.close()
-    except BufferError:
-        pass
-
-
-def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray], str]:
-    """Read a shared-memory payload into private memory: (pickle, buffers,
-    segment name). After this the writer may reuse the segment."""
-    mv = memoryview(body)
-    name, bufs, pos = _parse_shm_head(mv)
-    mm = cache.get(name)
-    whole = memoryview(mm)
-    try:
-        copies = []
-        for off, length in bufs:
-            if off + length > len(mm):
-                raise ProtocolError("shared-memory buffer out of range")
-            copies.append(bytearray(whole[off : off + length]))
-    finally:
-        whole.release()
-    return bytes(mv[pos:]), copies, name
-
-
-def _parse_shm_head(mv: memoryview) -> tuple[str, list[tuple[int, int]], int]:
-    name_len, count = _SHM_HEAD.unpack_from(mv, 1)
-    pos = 1 + _SHM_HEAD.size
-    name = bytes(mv[pos : pos + name_len]).decode()
-    pos += name_len
-    if "/" in name or not name.startswith(SHM_PREFIX):
-        raise ProtocolError(f"bad shared-memory name {name!r}")
-    bufs = []
-    for _ in range(count):
-        bufs.append(_SHM_BUF.unpack_from(mv, pos))
-        pos += _SHM_BUF.size
-    return name, bufs, pos
-
-
-def is_shm(body: Buffer) -> bool:
-    return bool(body) and body[0] == _SHM
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def shm_available() -> bool:
-    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
-
-
-def encode(
-    obj: Any,
-    shm: "Union[str, SegmentPool, None]" = None,
-    threshold: int = DEFAULT_SHM_THRESHOLD,
-) -> Payload:
-    """Pickle ``obj`` (protocol 5). With ``shm`` (a :class:`SegmentPool`, or a
-    name prefix for a one-off file), out-of-band buffers of at least
-    ``threshold`` bytes are written to shared memory. Raises whatever pickle
-    raises."""
-    if shm is None:
+def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAULT_SHM_THRESHOLD) -> Payload:
+    """Pickle ``obj`` (protocol 5). With ``pool``, out-of-band buffers of at
+    least ``threshold`` bytes are written to one of its shared-memory
+    segments. Raises whatever pickle raises."""
+    if pool is None:
         return Payload(bytes([_INLINE]) + pickle.dumps(obj, protocol=5))
 
     big: list[pickle.PickleBuffer] = []
@@ -417,70 +266,26 @@ def encode(
     for v in views:
         offsets.append(total)
         total += (v.nbytes + 63) & ~63  # keep every buffer 64-byte aligned
-    if isinstance(shm, SegmentPool):
-        seg = shm.acquire(total)
-        try:
-            for v, off in zip(views, offsets):
-                seg.mm[off : off + v.nbytes] = v
-        except BaseException:
-            shm.release(seg.name)
-            raise
-        name, path, pool = seg.name, seg.path, shm
-    else:
-        name = f"{shm}{uuid.uuid4().hex[:16]}"
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, max(total, 1))
-            with mmap.mmap(fd, max(total, 1)) as mm:
-                for v, off in zip(views, offsets):
-                    mm[off : off + v.nbytes] = v
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(path)
-            raise
-        os.close(fd)
-        pool = None
-    encoded_name = name.encode()
+    seg = pool.acquire(total)
+    try:
+        for v, off in zip(views, offsets):
+            seg.mm[off : off + v.nbytes] = v
+    except BaseException:
+        pool.release(seg.name)
+        raise
+    encoded_name = seg.name.encode()
     head = bytearray([_SHM])
-    head += _SHM_HEAD.pack(len(encoded_name), len(views))
+    head += SHM_HEAD.pack(len(encoded_name), len(views))
     head += encoded_name
     for v, off in zip(views, offsets):
-        head += _SHM_BUF.pack(off, v.nbytes)
-    return Payload(bytes(head) + pickled, shm_path=path, pool=pool, name=name)
+        head += SHM_BUF.pack(off, v.nbytes)
+    return Payload(bytes(head) + pickled, shm_path=seg.path, pool=pool, name=seg.name)
 
 
-def open_shm_payload(body: Buffer, unlink: bool) -> tuple[memoryview, list[memoryview], str]:
-    """Map the shared-memory file a payload refers to.
-
-    Returns the pickle, the out-of-band buffers (views of the mapping, which
-    stays alive as long as any object built on them) and the file's path. With
-    ``unlink``, the file is removed at once: the mapping keeps the memory.
-    """
-    mv = memoryview(body)
-    name, bufs, pos = _parse_shm_head(mv)
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-        if unlink:
-            _unlink_quietly(path)
-    whole = memoryview(mm)
-    views = []
-    for off, length in bufs:
-        if off + length > size:
-            raise ProtocolError("shared-memory buffer out of range")
-        views.append(whole[off : off + length])
-    return mv[pos:], views, path
-
-
-def decode(body: Buffer, unlink: bool = False, cache: Optional[MappingCache] = None) -> Any:
+def decode(body: Buffer, cache: Optional[MappingCache] = None) -> Any:
     """Unpickle a payload body. With ``cache``, shared-memory buffers are
     copied out (the writer may reuse its segment at once); without, they are
-    mapped in place and ``unlink`` removes a one-off file."""
+    mapped in place."""
     if not body:
         raise ProtocolError("empty payload")
     flavour = body[0]
@@ -490,44 +295,9 @@ def decode(body: Buffer, unlink: bool = False, cache: Optional[MappingCache] = N
         copied, copies, _ = read_copy(body, cache)
         return pickle.loads(copied, buffers=copies)
     if flavour == _SHM:
-        pickled, buffers, _ = open_shm_payload(body, unlink=unlink)
+        pickled, buffers = map_payload(body)
         return pickle.loads(pickled, buffers=buffers)
     raise ProtocolError(f"unknown payload flavour {flavour}")
-
-
-def shm_path_of(body: Buffer) -> Optional[str]:
-    """The shared-memory file a payload refers to, if any (without opening it)."""
-    if not body or body[0] != _SHM:
-        return None
-    mv = memoryview(body)
-    name_len, _ = _SHM_HEAD.unpack_from(mv, 1)
-    pos = 1 + _SHM_HEAD.size
-    name = bytes(mv[pos : pos + name_len]).decode(errors="replace")
-    if "/" in name or not name.startswith(SHM_PREFIX):
-        return None
-    return os.path.join(SHM_DIR, name)
-
-
-def release_body(body: Buffer) -> None:
-    """Remove the shared-memory file a received payload refers to, if any."""
-    path = shm_path_of(body)
-    if path is not None:
-        _unlink_quietly(path)
-
-
-def remove_segments(prefix: str) -> int:
-    """Remove every shared-memory file whose name starts with ``prefix``
-    (used for the files of a worker that died). Returns how many."""
-    n = 0
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(prefix):
-            _unlink_quietly(os.path.join(SHM_DIR, name))
-            n += 1
-    return n
 
 
 # --------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from types import FrameType
 from typing import Any, Callable, Optional
 
 from . import protocol
-from .errors import AuthenticationError, ProtocolError
+from .core import DEFAULT_MODEL
+from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .transport import (
     DEFAULT_PORT,
     KeyLike,
@@ -96,11 +97,21 @@ class Worker:
         gibbs_start_method: multiprocessing start method for ``start()``
             (default: multiprocessing's default).
         gibbs_name: a name shown in the hub's logs and errors.
+        gibbs_model: the name of the model this worker serves (default
+            ``"default"``); requests choose it with ``gibbs_model=``. A hub
+            refuses a worker whose class differs from the class already
+            serving that name.
+        gibbs_batch_size: above 1, the model is called with a list of up to
+            this many requests' single arguments (``model(xs)``) and returns
+            a list of as many results, in order.
+        gibbs_batch_wait: seconds a free worker may wait for a batch to fill
+            (default 0: never; a lone request goes at once).
+        worker_cls: gibbs 0.2's name for ``cls``.
     """
 
     def __init__(
         self,
-        cls: Callable[..., Any],
+        cls: Optional[Callable[..., Any]] = None,
         *args: Any,
         gibbs_host: str = "localhost",
         gibbs_port: int = DEFAULT_PORT,
@@ -109,9 +120,23 @@ class Worker:
         gibbs_authkey: KeyLike = None,
         gibbs_start_method: Optional[str] = None,
         gibbs_name: Optional[str] = None,
+        gibbs_model: str = DEFAULT_MODEL,
+        gibbs_batch_size: int = 1,
+        gibbs_batch_wait: float = 0.0,
+        worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
-        if not callable(cls):
+        if worker_cls is not None:
+            if cls is not None:
+                raise TypeError("pass the model class once: as cls or as worker_cls, not both")
+            cls = worker_cls
+        if not isinstance(gibbs_model, str) or not gibbs_model:
+            raise ValueError(f"gibbs_model must be a non-empty str, got {gibbs_model!r}")
+        if not isinstance(gibbs_batch_size, int) or gibbs_batch_size < 1:
+            raise ValueError(f"gibbs_batch_size must be an int >= 1, got {gibbs_batch_size!r}")
+        if gibbs_batch_wait < 0:
+            raise ValueError("gibbs_batch_wait must be >= 0")
+        if cls is None or not callable(cls):
             raise TypeError(f"Worker needs a class (or callable) to build the model, got {cls!r}")
         if gibbs_heartbeat_interval <= 0:
             raise ValueError("gibbs_heartbeat_interval must be > 0")
@@ -128,6 +153,10 @@ class Worker:
         self.reset_after_n_miss = int(gibbs_reset_after_n_miss)
         self.start_method = gibbs_start_method
         self.name = gibbs_name or getattr(cls, "__name__", "model")
+        self.model = gibbs_model
+        self.batch_size = gibbs_batch_size
+        self.batch_wait = float(gibbs_batch_wait)
+        self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
         self._authkey, _ = resolve_authkey(gibbs_authkey)
@@ -140,6 +169,7 @@ class Worker:
         if self._process is not None:
             raise RuntimeError("this Worker was already started")
         ctx = multiprocessing.get_context(self.start_method)
+        _prune_local_workers()
         self._process = ctx.Process(  # type: ignore[attr-defined]
             target=_process_main,
             args=(self, os.getpid()),
@@ -210,24 +240,38 @@ class Worker:
         _Runtime(self).run(parent_pid=None)
 
 
+def class_name(cls: Any) -> str:
+    """``module:QualifiedName`` of a model class (what a hub compares)."""
+    return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', getattr(cls, '__name__', repr(cls)))}"
+
+
 def _process_main(worker: Worker, parent_pid: int) -> None:
-    _Runtime(worker).run(parent_pid=parent_pid)
+    # A worker started by an app does not stop on the terminal's Ctrl-C on
+    # its own (the whole process group gets it): it keeps serving until the
+    # app that started it stops it (close, exit or death), so that the app's
+    # graceful shutdown can finish its in-flight and queued requests.
+    _Runtime(worker, stop_signals={signal.SIGTERM}).run(parent_pid=parent_pid)
 
 
 # Workers started from this process, stopped at interpreter exit (before
 # multiprocessing's own exit hook joins them, which would wait forever).
+# Pruned of reaped workers on each start; emptied in a forked child (they
+# are its parent's children, not its own).
 _local_workers: list[Worker] = []
+#: Exited workers are kept this long for the hub's error messages.
+_KEEP_EXITED = 64
 
 
-def local_worker_failures() -> list[str]:
-    """Lines describing local worker processes that have exited (for errors)."""
-    lines = []
-    for w in list(_local_workers):
-        code = w.exitcode
-        if code is not None and code != 0:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            lines.append(f"local worker {w.name} (pid {w.pid}) exited: {how}")
-    return lines
+def _prune_local_workers() -> None:
+    exited = [w for w in _local_workers if w.exitcode is not None]
+    for w in exited[: max(0, len(exited) - _KEEP_EXITED)]:
+        _local_workers.remove(w)
+
+
+def local_workers() -> list[Worker]:
+    """Worker processes started by this process (alive or recently exited)."""
+    pid = os.getpid()
+    return [w for w in _local_workers if w._owner_pid == pid]
 
 
 def stop_workers(workers: list[Worker], grace: float) -> None:
@@ -246,18 +290,24 @@ def stop_workers(workers: list[Worker], grace: float) -> None:
 
 
 def _stop_local_workers(grace: float = 5.0) -> None:
-    stop_workers(_local_workers, grace)
+    stop_workers(local_workers(), grace)
+    _local_workers.clear()
+
+
+def _forget_local_workers() -> None:
     _local_workers.clear()
 
 
 atexit.register(_stop_local_workers)
+os.register_at_fork(after_in_child=_forget_local_workers)
 
 
 class _Runtime:
     """The state of one serving worker, in its own process (or thread)."""
 
-    def __init__(self, spec: Worker) -> None:
+    def __init__(self, spec: Worker, stop_signals: Optional[set[signal.Signals]] = None) -> None:
         self.spec = spec
+        self.stop_signals = _STOP_SIGNALS if stop_signals is None else stop_signals
         self.model: Any = None
         self.stopping = False
         self._stop_raised = False
@@ -291,7 +341,8 @@ class _Runtime:
         old: dict[signal.Signals, Any] = {}
         if self._in_main_thread:
             for sig in _STOP_SIGNALS:
-                old[sig] = signal.signal(sig, self._on_signal)
+                handler = self._on_signal if sig in self.stop_signals else signal.SIG_IGN
+                old[sig] = signal.signal(sig, handler)
         heartbeat: Optional[threading.Thread] = None
         try:
             # start() blocked these signals across the fork, so that a terminate()
@@ -366,6 +417,11 @@ class _Runtime:
             "name": self.spec.name,
             "heartbeat_interval": self.spec.heartbeat_interval,
             "shm": self.shm_ok,
+            "model": self.spec.model,
+            "cls": class_name(self.spec.cls),
+            "batch_size": self.spec.batch_size,
+            "batch_wait": self.spec.batch_wait,
+            "concurrency": 1,
         }
 
     def _serve_forever(self) -> None:
@@ -485,14 +541,19 @@ class _Runtime:
                     if self.pool is not None:
                         self.pool.release(body.decode(errors="replace"))
                     continue
-                if kind != protocol.REQUEST:
+                if kind == protocol.REQUEST:
+                    buffers, payloads = self._handle(req_id, body)
+                elif kind == protocol.BATCH:
+                    buffers, payloads = self._handle_batch(body)
+                elif kind == protocol.REFUSED:
+                    reason = protocol.unpack_json(body).get("reason", "?")
+                    raise WorkerRefusedError(f"the hub refused worker {self.spec.name}: {reason}")
+                else:
                     continue
-                buffers, payload = self._handle(req_id, body)
                 if not out:
                     first_ready = time.monotonic()
                 out.extend(buffers)
-                if payload is not None and payload.shm_path is not None:
-                    files.append(payload)
+                files.extend(p for p in payloads if p.shm_path is not None)
                 if time.monotonic() - first_ready > COALESCE_WINDOW:
                     self._send_answers(sock, out, files)
                     out, files = [], []
@@ -514,28 +575,87 @@ class _Runtime:
                 payload.release()  # the hub never saw them: the files are still ours
             raise
 
-    def _handle(self, req_id: int, body: bytes) -> tuple[list[protocol.Buffer], Optional[protocol.Payload]]:
+    def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
         try:
             args, kwargs = protocol.decode(body, cache=self.maps)
         except Exception as exc:
-            return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), None
+            return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), []
         try:
             result = self.model(*args, **kwargs)
         except Exception as exc:
             del args, kwargs
-            return self._error_frame(req_id, protocol.ERR_USER, exc), None
+            return self._error_frame(req_id, protocol.ERR_USER, exc), []
         del args, kwargs
+        return self._result_frame(req_id, result)
+
+    def _result_frame(self, req_id: int, result: Any) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
             payload = protocol.encode(result, self.pool if self.shm_ok else None)
         except Exception as exc:
-            return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), None
-        finally:
-            del result
-        return protocol.pack_frame(protocol.RESULT, req_id, payload.body), payload
+            return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), []
+        return protocol.pack_frame(protocol.RESULT, req_id, payload.body), [payload]
 
-    def _error_frame(self, req_id: int, kind: str, exc: BaseException) -> list[protocol.Buffer]:
-        tb = traceback.format_exc()
+    def _handle_batch(self, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
+        """Run a batch: ``model(xs)`` with the single argument of each
+        request; answers go one frame per request."""
+        out: list[protocol.Buffer] = []
+        payloads: list[protocol.Payload] = []
+        ids: list[int] = []
+        xs: list[Any] = []
+        for req_id, item in protocol.unpack_batch(body):
+            try:
+                args, kwargs = protocol.decode(item, cache=self.maps)
+            except Exception as exc:
+                out.extend(self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
+                continue
+            if len(args) != 1 or kwargs:
+                err = TypeError(
+                    f"model {self.spec.model!r} is batched (gibbs_batch_size={self.spec.batch_size}): a request "
+                    f"takes exactly one positional argument and no keyword arguments"
+                )
+                out.extend(self._error_frame(req_id, protocol.ERR_USER, err, tb=""))
+                continue
+            ids.append(req_id)
+            xs.append(args[0])
+        if not ids:
+            return out, payloads
+        try:
+            results = self.model(xs)
+        except Exception as exc:
+            error = protocol.make_error_body(protocol.ERR_USER, exc, traceback.format_exc())
+            for req_id in ids:
+                out.extend(protocol.pack_frame(protocol.ERROR, req_id, error))
+            return out, payloads
+        del xs
+        try:
+            n = len(results)
+        except TypeError:
+            n = -1
+        if n != len(ids):
+            got = f"{n} results" if n >= 0 else f"a {type(results).__name__}"
+            bad = ValueError(
+                f"a batched model must return a list of as many results as inputs: got {got} for {len(ids)} inputs"
+            )
+            error = protocol.make_error_body(protocol.ERR_USER, bad, "")
+            for req_id in ids:
+                out.extend(protocol.pack_frame(protocol.ERROR, req_id, error))
+            return out, payloads
+        for req_id, result in zip(ids, results):
+            if isinstance(result, BaseException):
+                tb = "".join(traceback.format_exception(type(result), result, result.__traceback__))
+                out.extend(protocol.pack_frame(protocol.ERROR, req_id, protocol.make_error_body(protocol.ERR_USER, result, tb)))
+                continue
+            buffers, ps = self._result_frame(req_id, result)
+            out.extend(buffers)
+            payloads.extend(ps)
+        return out, payloads
+
+    def _error_frame(
+        self, req_id: int, kind: str, exc: BaseException, tb: Optional[str] = None
+    ) -> list[protocol.Buffer]:
+        if tb is None:
+            tb = traceback.format_exc()
         return protocol.pack_frame(protocol.ERROR, req_id, protocol.make_error_body(kind, exc, tb))
 
     # -------------------------------------------------------------- heartbeats
@@ -574,6 +694,7 @@ class _Runtime:
 
     def _report_init_failure(self, exc: BaseException, tb: str) -> None:
         report = {
+            "model": self.spec.model,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "name": self.spec.name,
