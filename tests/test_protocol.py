@@ -1,4 +1,5 @@
-"""protocol.py: framing, payload encoding (inline and through /dev/shm), error records."""
+"""protocol.py and shm.py: framing, payload encoding (inline and through
+pooled /dev/shm segments), error records."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ needs_shm = pytest.mark.skipif(not p.shm_available(), reason="no writable /dev/s
 
 @pytest.fixture
 def prefix():
-    """A /dev/shm name prefix of this test's own; every file under it must be gone at the end."""
+    """A segment pool under a /dev/shm name prefix of this test's own; once
+    the pool is closed, every file under it must be gone."""
     pre = f"{p.SHM_PREFIX}test{os.getpid()}-{uuid.uuid4().hex[:6]}-"
-    yield pre
+    pool = p.SegmentPool(pre)
+    yield pool
+    pool.close()
     left = _files(pre)
     p.remove_segments(pre)
     assert not left, f"shared-memory files left behind: {left}"
@@ -107,7 +111,7 @@ def test_frame_reader_huge_announced_length() -> None:
         reader.feed(p.HEADER.pack(p.RESULT, 1, 0xFFFFFFFF))
 
 
-@pytest.mark.parametrize("kind", [0, 10, 42, 255])
+@pytest.mark.parametrize("kind", [0, 12, 42, 255])
 def test_frame_reader_unknown_kind(kind: int) -> None:
     reader = p.FrameReader()
     with pytest.raises(ProtocolError, match="unknown message kind"):
@@ -216,42 +220,41 @@ def test_inline_round_trip_every_dtype(dtype: str) -> None:
 
 @needs_shm
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_shm_round_trip_every_dtype(dtype: str, prefix: str) -> None:
+def test_shm_round_trip_every_dtype(dtype: str, prefix: p.SegmentPool) -> None:
     a = _sample(dtype)
     payload = p.encode((a, "small", 3), prefix, threshold=1)
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body, cache=p.MappingCache())
     _assert_same_array(got[0], a)
     assert got[1:] == ("small", 3)
-    payload.release()  # already unlinked by the receiver: releasing again is harmless
-    assert _files(prefix) == []
+    payload.release()  # back to the pool: the fixture checks that closing it removes the file
 
 
 @needs_shm
-def test_shm_is_really_used_for_large_arrays(prefix: str) -> None:
+def test_shm_is_really_used_for_large_arrays(prefix: p.SegmentPool) -> None:
     a = np.arange(1 << 16, dtype=np.float64)  # 512 KiB, over the default threshold
     payload = p.encode(a, prefix)
-    assert payload.shm_path is not None and os.path.basename(payload.shm_path).startswith(prefix)
+    assert payload.shm_path is not None and os.path.basename(payload.shm_path).startswith(prefix.prefix)
     assert payload.nbytes < 4096  # the frame carries a name and offsets, not the data
-    assert p.shm_path_of(payload.body) == payload.shm_path
-    _assert_same_array(p.decode(payload.body, unlink=True), a)
-    assert _files(prefix) == []
+    assert p.is_shm(payload.body) and payload.shm_path is not None
+    _assert_same_array(p.decode(payload.body, cache=p.MappingCache()), a)
+    payload.release()
 
 
 @needs_shm
-def test_small_buffers_stay_inline(prefix: str) -> None:
+def test_small_buffers_stay_inline(prefix: p.SegmentPool) -> None:
     payload = p.encode(np.arange(10), prefix)  # far under the default threshold
     assert payload.shm_path is None
-    assert p.shm_path_of(payload.body) is None
+    assert not p.is_shm(payload.body)
     _assert_same_array(p.decode(payload.body), np.arange(10))
 
 
 @pytest.mark.parametrize("shm", [False, True])
-def test_structured_array_round_trip(shm: bool, prefix: str) -> None:
+def test_structured_array_round_trip(shm: bool, prefix: p.SegmentPool) -> None:
     if shm and not p.shm_available():
         pytest.skip("no /dev/shm")
     a = _structured()
     payload = p.encode([a, a[::3]], prefix if shm else None, threshold=1)
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body, cache=p.MappingCache())
     _assert_same_array(got[0], a)
     _assert_same_array(got[1], a[::3])
     payload.release()
@@ -259,11 +262,11 @@ def test_structured_array_round_trip(shm: bool, prefix: str) -> None:
 
 @pytest.mark.parametrize("shm", [False, True])
 @pytest.mark.parametrize("name,view", _views(), ids=[n for n, _ in _views()])
-def test_non_contiguous_views_round_trip(name: str, view: np.ndarray, shm: bool, prefix: str) -> None:
+def test_non_contiguous_views_round_trip(name: str, view: np.ndarray, shm: bool, prefix: p.SegmentPool) -> None:
     if shm and not p.shm_available():
         pytest.skip("no /dev/shm")
     payload = p.encode(view, prefix if shm else None, threshold=1)
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body, cache=p.MappingCache())
     _assert_same_array(got, view)
     if view.flags.f_contiguous and not view.flags.c_contiguous:
         assert got.flags.f_contiguous  # Fortran order is kept
@@ -271,11 +274,11 @@ def test_non_contiguous_views_round_trip(name: str, view: np.ndarray, shm: bool,
 
 
 @needs_shm
-def test_many_arrays_in_one_payload_are_aligned_and_intact(prefix: str) -> None:
+def test_many_arrays_in_one_payload_are_aligned_and_intact(prefix: p.SegmentPool) -> None:
     arrays = [np.arange(n, dtype=np.uint8) for n in (1, 63, 64, 65, 1000, 4097)]
     arrays += [np.arange(100, dtype=np.complex128), _structured(7)]
     payload = p.encode({"arrays": arrays, "meta": {"x": 1}}, prefix, threshold=1)
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body)  # in place: the alignment is the segment's
     assert got["meta"] == {"x": 1}
     for g, a in zip(got["arrays"], arrays):
         _assert_same_array(g, a)
@@ -283,91 +286,90 @@ def test_many_arrays_in_one_payload_are_aligned_and_intact(prefix: str) -> None:
 
 
 @pytest.mark.parametrize("shm", [False, True])
-def test_bytes_and_bytearray_round_trip(shm: bool, prefix: str) -> None:
+def test_bytes_and_bytearray_round_trip(shm: bool, prefix: p.SegmentPool) -> None:
     if shm and not p.shm_available():
         pytest.skip("no /dev/shm")
     big = os.urandom(1 << 19)
     obj = (b"", b"small", big, bytearray(b"mutable"), bytearray(big), memoryview(b"view").tobytes())
     payload = p.encode(obj, prefix if shm else None, threshold=1)
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body, cache=p.MappingCache())
     assert got == obj
     assert type(got[2]) is bytes and type(got[4]) is bytearray
     payload.release()
 
 
 @needs_shm
-def test_pickle_buffer_goes_out_of_band(prefix: str) -> None:
+def test_pickle_buffer_goes_out_of_band(prefix: p.SegmentPool) -> None:
     data = bytearray(os.urandom(1 << 19))
     payload = p.encode(pickle.PickleBuffer(data), prefix)
     assert payload.shm_path is not None
-    got = p.decode(payload.body, unlink=True)
+    got = p.decode(payload.body, cache=p.MappingCache())
     assert bytes(got) == bytes(data)
-    assert _files(prefix) == []
+    payload.release()
 
 
 @needs_shm
 @pytest.mark.parametrize("kind", [bytes, bytearray])
-def test_large_bytes_round_trip_inline(kind, prefix: str) -> None:
+def test_large_bytes_round_trip_inline(kind, prefix: p.SegmentPool) -> None:
     # Pickle hands only out-of-band buffers (pickle.PickleBuffer, NumPy arrays)
     # to buffer_callback: plain bytes and bytearray travel inline, as documented.
     data = kind(os.urandom(1 << 20))
     payload = p.encode(data, prefix)
     try:
         assert payload.shm_path is None
-        assert p.decode(payload.body, unlink=True) == data
+        assert p.decode(payload.body, cache=p.MappingCache()) == data
     finally:
         payload.release()
 
 
 @needs_shm
-def test_decode_without_unlink_keeps_the_file_until_released(prefix: str) -> None:
+def test_segment_is_read_again_until_released_then_reused(prefix: p.SegmentPool) -> None:
     a = np.arange(1000)
     payload = p.encode(a, prefix, threshold=1)
     path = payload.shm_path
     assert path is not None and os.path.exists(path)
     for _ in range(2):  # a worker may read the same request twice (a retry)
-        _assert_same_array(p.decode(payload.body, unlink=False), a)
+        _assert_same_array(p.decode(payload.body, cache=p.MappingCache()), a)
         assert os.path.exists(path)
     payload.release()
-    assert not os.path.exists(path)
     payload.release()  # idempotent
     assert payload.shm_path is None
+    again = p.encode(a + 1, prefix, threshold=1)
+    assert again.shm_path == path  # the pool's segment, filled anew: no new file
+    _assert_same_array(p.decode(again.body), a + 1)
+    again.release()
 
 
 @needs_shm
-def test_release_body_and_decoded_array_outlives_the_file(prefix: str) -> None:
+def test_decoded_in_place_array_outlives_the_pool(prefix: p.SegmentPool) -> None:
     a = np.arange(5000, dtype=np.float32)
     payload = p.encode(a, prefix, threshold=1)
-    got = p.decode(payload.body, unlink=True)
-    assert _files(prefix) == []  # the mapping keeps the memory, the name is gone
+    got = p.decode(payload.body)  # mapped in place, no copy
+    payload.release()
+    prefix.close()
+    assert _files(prefix.prefix) == []  # the mapping keeps the memory, the name is gone
     _assert_same_array(got, a)
-    payload2 = p.encode(a, prefix, threshold=1)
-    p.release_body(payload2.body)
-    assert _files(prefix) == []
-    p.release_body(payload2.body)  # twice: harmless
-    p.release_body(p.encode(1).body)  # inline: nothing to do
 
 
 @needs_shm
-def test_inline_body_of_a_shm_payload(prefix: str) -> None:
+def test_inline_body_of_a_shm_payload(prefix: p.SegmentPool) -> None:
     a = np.arange(3000).reshape(30, 100)
     payload = p.encode((a,), prefix, threshold=1)
     inline = payload.inline_body()
-    assert p.shm_path_of(inline) is None
+    assert not p.is_shm(inline)
     _assert_same_array(p.decode(inline)[0], a)
     assert payload.inline_body() is inline  # computed once
     assert payload.shm_path is not None and os.path.exists(payload.shm_path)  # still ours
     payload.release()
-    assert _files(prefix) == []
 
 
 @needs_shm
-def test_remove_segments(prefix: str) -> None:
+def test_remove_segments(prefix: p.SegmentPool) -> None:
     for _ in range(3):
-        p.encode(np.arange(10), prefix, threshold=1)
-    assert len(_files(prefix)) == 3
-    assert p.remove_segments(prefix) == 3
-    assert _files(prefix) == []
+        p.encode(np.arange(10), prefix, threshold=1)  # three leases: three files
+    assert len(_files(prefix.prefix)) == 3
+    assert p.remove_segments(prefix.prefix) == 3
+    assert _files(prefix.prefix) == []
 
 
 def test_decode_rejects_bad_bodies() -> None:
@@ -380,20 +382,18 @@ def test_decode_rejects_bad_bodies() -> None:
 @pytest.mark.parametrize("name", ["../etc/passwd", "gibbs-x/../../y", "notgibbs-file"])
 def test_shm_payload_with_a_hostile_name_is_refused(name: str) -> None:
     raw = name.encode()
-    body = bytes([1]) + p._SHM_HEAD.pack(len(raw), 0) + raw + pickle.dumps(None)
+    body = bytes([1]) + p.SHM_HEAD.pack(len(raw), 0) + raw + pickle.dumps(None)
     with pytest.raises(ProtocolError):
-        p.decode(body, unlink=True)
-    assert p.shm_path_of(body) is None
-    p.release_body(body)  # must not unlink anything outside /dev/shm/gibbs-*
+        p.decode(body, cache=p.MappingCache())
 
 
 @needs_shm
-def test_shm_payload_with_out_of_range_buffer(prefix: str) -> None:
+def test_shm_payload_with_out_of_range_buffer(prefix: p.SegmentPool) -> None:
     payload = p.encode(np.arange(16, dtype=np.uint8), prefix, threshold=1)
     body = bytearray(payload.body)
-    name_len, count = p._SHM_HEAD.unpack_from(body, 1)
-    pos = 1 + p._SHM_HEAD.size + name_len
-    p._SHM_BUF.pack_into(body, pos, 0, 1 << 30)  # claims far more than the file holds
+    name_len, count = p.SHM_HEAD.unpack_from(body, 1)
+    pos = 1 + p.SHM_HEAD.size + name_len
+    p.SHM_BUF.pack_into(body, pos, 0, 1 << 30)  # claims far more than the file holds
     try:
         with pytest.raises(ProtocolError):
             p.decode(bytes(body))
@@ -409,10 +409,10 @@ def test_encode_raises_pickling_errors() -> None:
 
 
 @needs_shm
-def test_encode_that_fails_leaves_no_file(prefix: str) -> None:
+def test_encode_that_fails_leaves_no_file(prefix: p.SegmentPool) -> None:
     with pytest.raises(Exception):
         p.encode((np.arange(1000), lambda: 1), prefix, threshold=1)
-    assert _files(prefix) == []
+    assert len(_files(prefix.prefix)) <= 1  # nothing leased: at most a free segment of the pool
 
 
 # ------------------------------------------------------------------ error records
