@@ -112,7 +112,7 @@ class Call:
         self.done = False  # its Resolve was returned
         self.holders: list[Hashable] = []  # workers holding an attempt
         self.attempts = 0  # attempts lost with their worker
-        self.failures: list[str] = []  # how each lost attempt ended
+        self.failures: Optional[list[str]] = None  # how each lost attempt ended
         self.queued_at = 0.0
 
     def __repr__(self) -> str:
@@ -383,6 +383,8 @@ class Core:
                 continue
             if call_id in running:
                 call.attempts += 1
+                if call.failures is None:
+                    call.failures = []
                 call.failures.append(f"{w.describe}: {penalty}")
                 if call.attempts >= self.max_attempts and not call.holders:
                     self.stats["failed"] += 1
@@ -405,12 +407,13 @@ class Core:
             self._enqueue(call, front=True)
 
     def _died_error(self, call: Call) -> WorkerDiedError:
-        n = len(call.failures)
+        failures = call.failures or []
+        n = len(failures)
         msg = (
             f"the request was lost with the worker that ran it, {n} time{'s' if n != 1 else ''} "
-            f"(max_attempts={self.max_attempts}):\n  " + "\n  ".join(call.failures)
+            f"(max_attempts={self.max_attempts}):\n  " + "\n  ".join(failures)
         )
-        return WorkerDiedError(msg, list(call.failures))
+        return WorkerDiedError(msg, list(failures))
 
     def answered(self, worker_id: Hashable, call_id: int, outcome: Outcome, now: float = 0.0) -> list[Action]:
         """The worker answered one call. The first answer of any attempt

@@ -116,6 +116,7 @@ class Hub:
         self,
         port: int = DEFAULT_PORT,
         heartbeat_interval: float = 1.0,
+        resp_buffer_size: Optional[int] = None,
         *,
         host: str = DEFAULT_HOST,
         authkey: KeyLike = None,
@@ -127,7 +128,6 @@ class Hub:
         pipeline_depth: int = 8,
         shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
         close_grace: float = 10.0,
-        resp_buffer_size: Optional[int] = None,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.

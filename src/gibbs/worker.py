@@ -295,6 +295,13 @@ def _stop_local_workers(grace: float = 5.0) -> None:
 
 
 def _forget_local_workers() -> None:
+    # In a child forked by other means than multiprocessing (a pre-fork web
+    # server): our workers are its parent's children. multiprocessing's own
+    # exit hook would try to join them there ("can only join a child process").
+    children = getattr(multiprocessing.process, "_children", None)
+    for w in _local_workers:
+        if children is not None and w._process is not None:
+            children.discard(w._process)
     _local_workers.clear()
 
 
