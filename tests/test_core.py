@@ -203,7 +203,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def max_attempts_bound(self) -> None:
-        for cid, outcome in self.outcomes.items():
+        for outcome in self.outcomes.values():
             if outcome.kind is OutcomeKind.EXCEPTION and isinstance(outcome.value, WorkerDiedError):
                 assert len(outcome.value.failures) >= self.core.max_attempts
 
