@@ -167,6 +167,26 @@ def _build_parser() -> argparse.ArgumentParser:
         help="multiprocessing start method for the worker processes (default: Python's)",
     )
     worker.add_argument("--name", default=None, help="a name for these workers in the hub's logs")
+    worker.add_argument(
+        "--model",
+        default="default",
+        metavar="NAME",
+        help="the model name these workers serve (requests pick it with gibbs_model=NAME; default 'default')",
+    )
+    worker.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="call the model with lists of up to N requests' arguments (default 1: no batching)",
+    )
+    worker.add_argument(
+        "--batch-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="longest wait to fill a batch (default 0: a lone request goes at once)",
+    )
     worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     return parser
 
@@ -203,6 +223,12 @@ def _worker_command(ns: argparse.Namespace) -> int:
         raise CliError("-n must be at least 1")
     if ns.heartbeat_interval <= 0:
         raise CliError("--heartbeat-interval must be > 0")
+    if ns.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    if ns.batch_wait < 0:
+        raise CliError("--batch-wait must be >= 0")
+    if not ns.model:
+        raise CliError("--model must not be empty")
     try:
         host, port = parse_address(ns.hub)
     except ValueError as exc:
@@ -226,6 +252,9 @@ def _worker_command(ns: argparse.Namespace) -> int:
             gibbs_authkey=key,
             gibbs_start_method=ns.start_method,
             gibbs_name=ns.name,
+            gibbs_model=ns.model,
+            gibbs_batch_size=ns.batch_size,
+            gibbs_batch_wait=ns.batch_wait,
             **kwargs,
         )
 
@@ -234,9 +263,10 @@ def _worker_command(ns: argparse.Namespace) -> int:
 
 def _supervise(make: Any, n: int, where: str) -> int:
     """Keep n workers running until SIGTERM/SIGINT, then stop them gracefully."""
-    from .worker import stop_workers
+    from .worker import REFUSED_EXIT, stop_workers
 
     stopping = False
+    status = 0
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         nonlocal stopping
@@ -255,6 +285,13 @@ def _supervise(make: Any, n: int, where: str) -> int:
                 if w is not None and not w.is_alive():
                     w.join()
                     code = w.exitcode
+                    if code == REFUSED_EXIT:
+                        # The hub will refuse every restart alike (its message is above).
+                        print("gibbs worker: the hub refused the worker; stopping", file=sys.stderr, flush=True)
+                        stopping = True
+                        status = 1
+                        slots[i] = None
+                        break
                     logger.warning("gibbs worker: worker pid %s exited with %s; restarting in %.1f s", w.pid, code, backoff[i])
                     print(f"gibbs worker: worker pid {w.pid} exited ({code}); restarting in {backoff[i]:.1f} s",
                           file=sys.stderr, flush=True)
@@ -270,4 +307,4 @@ def _supervise(make: Any, n: int, where: str) -> int:
         stop_workers([w for w in slots if w is not None], grace=60.0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    return 0
+    return status

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -65,6 +66,9 @@ AUTH_BACKOFF = 5.0
 #: Answers of quick calls that arrived together are sent together, but the
 #: first of them never waits longer than this for the others.
 COALESCE_WINDOW = 0.0005
+#: Exit status of a worker process the hub refused (EX_CONFIG): restarting
+#: it would be refused alike.
+REFUSED_EXIT = 78
 #: How long a worker whose model failed to build tries to tell the hub.
 INIT_REPORT_WINDOW = 3.0
 
@@ -250,7 +254,11 @@ def _process_main(worker: Worker, parent_pid: int) -> None:
     # its own (the whole process group gets it): it keeps serving until the
     # app that started it stops it (close, exit or death), so that the app's
     # graceful shutdown can finish its in-flight and queued requests.
-    _Runtime(worker, stop_signals={signal.SIGTERM}).run(parent_pid=parent_pid)
+    try:
+        _Runtime(worker, stop_signals={signal.SIGTERM}).run(parent_pid=parent_pid)
+    except WorkerRefusedError as exc:
+        print(f"gibbs worker (pid {os.getpid()}): {exc}", file=sys.stderr, flush=True)
+        sys.exit(REFUSED_EXIT)
 
 
 # Workers started from this process, stopped at interpreter exit (before
