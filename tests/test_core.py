@@ -17,6 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from gibbs.core import (
     Call,
     Core,
+    Credit,
+    Deliver,
     Drop,
     Outcome,
     OutcomeKind,
@@ -24,6 +26,7 @@ from gibbs.core import (
     Release,
     Resolve,
     Send,
+    Stop,
     WorkerInfo,
 )
 from gibbs.errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
@@ -50,6 +53,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.holding: dict[int, list[int]] = {}  # worker -> call ids sent, in order, unanswered
         self.answered_by: dict[int, set[int]] = {}  # call id -> workers that answered
         self.refused: set[int] = set()
+        self.chunks: dict[int, int] = {}  # call id -> chunks delivered
+        self.stopped: set[tuple[int, int]] = set()  # (worker, call) asked to stop
 
     def apply(self, actions: list[Any]) -> None:
         for a in actions:
@@ -78,12 +83,21 @@ class CoreMachine(RuleBasedStateMachine):
                 self.holding.pop(a.worker, None)
             elif isinstance(a, Drop):
                 pass
+            elif isinstance(a, Deliver):
+                assert a.call.stream, "a chunk delivered for a call that is not a stream"
+                assert a.call.id not in self.outcomes, "a chunk delivered after the call's outcome"
+                self.chunks[a.call.id] = self.chunks.get(a.call.id, 0) + 1
+            elif isinstance(a, Stop):
+                assert a.call.stream and a.worker in self.live
+                self.stopped.add((a.worker, a.call.id))
+            elif isinstance(a, Credit):
+                assert a.worker in self.live and a.call.id not in self.outcomes
 
     # ------------------------------------------------------------ callers
 
-    @rule(model=st.sampled_from(MODELS))
-    def submit(self, model: str) -> None:
-        call = Call(self.next_call, model, payload=b"x")
+    @rule(model=st.sampled_from(MODELS), stream=st.booleans())
+    def submit(self, model: str, stream: bool) -> None:
+        call = Call(self.next_call, model, payload=b"x", stream=stream)
         self.next_call += 1
         try:
             actions = self.core.submit(call, self.now)
@@ -98,7 +112,10 @@ class CoreMachine(RuleBasedStateMachine):
         open_calls = [c for c in self.calls.values() if c.id not in self.outcomes]
         call = data.draw(st.sampled_from(open_calls))
         queued_only = call.queued and not call.holders
+        holders = list(call.holders)
         self.apply(self.core.cancel(call))
+        if call.stream:
+            assert all((w, call.id) in self.stopped for w in holders), "a gone caller's stream was not stopped"
         assert self.outcomes[call.id].kind is OutcomeKind.CANCELLED
         if queued_only:
             self.cancelled_while_queued.add(call.id)
@@ -158,6 +175,19 @@ class CoreMachine(RuleBasedStateMachine):
             assert self.outcomes[cid] == outcome, "the first answer did not win"
         self.answered_by.setdefault(cid, set()).add(wid)
 
+    @precondition(lambda self: any(self.holding.values()))
+    @rule(data=st.data())
+    def chunk(self, data: st.DataObject) -> None:
+        wid = data.draw(st.sampled_from(sorted(w for w, ids in self.holding.items() if ids)))
+        cid = data.draw(st.sampled_from(self.holding[wid]))
+        self.apply(self.core.chunk(wid, cid, Outcome(OutcomeKind.CHUNK, cid)))
+
+    @precondition(lambda self: any(c.stream and c.id not in self.outcomes for c in self.calls.values()))
+    @rule(data=st.data())
+    def consume(self, data: st.DataObject) -> None:
+        streams = [c for c in self.calls.values() if c.stream and c.id not in self.outcomes]
+        self.apply(self.core.consumed(data.draw(st.sampled_from(streams)), 1))
+
     @rule(model=st.sampled_from(MODELS))
     def unavailable(self, model: str) -> None:
         self.apply(self.core.model_unavailable(model, NoWorkersError("constructor raised")))
@@ -202,10 +232,18 @@ class CoreMachine(RuleBasedStateMachine):
             assert all(c.id in self.outcomes for c in self.calls.values())
 
     @invariant()
+    def streams_are_never_run_twice_once_delivered(self) -> None:
+        for cid, n in self.chunks.items():
+            if n and cid not in self.outcomes:
+                call = self.calls[cid]
+                assert len(call.holders) == 1 and not call.queued, "a stream with chunks out went to a second worker"
+
+    @invariant()
     def max_attempts_bound(self) -> None:
         for outcome in self.outcomes.values():
             if outcome.kind is OutcomeKind.EXCEPTION and isinstance(outcome.value, WorkerDiedError):
-                assert len(outcome.value.failures) >= self.core.max_attempts
+                if "stream was cut" not in str(outcome.value):
+                    assert len(outcome.value.failures) >= self.core.max_attempts
 
 
 TestCoreMachine = CoreMachine.TestCase

@@ -46,6 +46,8 @@ from .core import (
     DEFAULT_MODEL,
     Call,
     Core,
+    Credit,
+    Deliver,
     Drop,
     Outcome,
     OutcomeKind,
@@ -53,6 +55,7 @@ from .core import (
     Release,
     Resolve,
     Send,
+    Stop,
     WorkerInfo,
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
@@ -207,11 +210,11 @@ class Bridge:
     def is_batched(self, model: str) -> bool:
         return model in self._batched_models
 
-    def submit(self, payload: protocol.Payload, sink: Any, model: str = DEFAULT_MODEL) -> Call:
+    def submit(self, payload: protocol.Payload, sink: Any, model: str = DEFAULT_MODEL, stream: bool = False) -> Call:
         with self._lock:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
-            call = Call(self._next_id, model, payload, sink)
+            call = Call(self._next_id, model, payload, sink, stream)
             self._next_id += 1
             self._apply_locked(self._core.submit(call, time.monotonic()))
         if self._outcomes:
@@ -225,6 +228,11 @@ class Bridge:
             self._apply_locked(self._core.cancel(call))
         if self._outcomes:
             self._hand_over()
+
+    def consumed(self, call: Call, n: int) -> None:
+        """The caller of a stream took ``n`` chunks: the worker may send more."""
+        with self._lock:
+            self._apply_locked(self._core.consumed(call, n))
 
     def resend(self, call: Call) -> None:
         """gibbs_retries: send a running call again to the next free worker
@@ -390,7 +398,8 @@ class Bridge:
                     peer.out.extend(protocol.pack_batch(items))
                 else:
                     c = calls[0]
-                    peer.out.extend(protocol.pack_frame(protocol.REQUEST, c.id, self._body_for(peer, c)))
+                    kind = protocol.STREAM if c.stream else protocol.REQUEST
+                    peer.out.extend(protocol.pack_frame(kind, c.id, self._body_for(peer, c)))
                 if touched is None:
                     touched = [peer]
                 elif peer not in touched:
@@ -398,8 +407,20 @@ class Bridge:
             elif type(action) is Resolve:
                 if action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
                     self._outcomes.append((action.call, action.outcome))
+            elif type(action) is Deliver:
+                self._outcomes.append((action.call, action.chunk))
             elif type(action) is Release:
                 action.call.payload.release()
+            elif type(action) is Stop or type(action) is Credit:
+                peer = action.worker  # type: ignore[assignment]
+                if isinstance(action, Credit):
+                    peer.out.extend(protocol.pack_credit(action.call.id, action.n))
+                else:
+                    peer.out.extend(protocol.pack_frame(protocol.STOP, action.call.id))
+                if touched is None:
+                    touched = [peer]
+                elif peer not in touched:
+                    touched.append(peer)
             elif type(action) is Refuse:
                 peer = action.worker  # type: ignore[assignment]
                 logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason)
@@ -756,13 +777,17 @@ class Bridge:
                     answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
             elif kind == protocol.ERROR:
                 answers.append((kind, req_id, Outcome(OutcomeKind.ERROR, body)))
+            elif kind == protocol.CHUNK:
+                answers.append((kind, req_id, Outcome(OutcomeKind.CHUNK, body)))
             else:
                 answers.append((kind, req_id, None))
         now = time.monotonic()
         core = self._core
         with self._lock:
             for kind, req_id, outcome in answers:
-                if outcome is not None:
+                if kind == protocol.CHUNK:
+                    self._apply_locked(core.chunk(peer, req_id, outcome))  # type: ignore[arg-type]
+                elif outcome is not None:
                     self._apply_locked(core.answered(peer, req_id, outcome, now))
                 elif kind == protocol.HEARTBEAT:
                     pass

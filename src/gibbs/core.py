@@ -63,6 +63,9 @@ __all__ = [
     "Release",
     "Refuse",
     "Drop",
+    "Deliver",
+    "Stop",
+    "Credit",
     "Action",
     "PIPELINE_WINDOW",
     "DEFAULT_MODEL",
@@ -84,6 +87,7 @@ class OutcomeKind(enum.Enum):
     COPIED = "copied"  # value: (pickle, buffers) read out of shared memory
     EXCEPTION = "exception"  # value: an exception instance made here or by the driver
     CANCELLED = "cancelled"  # value: None; the caller gave up
+    CHUNK = "chunk"  # value: one item of a stream, as the driver received it
 
 
 class Outcome(NamedTuple):
@@ -100,10 +104,10 @@ class Call:
 
     __slots__ = (
         "id", "model", "payload", "sink", "queued", "done", "holders",
-        "attempts", "failures", "queued_at",
+        "attempts", "failures", "queued_at", "stream", "delivered",
     )
 
-    def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None) -> None:
+    def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None, stream: bool = False) -> None:
         self.id = call_id
         self.model = model
         self.payload = payload
@@ -114,6 +118,8 @@ class Call:
         self.attempts = 0  # attempts lost with their worker
         self.failures: Optional[list[str]] = None  # how each lost attempt ended
         self.queued_at = 0.0
+        self.stream = stream  # chunks go to the caller as the worker yields them
+        self.delivered = 0  # chunks handed to the caller
 
     def __repr__(self) -> str:
         state = "done" if self.done else "queued" if self.queued else "running" if self.holders else "?"
@@ -197,6 +203,28 @@ class Release(NamedTuple):
     call: Call
 
 
+class Deliver(NamedTuple):
+    """One chunk of a stream, for its caller (in order, before its Resolve)."""
+
+    call: Call
+    chunk: Outcome
+
+
+class Stop(NamedTuple):
+    """Ask the worker to stop a stream (close the generator): its caller is gone."""
+
+    worker: Hashable
+    call: Call
+
+
+class Credit(NamedTuple):
+    """The caller consumed ``n`` chunks: the worker may send ``n`` more."""
+
+    worker: Hashable
+    call: Call
+    n: int
+
+
 class Refuse(NamedTuple):
     worker: Hashable
     reason: str
@@ -207,7 +235,7 @@ class Drop(NamedTuple):
     reason: str
 
 
-Action = Union[Send, Resolve, Release, Refuse, Drop]
+Action = Union[Send, Resolve, Release, Refuse, Drop, Deliver, Stop, Credit]
 
 
 class Core:
@@ -293,8 +321,29 @@ class Core:
         if call.done:
             return out
         self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
+        if call.stream:
+            for wid in call.holders:
+                out.append(Stop(wid, call))
         self._resolve(call, outcome, out)
         return out
+
+    def consumed(self, call: Call, n: int) -> list[Action]:
+        """The caller of a stream took ``n`` more chunks: credit the worker."""
+        if call.done or not call.holders:
+            return []
+        return [Credit(call.holders[0], call, n)]
+
+    def chunk(self, worker_id: Hashable, call_id: int, chunk: Outcome) -> list[Action]:
+        """The worker yielded one item of a stream. Dropped when the caller
+        is gone (a Stop is on its way) or the worker does not hold the call."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return []
+        call = w.held.get(call_id)
+        if call is None or call.done or not call.stream:
+            return []
+        call.delivered += 1
+        return [Deliver(call, chunk)]
 
     def resend(self, call: Call, now: float = 0.0) -> list[Action]:
         """gibbs_retries: the caller's timeout passed with retries left. A
@@ -302,8 +351,8 @@ class Core:
         the front for a second attempt on another worker, and the first
         answer of any attempt wins."""
         out: list[Action] = []
-        if call.done or call.queued:
-            return out
+        if call.done or call.queued or call.stream:
+            return out  # a stream is never run twice at once: its chunks would mix
         if self.closing:
             return out
         self.stats["resent"] += 1
@@ -380,6 +429,13 @@ class Core:
             if call.done:
                 if not call.holders:
                     out.append(Release(call))
+                continue
+            if call.stream and call.delivered:
+                # Its caller has chunks already: a second run would repeat them.
+                self.stats["failed"] += 1
+                failures = [f"{w.describe}: {penalty or 'left'}"]
+                cut = WorkerDiedError(f"the stream was cut after {call.delivered} chunks: {failures[0]}", failures)
+                self._resolve(call, Outcome(OutcomeKind.EXCEPTION, cut), out)
                 continue
             if call_id in running:
                 call.attempts += 1

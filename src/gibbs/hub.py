@@ -47,15 +47,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import logging
 import os
 import pickle
+import queue
 import threading
 import uuid
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from . import protocol
 from .bridge import Bridge, LocalWorker, describe_exit
@@ -360,13 +362,15 @@ class Hub:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
 
     def _prepare(
-        self, model: Optional[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, model: Optional[str], args: tuple[Any, ...], kwargs: dict[str, Any], stream: bool = False
     ) -> tuple[Bridge, str, protocol.Payload]:
         bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
         if model is None:
             model = DEFAULT_MODEL
         elif not isinstance(model, str) or not model:
             raise TypeError(f"gibbs_model must be a non-empty str, got {model!r}")
+        if stream and bridge.is_batched(model):
+            raise TypeError(f"model {model!r} is batched: its requests cannot be streamed")
         if bridge.is_batched(model) and (len(args) != 1 or kwargs):
             raise TypeError(
                 f"model {model!r} is batched: a request takes exactly one positional argument and no "
@@ -456,6 +460,64 @@ class Hub:
         fut._gibbs_bridge = bridge
         fut._gibbs_call = call
         return fut
+
+    async def stream(
+        self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Stream ``model(*args, **kwargs)``: yields each item as the worker's
+        generator yields it (time to the first item is a request's latency,
+        not the generator's whole run). At most ``STREAM_WINDOW`` items are in
+        flight: a slow consumer makes the worker wait. Leaving the loop early
+        (``break``, cancellation, a client that disconnects) closes the
+        generator on the worker (its ``finally`` runs).
+
+        A worker that dies before the first item reached you: the stream is
+        sent to another worker; after: you get the items you had, then
+        :class:`~gibbs.WorkerDiedError`. A model exception mid-stream arrives
+        as :class:`~gibbs.UserCodeException` after the items before it. A
+        model that returns a plain value streams it as one item.
+        """
+        loop = asyncio.get_running_loop()
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        sink = _AsyncStream(loop)
+        try:
+            call = bridge.submit(payload, sink, model, stream=True)
+        except BaseException:
+            payload.release()
+            raise
+        finished = False
+        unacked = 0
+        try:
+            while True:
+                kind, value = await sink.get()
+                if kind is OutcomeKind.CHUNK:
+                    unacked += 1
+                    if unacked >= _CREDIT_EVERY:
+                        bridge.consumed(call, unacked)
+                        unacked = 0
+                    yield _unwrap_chunk(value)
+                    continue
+                finished = True
+                if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED:
+                    return
+                _unwrap(Outcome(kind, value))  # raises
+                return
+        finally:
+            if not finished:
+                bridge.cancel(call)
+
+    def submit_stream(self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any) -> "StreamIterator":
+        """``stream`` for plain threads: an iterator over the items (blocking
+        ``next``). Call ``close()`` (or leave a ``with`` block) to stop early:
+        the generator is closed on the worker."""
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        it = StreamIterator(bridge)
+        try:
+            it._call = bridge.submit(payload, it, model, stream=True)
+        except BaseException:
+            payload.release()
+            raise
+        return it
 
     # ------------------------------------------------------------ workers
 
@@ -647,12 +709,100 @@ def _deliver_sync(call: Call, outcome: Outcome) -> None:
     """Runs on the bridge's delivery thread: unpickles the result and runs
     the future's done-callbacks (user code) there."""
     sink = call.sink
+    if type(sink) is StreamIterator:
+        sink._items.put(outcome)
+        return
     if not sink.set_running_or_notify_cancel():
         return
     try:
         sink.set_result(_unwrap(outcome))
     except BaseException as exc:  # noqa: BLE001 - the caller's to see
         sink.set_exception(exc)
+
+
+def _unwrap_chunk(value: Any) -> Any:
+    try:
+        return protocol.decode(value)
+    except Exception as exc:
+        raise SerializationError(f"a streamed item could not be unpickled in the hub: {exc!r}") from exc
+
+
+#: A stream's consumer credits the worker every this many items (half the window).
+_CREDIT_EVERY = max(1, protocol.STREAM_WINDOW // 2)
+
+
+class _AsyncStream:
+    """The sink of a stream on an event loop. Future-like where the bridge
+    delivers (``get_loop``, ``done``, ``set_result``): each outcome, chunks
+    then the final one, is appended in order on the caller's loop."""
+
+    __slots__ = ("_loop", "_items", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[Outcome] = collections.deque()
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, outcome: Outcome) -> None:
+        self._items.append(outcome)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Outcome:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
+class StreamIterator:
+    """What ``hub.submit_stream`` returns: iterate it from any thread;
+    ``close()`` stops the stream (the worker closes the generator)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+        self._call: Optional[Call] = None
+        self._items: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
+        self._finished = False
+        self._unacked = 0
+
+    def __iter__(self) -> "StreamIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        kind, value = self._items.get()
+        if kind is OutcomeKind.CHUNK:
+            self._unacked += 1
+            if self._unacked >= _CREDIT_EVERY and self._call is not None:
+                self._bridge.consumed(self._call, self._unacked)
+                self._unacked = 0
+            return _unwrap_chunk(value)
+        self._finished = True
+        if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED:
+            raise StopIteration
+        return _unwrap(Outcome(kind, value))  # raises
+
+    def close(self) -> None:
+        """Stop early (idempotent): the worker closes the generator."""
+        if not self._finished:
+            self._finished = True
+            if self._call is not None:
+                self._bridge.cancel(self._call)
+
+    def __enter__(self) -> "StreamIterator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _unwrap(outcome: Outcome) -> Any:

@@ -58,6 +58,10 @@ INIT_FAILED = 8  # worker -> hub: JSON {pid, host, exc_type, message, traceback}
 RELEASE = 9  # hub -> worker: "I have copied your answer out of this segment" (body: its name)
 REFUSED = 10  # hub -> worker: JSON {reason}; the hub will not serve this worker (then closes)
 BATCH = 11  # hub -> worker: several requests, see pack_batch; answered one RESULT/ERROR each
+STREAM = 12  # hub -> worker: a request whose items go back as CHUNKs, then a RESULT (None) or ERROR
+CHUNK = 13  # worker -> hub: one item of a stream (an inline payload)
+CREDIT = 14  # hub -> worker: u32, the caller consumed that many more chunks of this stream
+STOP = 15  # hub -> worker: the caller of this stream is gone: close the generator
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -71,7 +75,25 @@ KIND_NAMES = {
     RELEASE: "RELEASE",
     REFUSED: "REFUSED",
     BATCH: "BATCH",
+    STREAM: "STREAM",
+    CHUNK: "CHUNK",
+    CREDIT: "CREDIT",
+    STOP: "STOP",
 }
+
+#: Chunks of one stream a worker may send beyond what its caller consumed.
+STREAM_WINDOW = 8
+_CREDIT = struct.Struct("!I")
+
+
+def pack_credit(req_id: int, n: int) -> list[Buffer]:
+    return pack_frame(CREDIT, req_id, _CREDIT.pack(n))
+
+
+def unpack_credit(body: Buffer) -> int:
+    if len(body) != _CREDIT.size:
+        raise ProtocolError("malformed CREDIT")
+    return int(_CREDIT.unpack(body)[0])
 
 HEADER = struct.Struct("!BQI")
 HEADER_SIZE = HEADER.size

@@ -26,6 +26,8 @@ exit code, after telling the hub why (so ``hub.wait_for_workers`` can say).
 from __future__ import annotations
 
 import atexit
+import collections
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its joins)
@@ -337,6 +339,10 @@ class _Runtime:
         # 1 MiB object per read would be an mmap and munmap each time).
         self.rbuf = bytearray(1 << 20)
         self.parent_pid: Optional[int] = None
+        self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
+        self.reader = protocol.FrameReader()
+        self.silence = 1.0
+        self.last_heard = 0.0
         self._hb_stop = threading.Event()
         self._in_main_thread = threading.current_thread() is threading.main_thread()
         self._initial_ppid = os.getppid()
@@ -485,17 +491,16 @@ class _Runtime:
 
     def _serve(self, sock: socket.socket) -> None:
         self._set_timeouts(sock)
-        reader = protocol.FrameReader()
-        silence = self.hub_interval * self.spec.reset_after_n_miss
+        self.reader = protocol.FrameReader()
+        self.silence = self.hub_interval * self.spec.reset_after_n_miss
         # A kernel receive timeout rather than poll() before each recv: one
         # system call per message, and still a bound on the hub's silence.
-        wait = min(silence, self.hub_interval)
+        wait = min(self.silence, self.hub_interval)
         sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(wait), int((wait % 1) * 1e6))
         )
-        last_heard = time.monotonic()
-        recv_into = sock.recv_into
-        rview = memoryview(self.rbuf)
+        self.last_heard = time.monotonic()
+        self.pending.clear()
         try:
             # HELLO inside the try: a stop signal from here on says GOODBYE.
             self._send(sock, [protocol.pack_json(protocol.HELLO, self._hello())])
@@ -505,23 +510,31 @@ class _Runtime:
                 if self.stopping:
                     self._stop_raised = True
                     raise _Stop()
-                try:
-                    n = recv_into(rview)
-                except (BlockingIOError, TimeoutError):
-                    if time.monotonic() - last_heard > silence:
-                        raise ConnectionAbortedError(f"hub silent for more than {silence:.1f} s") from None
-                    continue
-                if not n:
+                frames = self._read_frames(sock)
+                if frames is None:
                     logger.info("worker %s: hub closed the connection", self.spec.name)
                     return
-                last_heard = time.monotonic()
-                frames = reader.feed(rview[:n])
                 if frames:
                     self._serve_batch(sock, frames)
-                    last_heard = time.monotonic()
+                    self.last_heard = time.monotonic()
         except _Stop:
             self._goodbye(sock)
             raise
+
+    def _read_frames(self, sock: socket.socket) -> Optional[list[tuple[int, int, bytes]]]:
+        """One read: the whole frames it completed ([] after a quiet wait),
+        or None at end of file. Raises when the hub has been silent too long."""
+        rview = memoryview(self.rbuf)
+        try:
+            n = sock.recv_into(rview)
+        except (BlockingIOError, TimeoutError):
+            if time.monotonic() - self.last_heard > self.silence:
+                raise ConnectionAbortedError(f"hub silent for more than {self.silence:.1f} s") from None
+            return []
+        if not n:
+            return None
+        self.last_heard = time.monotonic()
+        return self.reader.feed(rview[:n])
 
     def _goodbye(self, sock: socket.socket) -> None:
         try:
@@ -547,10 +560,14 @@ class _Runtime:
         out: list[protocol.Buffer] = []
         files: list[protocol.Payload] = []
         first_ready = 0.0
+        pending = self.pending
+        pending.extend(frames)
         self.busy = True
         try:
-            for kind, req_id, body in frames:
+            while pending:
+                kind, req_id, body = pending.popleft()
                 if self.stopping:
+                    pending.clear()
                     break  # what is left was not started: the hub re-queues it
                 if kind == protocol.RELEASE:
                     if self.pool is not None:
@@ -560,6 +577,12 @@ class _Runtime:
                     buffers, payloads = self._handle(req_id, body)
                 elif kind == protocol.BATCH:
                     buffers, payloads = self._handle_batch(body)
+                elif kind == protocol.STREAM:
+                    if out:  # answers computed before the stream go out first
+                        self._send_answers(sock, out, files)
+                        out, files = [], []
+                    self._stream(sock, req_id, body)
+                    continue
                 elif kind == protocol.REFUSED:
                     reason = protocol.unpack_json(body).get("reason", "?")
                     raise WorkerRefusedError(f"the hub refused worker {self.spec.name}: {reason}")
@@ -598,11 +621,87 @@ class _Runtime:
             return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), []
         try:
             result = self.model(*args, **kwargs)
+            if inspect.isgenerator(result):
+                result = list(result)  # a plain request to a streaming model: all items at once
         except Exception as exc:
             del args, kwargs
             return self._error_frame(req_id, protocol.ERR_USER, exc), []
         del args, kwargs
         return self._result_frame(req_id, result)
+
+    def _stream(self, sock: socket.socket, req_id: int, body: protocol.Buffer) -> None:
+        """Run a streamed request: each item the model yields goes out as a
+        CHUNK at once, at most ``STREAM_WINDOW`` ahead of what the caller has
+        consumed (CREDIT frames); a STOP closes the generator (its
+        ``finally`` runs). Ends with a RESULT (None), or an ERROR."""
+        try:
+            args, kwargs = protocol.decode(body, cache=self.maps)
+        except Exception as exc:
+            self._send(sock, self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
+            return
+        granted = protocol.STREAM_WINDOW
+        sent = 0
+        stopped = False
+        gen: Any = None
+        try:
+            result = self.model(*args, **kwargs)
+            del args, kwargs
+            items = result if inspect.isgenerator(result) else iter((result,))
+            gen = items
+            for item in items:
+                try:
+                    payload = protocol.encode(item)
+                except Exception as exc:
+                    self._send(sock, self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc))
+                    return
+                while sent >= granted and not stopped:
+                    granted, stopped = self._wait_credit(sock, req_id, granted)
+                if stopped:
+                    break
+                self._send(sock, protocol.pack_frame(protocol.CHUNK, req_id, payload.body))
+                sent += 1
+                # A STOP may already be here: look without waiting.
+                granted, stopped = self._take_controls(req_id, granted, stopped)
+                if stopped:
+                    break
+        except Exception as exc:
+            self._send(sock, self._error_frame(req_id, protocol.ERR_USER, exc))
+            return
+        finally:
+            if gen is not None and inspect.isgenerator(gen):
+                gen.close()  # runs the generator's finally when it was stopped early
+        self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body))
+
+    def _take_controls(self, req_id: int, granted: int, stopped: bool) -> tuple[int, bool]:
+        """Consume the CREDIT and STOP frames for ``req_id`` already read."""
+        keep = []
+        for frame in self.pending:
+            kind, rid, body = frame
+            if rid == req_id and kind == protocol.CREDIT:
+                granted += protocol.unpack_credit(body)
+            elif rid == req_id and kind == protocol.STOP:
+                stopped = True
+            elif kind in (protocol.CREDIT, protocol.STOP):
+                pass  # for a stream that is over
+            else:
+                keep.append(frame)
+        if len(keep) != len(self.pending):
+            self.pending.clear()
+            self.pending.extend(keep)
+        return granted, stopped
+
+    def _wait_credit(self, sock: socket.socket, req_id: int, granted: int) -> tuple[int, bool]:
+        """Block until the caller consumed something (or stopped): the worker
+        waits rather than buffer without bound for a slow consumer."""
+        while True:
+            before = granted
+            granted, stopped = self._take_controls(req_id, granted, False)
+            if stopped or granted != before:
+                return granted, stopped
+            frames = self._read_frames(sock)
+            if frames is None:
+                raise ConnectionResetError("the hub closed the connection during a stream")
+            self.pending.extend(frames)
 
     def _result_frame(self, req_id: int, result: Any) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
