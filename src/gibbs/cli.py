@@ -181,6 +181,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="call the model with lists of up to N requests' arguments (default 1: no batching)",
     )
     worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="calls at once per worker for an async model (default 1)",
+    )
+    worker.add_argument(
         "--batch-wait",
         type=float,
         default=0.0,
@@ -225,6 +232,8 @@ def _worker_command(ns: argparse.Namespace) -> int:
         raise CliError("--heartbeat-interval must be > 0")
     if ns.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
+    if ns.concurrency < 1:
+        raise CliError("--concurrency must be at least 1")
     if ns.batch_wait < 0:
         raise CliError("--batch-wait must be >= 0")
     if not ns.model:
@@ -255,6 +264,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
             gibbs_model=ns.model,
             gibbs_batch_size=ns.batch_size,
             gibbs_batch_wait=ns.batch_wait,
+            gibbs_concurrency=ns.concurrency,
             **kwargs,
         )
 

@@ -25,8 +25,10 @@ exit code, after telling the hub why (so ``hub.wait_for_workers`` can say).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
+import concurrent.futures
 import inspect
 import logging
 import multiprocessing
@@ -112,6 +114,9 @@ class Worker:
             a list of as many results, in order.
         gibbs_batch_wait: seconds a free worker may wait for a batch to fill
             (default 0: never; a lone request goes at once).
+        gibbs_concurrency: for a model whose ``__call__`` is ``async def``:
+            how many calls run at once on the worker's own event loop
+            (default 1). Sync models always run one call at a time.
         worker_cls: gibbs 0.2's name for ``cls``.
     """
 
@@ -129,6 +134,7 @@ class Worker:
         gibbs_model: str = DEFAULT_MODEL,
         gibbs_batch_size: int = 1,
         gibbs_batch_wait: float = 0.0,
+        gibbs_concurrency: int = 1,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -142,6 +148,8 @@ class Worker:
             raise ValueError(f"gibbs_batch_size must be an int >= 1, got {gibbs_batch_size!r}")
         if gibbs_batch_wait < 0:
             raise ValueError("gibbs_batch_wait must be >= 0")
+        if not isinstance(gibbs_concurrency, int) or gibbs_concurrency < 1:
+            raise ValueError(f"gibbs_concurrency must be an int >= 1, got {gibbs_concurrency!r}")
         if cls is None or not callable(cls):
             raise TypeError(f"Worker needs a class (or callable) to build the model, got {cls!r}")
         if gibbs_heartbeat_interval <= 0:
@@ -162,6 +170,7 @@ class Worker:
         self.model = gibbs_model
         self.batch_size = gibbs_batch_size
         self.batch_wait = float(gibbs_batch_wait)
+        self.concurrency = gibbs_concurrency
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
@@ -244,6 +253,10 @@ class Worker:
         the hub when one can be reached.
         """
         _Runtime(self).run(parent_pid=None)
+
+
+async def _identity(aw: Any) -> Any:
+    return await aw
 
 
 def class_name(cls: Any) -> str:
@@ -339,6 +352,10 @@ class _Runtime:
         # 1 MiB object per read would be an mmap and munmap each time).
         self.rbuf = bytearray(1 << 20)
         self.parent_pid: Optional[int] = None
+        self.is_async = False  # the model's __call__ is a coroutine (or async generator) function
+        self.aloop: Optional[asyncio.AbstractEventLoop] = None  # runs async calls, in its own thread
+        self.aloop_thread: Optional[threading.Thread] = None
+        self.async_calls: set[concurrent.futures.Future[Any]] = set()  # async calls in progress
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
         self.silence = 1.0
@@ -376,6 +393,10 @@ class _Runtime:
                 logger.error("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
                 self._report_init_failure(exc, tb)
                 raise
+            call = self.model if inspect.isfunction(self.model) else type(self.model).__call__
+            self.is_async = inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+            if self.is_async:
+                self._start_async_loop()
             heartbeat = threading.Thread(
                 target=self._heartbeat_loop, name="gibbs-worker-heartbeat", daemon=True
             )
@@ -387,6 +408,7 @@ class _Runtime:
             self._hb_stop.set()
             if heartbeat is not None:
                 heartbeat.join(5.0)
+            self._stop_async_loop()
             if self.pool is not None:
                 self.pool.close()
             self.maps.clear()
@@ -442,7 +464,7 @@ class _Runtime:
             "cls": class_name(self.spec.cls),
             "batch_size": self.spec.batch_size,
             "batch_wait": self.spec.batch_wait,
-            "concurrency": 1,
+            "concurrency": self.spec.concurrency if self.is_async else 1,
         }
 
     def _serve_forever(self) -> None:
@@ -518,6 +540,7 @@ class _Runtime:
                     self._serve_batch(sock, frames)
                     self.last_heard = time.monotonic()
         except _Stop:
+            self._drain_async()  # calls in progress answer before the goodbye
             self._goodbye(sock)
             raise
 
@@ -627,7 +650,70 @@ class _Runtime:
             del args, kwargs
             return self._error_frame(req_id, protocol.ERR_USER, exc), []
         del args, kwargs
+        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+            self._run_async(req_id, result)
+            return [], []  # answered from the event loop's thread when done
         return self._result_frame(req_id, result)
+
+    # -------------------------------------------------------------- async models
+
+    def _start_async_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        self.aloop = loop
+        self.aloop_thread = threading.Thread(target=run, name="gibbs-worker-loop", daemon=True)
+        self.aloop_thread.start()
+        ready.wait()
+
+    def _stop_async_loop(self) -> None:
+        loop, thread = self.aloop, self.aloop_thread
+        if loop is None or thread is None:
+            return
+        self._drain_async()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5.0)
+        if not thread.is_alive():
+            loop.close()
+        self.aloop = self.aloop_thread = None
+
+    def _drain_async(self, timeout: float = 60.0) -> None:
+        """Wait for the async calls in progress (each sends its own answer)."""
+        if self.async_calls:
+            concurrent.futures.wait(list(self.async_calls), timeout)
+
+    def _run_async(self, req_id: int, aw: Any) -> None:
+        if self.aloop is None:  # a sync __call__ that returned an awaitable
+            self._start_async_loop()
+        assert self.aloop is not None
+        sock = self.sock
+        fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
+        self.async_calls.add(fut)
+        fut.add_done_callback(self.async_calls.discard)
+
+    async def _answer_async(self, sock: Optional[socket.socket], req_id: int, aw: Any) -> None:
+        try:
+            if inspect.isasyncgen(aw):
+                result: Any = [item async for item in aw]
+            else:
+                result = await aw
+        except Exception as exc:
+            buffers = self._error_frame(req_id, protocol.ERR_USER, exc)
+            payloads: list[protocol.Payload] = []
+        else:
+            buffers, payloads = self._result_frame(req_id, result)
+            del result
+        if sock is None:
+            return
+        try:
+            self._send_answers(sock, buffers, [p for p in payloads if p.shm_path is not None])
+        except OSError:
+            pass  # the connection is gone: the hub re-sends what we held
 
     def _stream(self, sock: socket.socket, req_id: int, body: protocol.Buffer) -> None:
         """Run a streamed request: each item the model yields goes out as a
@@ -646,7 +732,12 @@ class _Runtime:
         try:
             result = self.model(*args, **kwargs)
             del args, kwargs
-            items = result if inspect.isgenerator(result) else iter((result,))
+            if inspect.isasyncgen(result):
+                items: Any = self._iterate_async(result)
+            elif inspect.iscoroutine(result):
+                items = iter((self._await(result),))
+            else:
+                items = result if inspect.isgenerator(result) else iter((result,))
             gen = items
             for item in items:
                 try:
@@ -671,6 +762,24 @@ class _Runtime:
             if gen is not None and inspect.isgenerator(gen):
                 gen.close()  # runs the generator's finally when it was stopped early
         self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body))
+
+    def _await(self, aw: Any) -> Any:
+        if self.aloop is None:
+            self._start_async_loop()
+        assert self.aloop is not None
+        return asyncio.run_coroutine_threadsafe(_identity(aw), self.aloop).result()
+
+    def _iterate_async(self, agen: Any) -> Any:
+        """A plain generator over an async generator run on the worker's
+        loop (one item at a time, driven from the serving thread)."""
+        try:
+            while True:
+                try:
+                    yield self._await(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._await(agen.aclose())
 
     def _take_controls(self, req_id: int, granted: int, stopped: bool) -> tuple[int, bool]:
         """Consume the CREDIT and STOP frames for ``req_id`` already read."""
