@@ -4,32 +4,34 @@ Data flow (keep this true when the code changes)::
 
     callers: asyncio tasks on any loop, or threads            hub process
     ─────────────────────────────────────────────────────────────────────────
-    hub.request(*a, **kw)                 hub.submit(*a, **kw)
+    hub.request / hub.stream              hub.submit / hub.submit_stream
       pickle (protocol 5) here: a bad       -> concurrent.futures.Future
-      argument raises at the call site;
-      big buffers -> a /dev/shm file
-      Call queued under the bridge lock; if a worker is idle the caller
-      sends at once (non-blocking), else the bridge sends when one frees
+      argument raises at the call site;        or a blocking iterator
+      big buffers -> a pooled /dev/shm segment
+      under the bridge lock: core.submit(call) -> actions (core.py, no I/O);
+      a Send to an idle worker is written at once (non-blocking)
                                    │
                                    ▼
-                          bridge thread (bridge.py)
-                          selectors: listener, worker sockets, wake-up pipe
-                          - RESULT/ERROR: resolve the call, give the worker
-                            the next queued call in the same pass
-                          - EOF / silence: re-queue that worker's calls
+                          bridge thread (bridge.py): the driver
+                          selectors: listeners, worker sockets, wake-up
+                          pipe, sentinels of lost local workers
+                          - RESULT/ERROR/CHUNK -> core.answered/chunk
+                          - GOODBYE -> core.worker_leaving
+                          - EOF / silence -> core.worker_lost
                           - handshake threads vet new connections (HMAC)
                                    │
-      future resolved on the caller's own loop: one
-      loop.call_soon_threadsafe per loop per pass (batched);
-      the result is unpickled by the caller, not the bridge
+      outcomes handed over outside the lock: one call_soon_threadsafe
+      per loop per pass (the result is unpickled by the caller); submit()
+      futures resolved on a delivery thread (their callbacks run there)
     ─────────────────────────────────────────────────────────────────────────
                  one stream per worker: TCP (TCP_NODELAY), or on Linux an
                  abstract unix socket for workers on this machine; framed:
                  kind | request id | length | body   (protocol.py)
     ─────────────────────────────────────────────────────────────────────────
     worker process (worker.py): model = cls(*args, **kwargs) once, then
-      recv -> model(*a, **kw) -> send, one request at a time;
-      a heartbeat thread; SIGTERM/SIGINT finishes the request in hand
+      recv -> model(*a, **kw) -> send (a batch: model(xs); a stream: CHUNKs
+      within a credit window; async models on the worker's own loop);
+      a heartbeat thread; SIGTERM finishes what it holds, then GOODBYE
 
 Who may call what:
 
