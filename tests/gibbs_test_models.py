@@ -161,3 +161,103 @@ class LeakThenDie:
         with open(f"/dev/shm/gibbs-w{os.getpid()}-unsent", "wb") as f:
             f.write(b"\0" * 4096)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- named models and batching
+
+
+class TextTag:
+    """Answers ("text", its pid, x): which model's worker ran a request."""
+
+    def __init__(self, wait_time: float = 0.0) -> None:
+        self.w = wait_time
+
+    def __call__(self, x: Any) -> Any:
+        if self.w:
+            time.sleep(self.w)
+        return ("text", os.getpid(), x)
+
+
+class ImageTag:
+    """Answers ("image", its pid, x): a second class, for a second model name."""
+
+    def __init__(self, wait_time: float = 0.0) -> None:
+        self.w = wait_time
+
+    def __call__(self, x: Any) -> Any:
+        if self.w:
+            time.sleep(self.w)
+        return ("image", os.getpid(), x)
+
+
+class BatchModel:
+    """A batched model (``gibbs_batch_size`` > 1): called with a list of inputs.
+
+    A plain input ``x`` answers ``(x, len(xs), position in the batch, batch
+    number in this worker, pid)``. Special inputs:
+
+    * ``("sleep", s)``: the batch takes ``s`` seconds (instead of ``wait_time``);
+    * ``"boom"``: the whole call raises ValueError;
+    * ``"short"``: the call returns one result too few;
+    * ``"none"``: the call returns None (not a list);
+    * ``("err", msg)``: that item's result is a ``ValueError(msg)`` instance.
+
+    With ``path``, each batch is appended to that file (one line: its pid and
+    ``repr(xs)``) before it runs, so tests can see what really reached it.
+    """
+
+    def __init__(self, wait_time: float = 0.0, path: Any = None) -> None:
+        self.w = wait_time
+        self.path = path
+        self.batches = 0
+
+    def __call__(self, xs: list) -> Any:
+        assert isinstance(xs, list), type(xs)
+        self.batches += 1
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(f"{os.getpid()} {xs!r}\n")
+        sleeps = [x[1] for x in xs if isinstance(x, tuple) and len(x) == 2 and x[0] == "sleep"]
+        delay = max(sleeps) if sleeps else self.w
+        if delay:
+            time.sleep(delay)
+        if "boom" in xs:
+            raise ValueError(f"the batch of {len(xs)} failed")
+        if "none" in xs:
+            return None
+        out: list = []
+        for i, x in enumerate(xs):
+            if isinstance(x, tuple) and len(x) == 2 and x[0] == "err":
+                out.append(ValueError(x[1]))
+            else:
+                out.append((x, len(xs), i, self.batches, os.getpid()))
+        if "short" in xs:
+            out.pop()
+        return out
+
+
+class BatchDieOnce:
+    """A batched model: the first worker to get a batch of more than one
+    input takes the token file and SIGKILLs itself mid-batch (after logging
+    the batch to ``path``); others answer ``(x, pid)`` for each input."""
+
+    def __init__(self, token: str, path: str, wait_time: float = 0.3) -> None:
+        self.token = token
+        self.path = path
+        self.w = wait_time
+
+    def __call__(self, xs: list) -> list:
+        time.sleep(self.w)
+        if len(xs) > 1:
+            try:
+                os.unlink(self.token)
+            except FileNotFoundError:
+                pass
+            else:
+                with open(self.path, "a") as f:
+                    f.write(f"die {os.getpid()} {xs!r}\n")
+                faulthandler.disable()
+                os.kill(os.getpid(), signal.SIGKILL)
+        with open(self.path, "a") as f:
+            f.write(f"run {os.getpid()} {xs!r}\n")
+        return [(x, os.getpid()) for x in xs]

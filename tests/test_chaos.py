@@ -47,7 +47,11 @@ def test_chaos_kills_under_load_lose_nothing() -> None:
         # fork (Linux's default before Python 3.14): the descriptor count
         # below is exact for it, with no fork server holding descriptors of its own
         w = Worker(
-            Square, 0.003, gibbs_port=hub.port, gibbs_host="127.0.0.1", gibbs_heartbeat_interval=0.2,
+            Square,
+            0.003,
+            gibbs_port=hub.port,
+            gibbs_host="127.0.0.1",
+            gibbs_heartbeat_interval=0.2,
             gibbs_start_method="fork",
         )
         w.start()
@@ -123,7 +127,7 @@ def test_chaos_kills_under_load_lose_nothing() -> None:
     expected = base_fds + per_worker * len(workers)
     assert wait_until(lambda: open_fds() <= expected, 10), (
         f"{open_fds()} descriptors open, expected {base_fds} + {per_worker} x {len(workers)} workers: "
-        + " ".join(sorted(extra().values()))
+        + " ".join(sorted(extra().values(), key=lambda what: (what.startswith("pipe:"), what)))
     )
     left = extra()
     assert all(what.startswith("pipe:") for what in left.values()), sorted(left.values())

@@ -35,6 +35,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(REPO, "examples", "fastapi_app.py")
 CLIENT = os.path.join(REPO, "examples", "client.py")
 CHILD_APP = os.path.join(REPO, "tests", "scripts", "child_app.py")
+#: The walkthrough (the usage page) whose code the examples are, kept with the tests.
+WALKTHROUGH = os.path.join(REPO, "tests", "walkthrough", "usage-walkthrough.md")
+#: Where the original lives in the shared checkout layout, when it is there.
+SHARED_WALKTHROUGH = os.path.join(REPO, "..", "shared", "seeds", "usage-walkthrough.md")
 BASE = "http://127.0.0.1:8000"
 APP_PORT = 8000
 HUB_PORT = 5019
@@ -199,16 +203,30 @@ def run_bounded(coro, timeout: float = 60.0):
 # ------------------------------------------------------------------ the walkthrough
 
 
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python[^\n]*\n(.*?)```", markdown, re.S)
+
+
 def test_examples_are_the_walkthrough_code() -> None:
-    seed = os.path.join(REPO, "..", "shared", "seeds", "usage-walkthrough.md")
-    if not os.path.exists(seed):
-        pytest.skip("the walkthrough is not next to this checkout")
-    with open(seed) as f:
-        blocks = re.findall(r"```python[^\n]*\n(.*?)```", f.read(), re.S)
+    # The walkthrough kept in the repository (a copy of the usage page), so
+    # this never depends on files outside the checkout.
+    with open(WALKTHROUGH) as f:
+        blocks = _python_blocks(f.read())
+    assert len(blocks) == 4, f"{WALKTHROUGH}: expected 4 python blocks, found {len(blocks)}"
     with open(APP) as f:
-        assert f.read() == blocks[3]
+        assert f.read() == blocks[3], f"{APP} is not the walkthrough's scaled-up app"
     with open(CLIENT) as f:
-        assert f.read() == blocks[2]
+        assert f.read() == blocks[2], f"{CLIENT} is not the walkthrough's timing script"
+
+
+def test_walkthrough_copy_is_the_shared_original() -> None:
+    # When the original sits next to this checkout, the copy must still be it.
+    if not os.path.exists(SHARED_WALKTHROUGH):
+        pytest.skip(f"no original walkthrough at {SHARED_WALKTHROUGH} to compare the copy with")
+    with open(SHARED_WALKTHROUGH) as f:
+        original = f.read()
+    with open(WALKTHROUGH) as f:
+        assert f.read() == original, f"{WALKTHROUGH} is out of date: copy {os.path.normpath(SHARED_WALKTHROUGH)}"
 
 
 @pytest.fixture(scope="class")

@@ -44,7 +44,7 @@ def test_core_behaviour_under_every_start_method(hub, make_workers, tmp_path, me
     make_workers(hub, Raises, 2, gibbs_start_method=method, gibbs_model="raises")
     token = tmp_path / "token"
     token.write_text("")
-    make_workers(hub, DieOnce, 2, str(token), 0.1, gibbs_start_method=method, gibbs_model="dies")
+    dies = make_workers(hub, DieOnce, 2, str(token), 0.1, gibbs_start_method=method, gibbs_model="dies")
     hub.wait_for_workers_sync(4, timeout=60)
 
     async def main() -> None:
@@ -57,9 +57,14 @@ def test_core_behaviour_under_every_start_method(hub, make_workers, tmp_path, me
         assert await hub.request("x", "sigkill", gibbs_model="dies") == "x"
         assert not token.exists()
         stats = hub.statistics()
-        assert stats["retried"] == 1 and stats["worker_deaths"] == 1
+        assert stats["retried"] == 1 and stats["worker_deaths"] == 1, stats
 
     run(main(), timeout=90)
+    # exactly one of them died, and of the SIGKILL it sent itself
+    assert wait_until(lambda: sum(w.is_alive() for w in dies) == 1, 10), dies
+    dead = next(w for w in dies if not w.is_alive())
+    dead.join(10)
+    assert dead.exitcode == -signal.SIGKILL, dead
 
 
 def test_run_in_this_process_with_explicit_key(make_hub, tmp_path) -> None:
