@@ -299,6 +299,36 @@ def test_stopping_the_app_leaves_no_process(tmp_path, how: str) -> None:
         assert not left, "\n".join(left)
 
 
+def test_ctrl_c_with_requests_in_flight_serves_them_all(tmp_path) -> None:
+    """Ctrl-C in the app's terminal with 6 requests in flight and 4 workers:
+    the workers (same process group) keep serving, so uvicorn's graceful
+    shutdown sees all 6 answered (the 2 queued ones too), then everything
+    exits."""
+    need_ports()
+    server = AppServer(str(tmp_path / "app.log"))
+    try:
+        server.wait_ready()
+
+        async def main() -> tuple[list[dict], float]:
+            task = asyncio.ensure_future(parallel_requests(6))
+            await asyncio.sleep(0.1)  # 4 running, 2 queued
+            os.killpg(server.proc.pid, signal.SIGINT)
+            t0 = time.perf_counter()
+            results, _ = await task
+            return results, time.perf_counter() - t0
+
+        results, waited = run_bounded(main(), timeout=40)
+        assert results == [{"result": i * i} for i in range(6)]
+        assert waited < 5, f"the last answers took {waited:.1f} s after Ctrl-C"
+        assert server.proc.wait(timeout=30) == 0, server.log()[-2000:]
+        left = wait_gone(server.proc.pid, APP, 15)
+        assert not left, "after Ctrl-C, still running:\n" + "\n".join(left)
+    finally:
+        server.stop()
+        left = wait_gone(server.proc.pid, APP, 10)
+        assert not left, "\n".join(left)
+
+
 # ------------------------------------------------------------------ hub in the parent, app in a child
 
 
