@@ -273,3 +273,12 @@ def test_local_worker_list_is_pruned(monkeypatch) -> None:
 class _ExitAtOnce:
     def __init__(self) -> None:
         os._exit(0)
+
+
+def test_timeout_message_names_workers_that_never_connected(hub, make_workers) -> None:
+    """A worker pointed at another port: the hub cannot hear from it, but
+    the error says that a worker started here is running and not connected."""
+    make_workers(hub, Square, 1, gibbs_port=1)
+    with pytest.raises(NoWorkersError) as info:
+        hub.wait_for_workers_sync(1, timeout=1.0)
+    assert "point at 127.0.0.1:1, not at this hub" in str(info.value)

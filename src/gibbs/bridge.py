@@ -314,6 +314,7 @@ class Bridge:
                     "queued": len(m.queue),
                     "in_flight": sum(len(w.held) for w in ws),
                     "batch_size": max((w.batch_size for w in ws), default=1),
+                    "batch_sizes": dict(sorted(m.batch_sizes.items())),
                 }
             return {
                 "workers": len(peers),

@@ -166,7 +166,7 @@ class WorkerInfo:
 
 
 class _Model:
-    __slots__ = ("name", "cls", "queue", "workers", "batch_wait", "unavailable")
+    __slots__ = ("name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -175,6 +175,7 @@ class _Model:
         self.workers: dict[Hashable, WorkerInfo] = {}
         self.batch_wait = 0.0
         self.unavailable: Optional[BaseException] = None
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # of batched workers' units
 
 
 def same_class(a: str, b: str) -> bool:
@@ -641,6 +642,8 @@ class Core:
             for call in calls:
                 call.holders.append(w.id)
                 w.held[call.id] = call
+            if w.batch_size > 1:
+                model.batch_sizes[len(calls)] += 1
             out.append(Send(w.id, tuple(calls)))
 
     # ------------------------------------------------------------ views

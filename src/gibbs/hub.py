@@ -611,7 +611,16 @@ class Hub:
                 f"{len(alive)} worker process(es) started here are still running but not connected "
                 "(still building the model?)"
             )
-        if not seen and not exited and not alive:
+        elsewhere = sorted(
+            {f"{w.host}:{w.port}" for w in local_workers() if w.is_alive() and w.pid is not None}
+            - {f"{w.host}:{w.port}" for w in local_workers() if w.port == self.port and is_loopback(w.host)}
+        )
+        if elsewhere:
+            lines.append(
+                f"worker processes started here point at {', '.join(elsewhere)}, not at this hub "
+                f"({self._host}:{self.port}): check gibbs_host/gibbs_port"
+            )
+        if not seen and not exited and not alive and not elsewhere:
             lines.append(
                 "no worker reported a failure: are workers started, pointed at this address "
                 "(gibbs_host/gibbs_port), and sharing this hub's key?"
@@ -631,7 +640,8 @@ class Hub:
         return bridge.statistics()
 
     def models(self) -> dict[str, dict[str, Any]]:
-        """Per model name: its class, workers, busy, queued, in_flight, batch_size."""
+        """Per model name: its class, workers, busy, queued, in_flight,
+        batch_size, and batch_sizes (how many batches of each size were sent)."""
         bridge = self._bridge
         return bridge.models() if bridge is not None else {}
 
