@@ -111,7 +111,7 @@ def test_frame_reader_huge_announced_length() -> None:
         reader.feed(p.HEADER.pack(p.RESULT, 1, 0xFFFFFFFF))
 
 
-@pytest.mark.parametrize("kind", [0, 12, 42, 255])
+@pytest.mark.parametrize("kind", [0, 42, 200, 255])
 def test_frame_reader_unknown_kind(kind: int) -> None:
     reader = p.FrameReader()
     with pytest.raises(ProtocolError, match="unknown message kind"):

@@ -724,8 +724,7 @@ class Bridge:
                 del self._peers[peer.fd]
             else:
                 self._joined_pids.add(peer.pid)
-                if peer.info.batch_size > 1:
-                    self._batched_models.add(model)
+                self._refresh_batched_locked(model)
         if peer.gone:
             try:
                 self._selector.unregister(sock)
@@ -857,6 +856,7 @@ class Bridge:
             else:
                 logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
             self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
+            self._refresh_batched_locked(peer.info.model)
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
@@ -864,6 +864,15 @@ class Bridge:
             if not peer.info.leaving:
                 protocol.remove_segments(prefix)
         self._notify_waiters()
+
+    def _refresh_batched_locked(self, model: str) -> None:
+        """Whether calls to ``model`` must be batchable: while a batched
+        worker serves it (a name may change hands once its workers left)."""
+        m = self._core.models.get(model)
+        if m is not None and any(w.batch_size > 1 for w in m.workers.values()):
+            self._batched_models.add(model)
+        else:
+            self._batched_models.discard(model)
 
     # ---------------------------------------------------------------- local workers
 

@@ -56,6 +56,7 @@ import os
 import pickle
 import queue
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -176,6 +177,7 @@ class Hub:
         self._probe_path: Optional[str] = None
         self._pool: Optional[protocol.SegmentPool] = None  # shared memory for requests
         self._pid = os.getpid()
+        self._created_at = time.monotonic()  # local workers started since then are this hub's
         self._finalizer: Optional[weakref.finalize] = None
         _live_hubs.add(self)
 
@@ -227,6 +229,7 @@ class Hub:
                     listeners.append(local)
             probe = self._make_probe()
             port = self.port
+            created = self._created_at
             bridge = Bridge(
                 listeners,
                 authkey=self._authkey,
@@ -240,7 +243,7 @@ class Hub:
                 shm_probe=probe,
                 deliver_async=_deliver_async,
                 deliver_sync=_deliver_sync,
-                local_workers=lambda: _local_workers_of(port),
+                local_workers=lambda: _local_workers_of(port, created),
             )
             bridge.start()
             self._bridge = bridge
@@ -576,8 +579,6 @@ class Hub:
         self, n: int = 1, timeout: Optional[float] = None, *, model: Optional[str] = None
     ) -> None:
         """``wait_for_workers`` for code without an event loop (blocks)."""
-        import time
-
         bridge = self._ensure_started()
         changed = threading.Event()
         token = bridge.add_waiter(changed.set)
@@ -600,8 +601,8 @@ class Hub:
         of = f" of model {model!r}" if model is not None else ""
         lines = [f"{have} of {n} workers{of} connected to {self._host}:{self.port} within {timeout} s"]
         seen = bridge.failures() if bridge else []
-        locals_ = _local_workers_of(self.port)
-        alive = [w for w in locals_ if w.exitcode() is None]
+        locals_ = _local_workers_of(self.port, self._created_at)
+        alive = [w for w in locals_ if w.exitcode() is None]  # peeks, never reaps
         exited = [f"local worker pid {w.pid} exited: {describe_exit(c)}" for w in locals_ if (c := w.exitcode())]
         if seen or exited:
             lines.append("what the hub saw:")
@@ -612,7 +613,7 @@ class Hub:
                 "(still building the model?)"
             )
         elsewhere = sorted(
-            {f"{w.host}:{w.port}" for w in local_workers() if w.is_alive() and w.pid is not None}
+            {f"{w.host}:{w.port}" for w in local_workers() if w.pid is not None and w.peek_exitcode() is None}
             - {f"{w.host}:{w.port}" for w in local_workers() if w.port == self.port and is_loopback(w.host)}
         )
         if elsewhere:
@@ -865,17 +866,18 @@ def _error_from_record(body: bytes) -> GibbsError:
     return SerializationError(f"the worker could not unpickle the arguments: {type_name}: {message}")
 
 
-def _local_workers_of(port: int) -> list[LocalWorker]:
-    """Worker processes started by this process for the hub on ``port``."""
+def _local_workers_of(port: int, since: float) -> list[LocalWorker]:
+    """Worker processes started by this process for the hub on ``port``,
+    since the hub was made (older ones served an earlier hub on that port)."""
     return [
         LocalWorker(w.pid, w.model, _exitcode_of(w), w.sentinel)
         for w in local_workers()
-        if w.pid is not None and w.port == port and is_loopback(w.host)
+        if w.pid is not None and w.port == port and is_loopback(w.host) and (w.started_at or 0.0) >= since
     ]
 
 
 def _exitcode_of(worker: Worker) -> Callable[[], Optional[int]]:
-    return lambda: worker.exitcode
+    return worker.peek_exitcode  # never reaps: the thread that joins the worker does
 
 
 def _finalize_unclosed(

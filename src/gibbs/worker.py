@@ -176,6 +176,8 @@ class Worker:
         # worker started with spawn carries the parent's key explicitly.
         self._authkey, _ = resolve_authkey(gibbs_authkey)
         self._process: Optional[multiprocessing.process.BaseProcess] = None
+        self.start_method_used: Optional[str] = None
+        self.started_at: Optional[float] = None  # time.monotonic() at start()
 
     # ------------------------------------------------------------ process API
 
@@ -184,6 +186,7 @@ class Worker:
         if self._process is not None:
             raise RuntimeError("this Worker was already started")
         ctx = multiprocessing.get_context(self.start_method)
+        self.start_method_used = ctx.get_start_method()
         _prune_local_workers()
         self._process = ctx.Process(  # type: ignore[attr-defined]
             target=_process_main,
@@ -197,6 +200,7 @@ class Worker:
             self._process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.started_at = time.monotonic()
         _local_workers.append(self)
 
     def terminate(self) -> None:
@@ -225,6 +229,31 @@ class Worker:
     @property
     def exitcode(self) -> Optional[int]:
         return self._process.exitcode if self._process is not None else None
+
+    def peek_exitcode(self) -> Optional[int]:
+        """The exit code if the process has ended, without reaping it: safe
+        from another thread than the one that joins it (two threads calling
+        waitpid on one child race, and one may then see a dead process as
+        alive)."""
+        proc = self._process
+        if proc is None or proc.pid is None:
+            return None
+        popen = getattr(proc, "_popen", None)
+        code = getattr(popen, "returncode", None)
+        if code is not None:
+            return int(code)
+        if not hasattr(os, "waitid") or self.start_method_used == "forkserver":
+            return proc.exitcode  # not our child (the fork server's): read from its sentinel
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped meanwhile by its owner
+            code = getattr(popen, "returncode", None)
+            return None if code is None else int(code)
+        if info is None:
+            return None
+        if info.si_code == os.CLD_EXITED:
+            return info.si_status
+        return -info.si_status
 
     @property
     def sentinel(self) -> int:
