@@ -606,6 +606,8 @@ class Core:
             load = w.load
             if ewma is None or load >= w.depth or load * ewma >= PIPELINE_WINDOW:
                 continue
+            if any(call.stream for call in w.held.values()):
+                continue  # a stream lasts as long as its consumer: nothing queues behind it
             if best is None or load < best.load:
                 best = w
         return best

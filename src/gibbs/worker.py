@@ -288,6 +288,31 @@ async def _identity(aw: Any) -> Any:
     return await aw
 
 
+async def _one(value: Any) -> Any:
+    yield value
+
+
+class _AsyncStreamState:
+    """Flow control of one stream running on an async worker's loop (touched
+    only on that loop: the serving thread hands frames over with
+    ``call_soon_threadsafe``)."""
+
+    __slots__ = ("granted", "stopped", "changed")
+
+    def __init__(self) -> None:
+        self.granted = protocol.STREAM_WINDOW
+        self.stopped = False
+        self.changed: Optional[asyncio.Event] = None
+
+    def control(self, n: int) -> None:
+        if n < 0:
+            self.stopped = True
+        else:
+            self.granted += n
+        if self.changed is not None:
+            self.changed.set()
+
+
 def class_name(cls: Any) -> str:
     """``module:QualifiedName`` of a model class (what a hub compares)."""
     return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', getattr(cls, '__name__', repr(cls)))}"
@@ -385,6 +410,7 @@ class _Runtime:
         self.aloop: Optional[asyncio.AbstractEventLoop] = None  # runs async calls, in its own thread
         self.aloop_thread: Optional[threading.Thread] = None
         self.async_calls: set[concurrent.futures.Future[Any]] = set()  # async calls in progress
+        self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
         self.silence = 1.0
@@ -633,7 +659,17 @@ class _Runtime:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
-                    self._stream(sock, req_id, body)
+                    if self.is_async:
+                        self._start_async_stream(sock, req_id, body)
+                    else:
+                        self._stream(sock, req_id, body)
+                    continue
+                elif kind == protocol.CREDIT or kind == protocol.STOP:
+                    state = self.async_streams.get(req_id)
+                    if state is not None:
+                        n = protocol.unpack_credit(body) if kind == protocol.CREDIT else -1
+                        assert self.aloop is not None
+                        self.aloop.call_soon_threadsafe(state.control, n)
                     continue
                 elif kind == protocol.REFUSED:
                     reason = protocol.unpack_json(body).get("reason", "?")
@@ -792,6 +828,74 @@ class _Runtime:
                 gen.close()  # runs the generator's finally when it was stopped early
         self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body))
 
+    def _start_async_stream(self, sock: socket.socket, req_id: int, body: protocol.Buffer) -> None:
+        """An async worker streams on its loop, so that its other slots (and
+        other streams) go on while one consumer is slow. CREDIT and STOP
+        frames reach the stream through ``async_streams``."""
+        if self.aloop is None:
+            self._start_async_loop()
+        assert self.aloop is not None
+        state = _AsyncStreamState()
+        self.async_streams[req_id] = state
+        fut = asyncio.run_coroutine_threadsafe(self._astream(sock, req_id, body, state), self.aloop)
+        self.async_calls.add(fut)
+        fut.add_done_callback(self.async_calls.discard)
+
+    async def _astream(self, sock: socket.socket, req_id: int, body: protocol.Buffer, state: "_AsyncStreamState") -> None:
+        state.changed = asyncio.Event()
+        out: list[protocol.Buffer]
+        try:
+            try:
+                args, kwargs = protocol.decode(body, cache=self.maps)
+            except Exception as exc:
+                out = self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc)
+            else:
+                out = await self._astream_items(sock, req_id, args, kwargs, state)
+            try:
+                self._send(sock, out)
+            except OSError:
+                pass
+        finally:
+            self.async_streams.pop(req_id, None)
+
+    async def _astream_items(
+        self, sock: socket.socket, req_id: int, args: Any, kwargs: Any, state: "_AsyncStreamState"
+    ) -> list[protocol.Buffer]:
+        """Send the items; return the closing frame (RESULT None, or ERROR)."""
+        agen: Any = None
+        sent = 0
+        changed = state.changed
+        assert changed is not None
+        try:
+            result = self.model(*args, **kwargs)
+            del args, kwargs
+            if inspect.isasyncgen(result):
+                agen = result
+            else:
+                value = await result if inspect.isawaitable(result) else result
+                agen = _one(value)
+            async for item in agen:
+                try:
+                    payload = protocol.encode(item)
+                except Exception as exc:
+                    return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc)
+                while sent >= state.granted and not state.stopped:
+                    changed.clear()
+                    await changed.wait()
+                if state.stopped:
+                    break
+                try:
+                    self._send(sock, protocol.pack_frame(protocol.CHUNK, req_id, payload.body))
+                except OSError:
+                    break  # the hub is gone: it re-sends or fails the stream
+                sent += 1
+        except Exception as exc:
+            return self._error_frame(req_id, protocol.ERR_USER, exc)
+        finally:
+            if agen is not None:
+                await agen.aclose()  # runs its finally when stopped early
+        return protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body)
+
     def _await(self, aw: Any) -> Any:
         if self.aloop is None:
             self._start_async_loop()
@@ -839,7 +943,19 @@ class _Runtime:
             frames = self._read_frames(sock)
             if frames is None:
                 raise ConnectionResetError("the hub closed the connection during a stream")
-            self.pending.extend(frames)
+            for frame in frames:
+                kind = frame[0]
+                if kind == protocol.RELEASE:
+                    if self.pool is not None:
+                        self.pool.release(frame[2].decode(errors="replace"))
+                elif kind == protocol.REQUEST and self.is_async:
+                    # An async worker's other slots go on while this stream
+                    # waits for its consumer: the call runs on the loop.
+                    buffers, payloads = self._handle(frame[1], frame[2])
+                    if buffers:
+                        self._send_answers(sock, buffers, [p for p in payloads if p.shm_path is not None])
+                else:
+                    self.pending.append(frame)
 
     def _result_frame(self, req_id: int, result: Any) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
