@@ -114,7 +114,9 @@ class Call:
         self.sink = sink
         self.queued = False  # in its model's queue
         self.done = False  # its Resolve was returned
-        self.holders: list[Hashable] = []  # workers holding an attempt
+        # Workers holding an attempt: a tuple, empty (shared) while queued,
+        # so that a queued call costs no list of its own.
+        self.holders: tuple[Hashable, ...] = ()
         self.attempts = 0  # attempts lost with their worker
         self.failures: Optional[list[str]] = None  # how each lost attempt ended
         self.queued_at = 0.0
@@ -176,6 +178,15 @@ class _Model:
         self.batch_wait = 0.0
         self.unavailable: Optional[BaseException] = None
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # of batched workers' units
+
+
+def _without(holders: tuple[Hashable, ...], worker_id: Hashable) -> tuple[Hashable, ...]:
+    if holders == (worker_id,):
+        return ()
+    if worker_id not in holders:
+        raise ValueError(f"{worker_id!r} holds no attempt of this call")
+    i = holders.index(worker_id)
+    return holders[:i] + holders[i + 1 :]
 
 
 def same_class(a: str, b: str) -> bool:
@@ -306,7 +317,8 @@ class Core:
         if call.id in self.calls:
             raise ValueError(f"call id {call.id} is already in use")
         self.calls[call.id] = call
-        call.queued_at = now
+        if model.batch_wait:
+            call.queued_at = now  # only a batch that may wait needs it
         self._enqueue(call)
         self.stats["submitted"] += 1
         out: list[Action] = []
@@ -426,7 +438,7 @@ class Core:
         # Front of the queue, in the order they were sent.
         back: list[Call] = []
         for call_id, call in w.held.items():
-            call.holders.remove(w.id)
+            call.holders = _without(call.holders, w.id)
             if call.done:
                 if not call.holders:
                     out.append(Release(call))
@@ -483,7 +495,7 @@ class Core:
         call = w.held.pop(call_id, None)
         if call is None:
             return out
-        call.holders.remove(worker_id)
+        call.holders = _without(call.holders, worker_id)
         # Free the unit once every call in it is answered.
         for unit in w.units:
             if call_id in unit:
@@ -642,7 +654,7 @@ class Core:
                 w.last_done = now
             w.units.append([c.id for c in calls])
             for call in calls:
-                call.holders.append(w.id)
+                call.holders += (w.id,)
                 w.held[call.id] = call
             if w.batch_size > 1:
                 model.batch_sizes[len(calls)] += 1
