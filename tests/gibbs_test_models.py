@@ -261,3 +261,105 @@ class BatchDieOnce:
         with open(self.path, "a") as f:
             f.write(f"run {os.getpid()} {xs!r}\n")
         return [(x, os.getpid()) for x in xs]
+
+
+# ---------------------------------------------------------------- streaming and async models
+
+
+def _note(path: Any, text: str, mode: str = "a") -> None:
+    if path:
+        with open(path, mode) as f:
+            f.write(text)
+
+
+class Streamer:
+    """A generator model: yields ``0 .. n-1``, sleeping ``delay`` before each.
+
+    * ``progress``: a file rewritten with how many items the generator has
+      produced so far (before each is yielded): how far ahead it ran.
+    * ``marker``: a file the generator's ``finally`` appends to
+      (``"closed <pid> <produced>"`` when stopped early, ``"done ..."`` at the end).
+    * ``fail_at``: raise ValueError instead of producing that item.
+    * ``die_at``: SIGKILL this worker instead of producing that item (with
+      ``token``: only the first worker to take that file dies).
+    """
+
+    def __call__(
+        self,
+        n: int,
+        delay: float = 0.0,
+        progress: Any = None,
+        marker: Any = None,
+        fail_at: Any = None,
+        die_at: Any = None,
+        token: Any = None,
+    ) -> Any:
+        produced = 0
+        finished = False
+        try:
+            for i in range(n):
+                if delay:
+                    time.sleep(delay)
+                if die_at == i:
+                    take = True
+                    if token is not None:
+                        try:
+                            os.unlink(token)
+                        except FileNotFoundError:
+                            take = False
+                    if take:
+                        faulthandler.disable()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if fail_at == i:
+                    raise ValueError(f"item {i} is cursed")
+                produced += 1
+                _note(progress, str(produced), "w")
+                yield i
+            finished = True
+        finally:
+            _note(marker, f"{'done' if finished else 'closed'} {os.getpid()} {produced}\n")
+
+
+class AsyncSleep:
+    """``async def __call__``: sleeps ``seconds`` on the worker's loop, returns
+    ``(value, pid)``. ``value == "boom"`` raises ValueError after the sleep.
+    With ``path``, appends ``start <value>`` / ``end <value>`` lines."""
+
+    def __init__(self, path: Any = None) -> None:
+        self.path = path
+
+    async def __call__(self, seconds: float, value: Any = None) -> Any:
+        import asyncio
+
+        _note(self.path, f"start {value}\n")
+        await asyncio.sleep(seconds)
+        if value == "boom":
+            raise ValueError("async boom")
+        _note(self.path, f"end {value}\n")
+        return (value, os.getpid())
+
+
+class AsyncStreamer:
+    """An async generator model: yields ``0 .. n-1``, awaiting
+    ``asyncio.sleep(delay)`` before each; ``marker``/``progress``/``fail_at``
+    as in :class:`Streamer`."""
+
+    async def __call__(
+        self, n: int, delay: float = 0.0, progress: Any = None, marker: Any = None, fail_at: Any = None
+    ) -> Any:
+        import asyncio
+
+        produced = 0
+        finished = False
+        try:
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                if fail_at == i:
+                    raise ValueError(f"async item {i} is cursed")
+                produced += 1
+                _note(progress, str(produced), "w")
+                yield i
+            finished = True
+        finally:
+            _note(marker, f"{'done' if finished else 'closed'} {os.getpid()} {produced}\n")
