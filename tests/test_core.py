@@ -31,7 +31,7 @@ from gibbs.core import (
 )
 from gibbs.errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
 
-EXAMPLES = int(os.environ.get("GIBBS_HYPOTHESIS_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("GIBBS_HYPOTHESIS_EXAMPLES", "800"))
 MODELS = ["a", "b"]
 
 
@@ -127,6 +127,22 @@ class CoreMachine(RuleBasedStateMachine):
         open_calls = [c for c in self.calls.values() if c.id not in self.outcomes]
         self.apply(self.core.resend(data.draw(st.sampled_from(open_calls)), self.now))
 
+    @precondition(lambda self: any(c.holders and c.id not in self.outcomes for c in self.calls.values()))
+    @rule(data=st.data(), error=st.booleans())
+    def retry_then_first_attempt_answers(self, data: st.DataObject, error: bool) -> None:
+        """gibbs_retries: a second attempt is sent, then the first one answers."""
+        running = [c for c in self.calls.values() if c.holders and c.id not in self.outcomes]
+        call = data.draw(st.sampled_from(running))
+        first = call.holders[0]
+        if not self.core.closing:  # a free worker for the second attempt
+            self.join(call.model, self.core.models[call.model].cls or "A", 1, 1, 1)
+        self.apply(self.core.resend(call, self.now))
+        if call.id in self.holding.get(first, []):
+            self.holding[first].remove(call.id)
+            outcome = Outcome(OutcomeKind.ERROR if error else OutcomeKind.RESULT, (first, call.id))
+            self.apply(self.core.answered(first, call.id, outcome, self.now))
+            assert self.outcomes.get(call.id) == outcome, "the first attempt's answer was thrown away"
+
     # ------------------------------------------------------------ workers
 
     @rule(
@@ -202,6 +218,21 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(grace=st.sampled_from([0.0, 0.005, 1.0]))
     def close(self, grace: float) -> None:
         self.apply(self.core.close(self.now, grace))
+
+    @precondition(lambda self: any(self.holding.values()))
+    @rule(data=st.data(), goodbye=st.booleans())
+    def close_then_lose_a_busy_worker(self, data: st.DataObject, goodbye: bool) -> None:
+        """The awkward order: a worker leaves or dies while the hub closes."""
+        self.apply(self.core.close(self.now, 1.0))
+        wid = data.draw(st.sampled_from(sorted(w for w, ids in self.holding.items() if ids)))
+        if goodbye:
+            actions = self.core.worker_leaving(wid, self.now)
+            self.holding[wid] = []
+            self.apply(actions)
+        else:
+            self.live.pop(wid)
+            self.holding.pop(wid)
+            self.apply(self.core.worker_lost(wid, "killed", self.now))
 
     # ------------------------------------------------------------ checks
 
