@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 from multiprocessing import shared_memory
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from .common import perf, reap
 from .models import identity, pipe_echo
@@ -91,6 +91,19 @@ async def drive_sequential(call: Callable[[Any], Awaitable[Any]], n: int, arg: A
         t = perf()
         await call(x)
         lat.append(perf() - t)
+    return lat
+
+
+async def drive_alternating(calls: Sequence[Callable[[Any], Awaitable[Any]]], n: int) -> list[list[float]]:
+    """One sequential caller: n rounds, each making one call with each of
+    ``calls`` in turn (so that a change of machine load affects them alike).
+    Returns the latencies of each."""
+    lat: list[list[float]] = [[] for _ in calls]
+    for i in range(n):
+        for call, out in zip(calls, lat):
+            t = perf()
+            await call(i)
+            out.append(perf() - t)
     return lat
 
 

@@ -40,6 +40,42 @@ class Gated:
         return x
 
 
+# The adaptive-batching rows: a stand-in for a GPU model whose call costs a
+# fixed GPU_BASE plus GPU_PER_ITEM for each item of the batch (time.sleep).
+GPU_BASE = 0.002
+GPU_PER_ITEM = 0.00005
+
+
+def gpu_cost(n: int) -> float:
+    """Seconds one call of the stand-in GPU model takes on ``n`` items."""
+    return GPU_BASE + GPU_PER_ITEM * n
+
+
+class FakeGPU:
+    """The stand-in GPU model. ``batched``: called as ``model(xs)`` with a list
+    of inputs, sleeps ``gpu_cost(len(xs))`` and returns them; otherwise called
+    as ``model(x)``, sleeps ``gpu_cost(1)`` and returns ``x``. ``counters``
+    (optional, a shared ``multiprocessing.RawArray("q", 3)`` of this worker's
+    alone) counts the calls, the items, and the nanoseconds spent in calls:
+    the mean batch size and how busy the worker was."""
+
+    def __init__(self, batched: bool, counters: Any = None) -> None:
+        self.batched = batched
+        self.counters = counters
+
+    def __call__(self, x: Any) -> Any:
+        t = time.perf_counter_ns()
+        n = len(x) if self.batched else 1
+        time.sleep(gpu_cost(n))
+        out = list(x) if self.batched else x
+        c = self.counters
+        if c is not None:
+            c[0] += 1
+            c[1] += n
+            c[2] += time.perf_counter_ns() - t
+        return out
+
+
 def identity(x: Any) -> Any:
     """The trivial model for ProcessPoolExecutor."""
     return x

@@ -128,6 +128,29 @@ that a change of machine load affects both alike):
   holds it at a gate (a `multiprocessing.Event`) so that process start-up and
   connection are not timed; the clock runs from opening the gate to the last
   future resolved. Throughput = N / that time.
+* **Adaptive batching**: a stand-in for a GPU model, `time.sleep(2 ms +
+  0.05 ms × items)` (benchmarks/models.py `FakeGPU`). One hub, two models:
+  `batched`, two `Worker(FakeGPU, True, gibbs_model="batched",
+  gibbs_batch_size=32)` (called as `model(xs)`), and `unbatched`, two workers
+  of the same model called as `model(x)` (2.05 ms). Throughput: the 64
+  concurrent callers as above, on each model in turn; the mean batch size is
+  counted by the batched workers. Latency: one sequential caller alternating,
+  call by call, between the two models; the median of each.
+* **LitServe, Ray Serve** (information rows, only where they are installed:
+  `pip install litserve 'ray[serve]'`; run after everything else, so that
+  their processes do not load the machine while gibbs is measured): the same
+  model and workloads. LitServe: one server (its own process group) with
+  `/batched` (`max_batch_size=32`, `batch_timeout=1 ms`) and `/unbatched`,
+  two inference workers each, two API servers, `fast_queue=True`; the callers
+  are asyncio tasks of this process, each on its own keep-alive HTTP/1.1
+  connection (a minimal client, benchmarks/serving.py), JSON `{"x": i}`.
+  Ray Serve (full runs only: its start-up takes ~15 s here): a fresh
+  interpreter starts a local Ray and Serve (throughput mode,
+  `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, no HTTP proxy), two applications of two
+  replicas: `@serve.batch(max_batch_size=32, batch_wait_timeout_s=0)` with
+  `max_ongoing_requests=64`, and unbatched; each replica calls the model
+  directly (one call at a time); the callers are asyncio tasks of that
+  interpreter awaiting `handle.remote(i)` (benchmarks/ray_app.py).
 """
 
 

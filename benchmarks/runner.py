@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .baselines import PPE, PipeEcho, ShmCopies, drive_concurrent, drive_sequential
+from .batching_bench import batching_rows, section_batching, section_litserve, section_ray
 from .common import fmt_bytes, fmt_rate, fmt_time, machine_info, median, percentile, perf
 from .gibbs_bench import cluster
 from .models import Echo, Sleeper
@@ -37,6 +38,14 @@ class Config:
     drain_small: int
     drain_big: int
     drain_big_repeat: int
+    batch_seq: int = 600  # sequential calls per repetition, batched and unbatched alternating
+    batch_tp_u: int = 2000  # calls shared by the 64 callers, unbatched model
+    batch_tp_b: int = 16_000  # the same, batched model
+    fw_repeat: int = 2  # LitServe, Ray Serve: repetitions
+    fw_seq: int = 300  # LitServe, Ray Serve: sequential calls (each)
+    fw_tp_u: int = 1000  # LitServe, Ray Serve: calls of the unbatched throughput
+    fw_tp_b: int = 4000  # LitServe, Ray Serve: calls of the batched throughput
+    ray: bool = True  # Ray Serve rows (not in --quick: Ray's start-up takes ~15 s)
     walk_workers: int = 4
     walk_requests: int = 10
     walk_sleep: float = 0.25
@@ -45,9 +54,12 @@ class Config:
     def make(cls, quick: bool, repeat: Optional[int]) -> "Config":
         if quick:
             r = repeat or 2
-            return cls(True, r, 300, 150, 3000, 1500, 2, 20_000, 1000, 20_000, 1)
+            return cls(True, r, 300, 150, 3000, 1500, 2, 20_000, 1000, 20_000, 1,
+                       batch_seq=150, batch_tp_u=500, batch_tp_b=4000,
+                       fw_repeat=1, fw_seq=100, fw_tp_u=300, fw_tp_b=1000, ray=False)
         r = repeat or 5
-        return cls(False, r, 3000, 600, 20_000, 10_000, 3, 100_000, 1000, 100_000, max(1, min(r, 3)))
+        return cls(False, r, 3000, 600, 20_000, 10_000, 3, 100_000, 1000, 100_000, max(1, min(r, 3)),
+                   fw_repeat=max(1, min(r, 2)))
 
 
 def log(msg: str) -> None:
@@ -277,6 +289,9 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
         + ", ".join(f"{x:,.0f}" for x in res["drain_small"])
         + f"; {cfg.drain_big:,} queued " + ", ".join(f"{x:,.0f}" for x in res["drain_big"]) + " req/s.",
     ))
+
+    # 7. adaptive batching (and LitServe, Ray Serve where installed)
+    rows += batching_rows(cfg, res)
     if cfg.quick:
         for r in rows:
             r.note = (r.note + " " if r.note else "") + "(quick run: reduced sizes)"
@@ -319,7 +334,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     _forget_closed_hubs()
     asyncio.run(section_walkthrough(cfg, res))
     _forget_closed_hubs()
+    asyncio.run(section_batching(cfg, res))
+    _forget_closed_hubs()
     section_queue(cfg, res)
+    # Last: other frameworks' processes must not load the machine while
+    # gibbs is measured.
+    asyncio.run(section_litserve(cfg, res))
+    section_ray(cfg, res)
 
     info["load"] = f"{load_before} / {_load()}"
     info["elapsed"] = f"{perf() - t0:.0f} s"

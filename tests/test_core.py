@@ -399,3 +399,11 @@ def test_same_class_across_a_script_and_its_import() -> None:
     assert same_class("__main__:Model", "app:Model")
     assert not same_class("app:Model", "other:Model")
     assert not same_class("__main__:Model", "app:Other")
+
+
+def test_batched_and_unbatched_workers_do_not_share_a_name() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "m", "mod:M", batch_size=4))
+    acts = core.worker_joined(WorkerInfo(2, "m", "mod:M"))
+    assert len(acts) == 1 and isinstance(acts[0], Refuse) and "batching" in acts[0].reason
+    assert core.worker_joined(WorkerInfo(3, "m", "mod:M", batch_size=8)) == []

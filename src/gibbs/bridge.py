@@ -217,6 +217,8 @@ class Bridge:
             call = Call(self._next_id, model, payload, sink, stream)
             self._next_id += 1
             self._apply_locked(self._core.submit(call, time.monotonic()))
+            if call.queued and self._core.models[model].batch_wait:
+                self._wake_locked()  # the bridge's next tick is this batch's deadline
         if self._outcomes:
             self._hand_over()
         return call

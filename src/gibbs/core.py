@@ -392,6 +392,17 @@ class Core:
                 )
             )
             return out
+        batched = {w.batch_size > 1 for w in model.workers.values()}
+        if batched and (worker.batch_size > 1) not in batched:
+            out.append(
+                Refuse(
+                    worker.id,
+                    f"model {worker.model!r} is served {'with' if True in batched else 'without'} batching; "
+                    f"this worker {'batches' if worker.batch_size > 1 else 'does not batch'}: one name, "
+                    "one way of calling the model",
+                )
+            )
+            return out
         if not model.workers:
             model.cls = worker.cls
             model.batch_wait = batch_wait
