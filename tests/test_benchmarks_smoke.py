@@ -62,3 +62,16 @@ def test_table_rendering() -> None:
     assert text.splitlines()[3].endswith("| MISS |")
     assert text.splitlines()[4].endswith("| reported |")
     assert summary(rows) == "1 of 2 targets met (missed: 2)"
+
+
+def test_streaming_benchmark_prints_its_rows() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.streaming", "--items", "200", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr
+    for row in ("chunks per second", "time to first chunk", "first chunk vs whole stream"):
+        assert row in proc.stdout, proc.stdout
