@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import os
 import queue
@@ -41,8 +42,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import protocol
+from . import errors, protocol
 from .core import (
+    CANCELLED,
     DEFAULT_MODEL,
     Call,
     Core,
@@ -88,7 +90,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
-        "last_heard", "last_sent", "want_write", "info", "batched", "gone",
+        "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role",
     )
 
     def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
@@ -114,13 +116,99 @@ class Peer:
         self.want_write = False
         self.batched = int(hello.get("batch_size", 1)) > 1
         self.gone = False  # closed; its loss may still wait for an exit status
-        self.info: WorkerInfo  # set by the bridge
+        self.role = str(hello.get("role", "worker"))  # "worker", "client" (routes through us), "router" (we route through it)
+        # A client's open calls: its call id -> our call (owned by _lock).
+        self.calls: Optional[dict[int, Call]] = {} if self.role == "client" else None
+        self.info: WorkerInfo  # set by the bridge (workers only)
 
     def describe(self) -> str:
-        return f"worker {self.name} (pid {self.pid} on {self.host}, {self.address})"
+        what = "worker" if self.role == "worker" else "client hub" if self.role == "client" else "router hub"
+        return f"{what} {self.name} (pid {self.pid} on {self.host}, {self.address})"
 
     def __repr__(self) -> str:
         return f"<Peer {self.describe()}>"
+
+
+class Relay:
+    """The worker id, in a client hub's core, of "the router, for model M":
+    one per model, each with room for any number of calls. Its calls go to
+    the router as FORWARD frames; the router's workers run them."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"<Relay {self.model}>"
+
+
+class ClientSink:
+    """The sink of a call a client hub forwarded to us: its answer goes back
+    on the client's connection under the client's call id."""
+
+    __slots__ = ("peer", "cid")
+
+    def __init__(self, peer: Peer, cid: int) -> None:
+        self.peer = peer
+        self.cid = cid
+
+
+class Forwarded:
+    """A forwarded call's payload: inline bytes, nothing to release."""
+
+    __slots__ = ("body",)
+    shm_path = None
+
+    def __init__(self, body: Buffer) -> None:
+        self.body = body
+
+    def inline_body(self) -> Buffer:
+        return self.body
+
+    def release(self) -> None:
+        pass
+
+
+#: Rendezvous outcomes: ("listen", [sockets]) this process took the address
+#: and routes; ("client", (socket, welcome)) it joined the router there.
+Rendezvous = Callable[[], Optional[tuple[str, Any]]]
+
+#: Exceptions a router may name in an EXC frame (rebuilt by type name).
+_EXC_TYPES: dict[str, type[BaseException]] = {
+    name: getattr(errors, name)
+    for name in ("GibbsError", "WorkerDiedError", "HubClosedError", "QueueFullError", "NoWorkersError", "SerializationError")
+}
+_EXC_TYPES["TypeError"] = TypeError
+_EXC_TYPES["ValueError"] = ValueError
+
+
+def exc_to_json(exc: Optional[BaseException]) -> bytes:
+    if exc is None:
+        return json.dumps({"type": ""}).encode()  # cancelled
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    failures = getattr(exc, "failures", None)
+    if failures:
+        record["failures"] = list(failures)
+    if exc.__cause__ is not None:
+        record["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+    return json.dumps(record).encode()
+
+
+def exc_from_json(body: bytes) -> Optional[BaseException]:
+    """None for "cancelled"."""
+    record = json.loads(body)
+    name = record.get("type", "")
+    if not name:
+        return None
+    cls = _EXC_TYPES.get(name, GibbsError)
+    message = str(record.get("message", ""))
+    if cls is errors.WorkerDiedError:
+        return errors.WorkerDiedError(message, list(record.get("failures") or []))
+    exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
+    if record.get("cause"):
+        exc.__cause__ = GibbsError(f"in the router hub: {record['cause']}")
+    return exc
 
 
 class Bridge:
@@ -141,9 +229,14 @@ class Bridge:
         deliver_sync: Callable[[Call, Outcome], None],
         local_workers: Callable[[], list[LocalWorker]] = lambda: [],
         mappings: Optional[protocol.MappingCache] = None,
+        authkey_explicit: bool = True,
+        upstream: Optional[tuple[socket.socket, dict[str, Any]]] = None,
+        rendezvous: Optional[Rendezvous] = None,
+        on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
+        self._explicit = authkey_explicit
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
         self._max_frame = max_frame
@@ -178,6 +271,21 @@ class Bridge:
         self._next_id = 1
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
+        # --- the two roles of a hub in a family of processes (owned by _lock)
+        # Router: the hub that holds the address; workers and client hubs connect to it.
+        self._clients: dict[int, Peer] = {}  # fd -> client hub routing through us
+        # Client: a hub that routes through the router (another process's hub).
+        self._rendezvous = rendezvous  # finds the router again, or takes the address over
+        self._on_role = on_role
+        self._upstream: Optional[Peer] = None  # our connection to the router
+        self._relays: dict[str, WorkerInfo] = {}  # model -> its relay worker in our core
+        self._relay_of: dict[int, WorkerInfo] = {}  # call id -> relay holding it
+        self._pool_info: dict[str, dict[str, Any]] = {}  # the router's models, from POOL
+        self._client_mode = upstream is not None or (rendezvous is not None and not listeners)
+        self._pending_upstream: Optional[tuple[str, Any]] = None  # from the rendezvous thread
+        self._rendezvous_thread: Optional[threading.Thread] = None
+        self._initial_upstream = upstream
+        self._listeners_closed = False
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -216,6 +324,8 @@ class Bridge:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
             call = Call(self._next_id, model, payload, sink, stream)
             self._next_id += 1
+            if self._upstream is not None and model not in self._relays and not self._core.closing:
+                self._add_relay_locked(model)
             self._apply_locked(self._core.submit(call, time.monotonic()))
             if call.queued and self._core.models[model].batch_wait:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
@@ -227,7 +337,13 @@ class Bridge:
         """The caller gave up (cancelled, timed out): a queued call is removed
         and never runs; a running one's answer will be dropped."""
         with self._lock:
+            relayed = not call.stream and not call.done and any(type(h) is Relay for h in call.holders)
             self._apply_locked(self._core.cancel(call))
+            up = self._upstream
+            if relayed and up is not None:
+                # The router removes it from its queue, or drops its answer.
+                up.out.extend(protocol.pack_frame(protocol.STOP, call.id))
+                self._flush_locked(up)
         if self._outcomes:
             self._hand_over()
 
@@ -240,7 +356,13 @@ class Bridge:
         """gibbs_retries: send a running call again to the next free worker
         (the first answer of any attempt wins)."""
         with self._lock:
-            self._apply_locked(self._core.resend(call, time.monotonic()))
+            up = self._upstream
+            if up is not None and not call.done and any(type(h) is Relay for h in call.holders):
+                # The router owns the attempts: it sends it again to another of its workers.
+                up.out.extend(protocol.pack_frame(protocol.RESEND, call.id))
+                self._flush_locked(up)
+            else:
+                self._apply_locked(self._core.resend(call, time.monotonic()))
         if self._outcomes:
             self._hand_over()
 
@@ -265,8 +387,18 @@ class Bridge:
         for cb in waiters:
             cb()
 
+    @property
+    def role(self) -> str:
+        """"router" (holds the address; workers connect here) or "client"
+        (sends its calls through the router, another process's hub)."""
+        return "client" if self._client_mode else "router"
+
     def worker_count(self, model: Optional[str] = None) -> int:
         with self._lock:
+            if self._client_mode:
+                return sum(
+                    int(v.get("workers", 0)) for k, v in self._pool_info.items() if model is None or k == model
+                )
             return sum(
                 1 for p in self._peers.values() if not p.info.leaving and (model is None or p.info.model == model)
             )
@@ -274,6 +406,8 @@ class Bridge:
     def unavailable(self, model: Optional[str] = None) -> Optional[BaseException]:
         """Why no worker of ``model`` (None: of any model) can come, if that is known."""
         with self._lock:
+            if self._client_mode:
+                return None
             models = self._core.models
             if model is not None:
                 m = models.get(model)
@@ -318,10 +452,26 @@ class Bridge:
                     "batch_size": max((w.batch_size for w in ws), default=1),
                     "batch_sizes": dict(sorted(m.batch_sizes.items())),
                 }
+            if self._client_mode:
+                # The workers are the router's: what it last said of them.
+                for entry in models.values():
+                    entry["workers"] = entry["busy"] = 0
+                for name, v in self._pool_info.items():
+                    entry = models.setdefault(
+                        name, {"class": "", "busy": 0, "queued": 0, "in_flight": 0, "batch_size": 1, "batch_sizes": {}}
+                    )
+                    entry["class"] = v.get("class", "")
+                    entry["workers"] = int(v.get("workers", 0))
+                n_workers = sum(int(v.get("workers", 0)) for v in self._pool_info.values())
+                peers = []
+            else:
+                n_workers = len(peers)
             return {
-                "workers": len(peers),
+                "role": self.role,
+                "clients": len(self._clients),
+                "workers": n_workers,
                 "busy": busy,
-                "idle": len(peers) - busy,
+                "idle": max(0, n_workers - busy),
                 "queued": core.n_queued,
                 "in_flight": sum(len(p.info.held) for p in peers),
                 "completed": stats["completed"],
@@ -372,6 +522,19 @@ class Bridge:
             else:
                 done = False
                 self._on_closed.append(on_closed)
+                # Client hubs' calls are not failed: they are cancelled here and
+                # the clients, seeing the connection end, send them again to
+                # whichever hub takes the address over.
+                for peer in self._clients.values():
+                    calls = list(peer.calls.values()) if peer.calls else []
+                    if peer.calls:
+                        peer.calls.clear()
+                    for call in calls:
+                        self._apply_locked(self._core.cancel(call))
+                    try:
+                        peer.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
                 self._apply_locked(self._core.close(time.monotonic(), grace))
                 self._wake_locked()
         if self._outcomes:
@@ -394,6 +557,21 @@ class Bridge:
         peer: Peer
         for action in actions:
             if type(action) is Send:
+                if type(action.worker) is Relay:
+                    up = self._upstream_for_locked(action.worker)
+                    if up is None:
+                        continue
+                    relay = self._relays[action.worker.model]
+                    for c in action.calls:
+                        self._relay_of[c.id] = relay
+                        flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
+                        up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload)))
+                    peer = up
+                    if touched is None:
+                        touched = [peer]
+                    elif peer not in touched:
+                        touched.append(peer)
+                    continue
                 peer = action.worker  # type: ignore[assignment]
                 calls = action.calls
                 if peer.batched:
@@ -408,14 +586,37 @@ class Bridge:
                 elif peer not in touched:
                     touched.append(peer)
             elif type(action) is Resolve:
-                if action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
+                if type(action.call.sink) is ClientSink:
+                    answered = self._answer_client_locked(action.call, action.outcome)
+                    if answered is not None:
+                        if touched is None:
+                            touched = [answered]
+                        elif answered not in touched:
+                            touched.append(answered)
+                elif action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
                     self._outcomes.append((action.call, action.outcome))
             elif type(action) is Deliver:
-                self._outcomes.append((action.call, action.chunk))
+                if type(action.call.sink) is ClientSink:
+                    sink = action.call.sink
+                    peer = sink.peer
+                    if not peer.gone and peer.calls is not None and sink.cid in peer.calls:
+                        peer.out.extend(protocol.pack_frame(protocol.CHUNK, sink.cid, action.chunk.value))
+                        if touched is None:
+                            touched = [peer]
+                        elif peer not in touched:
+                            touched.append(peer)
+                else:
+                    self._outcomes.append((action.call, action.chunk))
             elif type(action) is Release:
                 action.call.payload.release()
             elif type(action) is Stop or type(action) is Credit:
-                peer = action.worker  # type: ignore[assignment]
+                if type(action.worker) is Relay:
+                    up = self._upstream_for_locked(action.worker)
+                    if up is None:
+                        continue
+                    peer = up
+                else:
+                    peer = action.worker  # type: ignore[assignment]
                 if isinstance(action, Credit):
                     peer.out.extend(protocol.pack_credit(action.call.id, action.n))
                 else:
@@ -442,6 +643,36 @@ class Bridge:
         if touched:
             for peer in touched:
                 self._flush_locked(peer)
+
+    def _upstream_for_locked(self, relay: "Relay") -> Optional[Peer]:
+        up = self._upstream
+        return up if up is not None and not up.gone else None
+
+    @staticmethod
+    def _inline(payload: Any) -> Buffer:
+        return payload.body if payload.shm_path is None else payload.inline_body()
+
+    def _answer_client_locked(self, call: Call, outcome: Outcome) -> Optional[Peer]:
+        """A client hub's call is done here: its answer goes back to it (the
+        answer's bytes as the worker sent them; nothing is unpickled)."""
+        sink: ClientSink = call.sink
+        peer = sink.peer
+        if peer.gone or peer.calls is None or peer.calls.pop(sink.cid, None) is None:
+            return None
+        kind, value = outcome
+        if kind is OutcomeKind.RESULT:
+            frames = protocol.pack_frame(protocol.RESULT, sink.cid, value)
+        elif kind is OutcomeKind.COPIED:
+            pickled, copies = value
+            frames = protocol.pack_frame(protocol.RESULT, sink.cid, protocol.pack_oob(pickled, copies))
+        elif kind is OutcomeKind.ERROR:
+            frames = protocol.pack_frame(protocol.ERROR, sink.cid, value)
+        elif kind is OutcomeKind.EXCEPTION:
+            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(value))
+        else:  # CANCELLED: the client asked; this tells it the router let go
+            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(None))
+        peer.out.extend(frames)
+        return peer
 
     @staticmethod
     def _body_for(peer: Peer, call: Call) -> Buffer:
@@ -553,6 +784,12 @@ class Bridge:
             listener.setblocking(False)
             sel.register(listener, selectors.EVENT_READ, ("listener", listener))
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if self._initial_upstream is not None:
+            sock, welcome = self._initial_upstream
+            self._initial_upstream = None
+            self._install_upstream(sock, welcome)
+        elif self._client_mode:
+            self._start_rendezvous()
         next_check = time.monotonic()
         while True:
             deadline = next_check
@@ -589,6 +826,10 @@ class Bridge:
                     self._update_registration(peer)
                 for sock, hello in new_peers:
                     self._add_peer(sock, hello)
+            if self._pending_upstream is not None:
+                self._take_rendezvous()
+            if self._core.closing and not self._listeners_closed:
+                self._close_listeners()
             now = time.monotonic()
             with self._lock:
                 self._apply_locked(self._core.tick(now))
@@ -655,8 +896,13 @@ class Bridge:
             sock.setblocking(True)
             sock.settimeout(self._handshake_timeout)
             tune(sock)
-            server_handshake(sock, self._authkey)
-            welcome = {"heartbeat_interval": self._interval, "shm_probe": self._shm_probe}
+            server_handshake(sock, self._authkey, self._explicit)
+            welcome = {
+                "heartbeat_interval": self._interval,
+                "shm_probe": self._shm_probe,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)
             frame = None
@@ -707,6 +953,18 @@ class Bridge:
 
     def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         peer = Peer(sock, hello, self._max_frame)
+        if peer.role == "client":
+            self._selector.register(sock, selectors.EVENT_READ, peer)
+            with self._lock:
+                self._clients[peer.fd] = peer
+                peer.out.append(self._pool_frame_locked())
+                self._flush_locked(peer)
+            logger.info("gibbs hub: %s joined; it routes its calls through this hub", peer.describe())
+            return
+        if peer.role != "worker":
+            logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
+            sock.close()
+            return
         model = str(hello.get("model") or DEFAULT_MODEL)
         peer.info = WorkerInfo(
             peer,
@@ -727,6 +985,7 @@ class Bridge:
             else:
                 self._joined_pids.add(peer.pid)
                 self._refresh_batched_locked(model)
+                self._broadcast_pool_locked()
         if peer.gone:
             try:
                 self._selector.unregister(sock)
@@ -739,6 +998,9 @@ class Bridge:
     # ---------------------------------------------------------------- reading
 
     def _read(self, peer: Peer) -> None:
+        if peer.role != "worker":
+            self._read_hub(peer)
+            return
         try:
             # Into one reused buffer: a fresh 256 KiB bytes object per read
             # would be an mmap and munmap each time.
@@ -807,6 +1069,12 @@ class Bridge:
         exit status of a local worker process is known (or soon anyway)."""
         if peer.gone:
             return
+        if peer.role == "client":
+            self._drop_client(peer, reason)
+            return
+        if peer.role == "router":
+            self._lose_upstream(reason)
+            return
         peer.gone = True
         try:
             self._selector.unregister(peer.sock)
@@ -859,6 +1127,7 @@ class Bridge:
                 logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
             self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
             self._refresh_batched_locked(peer.info.model)
+            self._broadcast_pool_locked()
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
@@ -915,7 +1184,10 @@ class Bridge:
 
     def _check_heartbeats(self, now: float) -> None:
         hb = protocol.pack_frame(protocol.HEARTBEAT, 0)[0]
-        for peer in list(self._peers.values()):
+        peers = list(self._peers.values()) + list(self._clients.values())
+        if self._upstream is not None:
+            peers.append(self._upstream)
+        for peer in peers:
             if peer.gone:
                 continue
             silent = now - peer.last_heard
@@ -932,25 +1204,45 @@ class Bridge:
 
     def _close_step(self) -> bool:
         """While closing: True once everything is closed."""
+        now = time.monotonic()
         with self._lock:
-            self._apply_locked(self._core.tick(time.monotonic()))
-            if not self._core.idle:
-                return False
+            self._apply_locked(self._core.tick(now))
+            # An idle worker is let go at once: it goes back to looking for a
+            # hub, and finds the one that takes the address over (if any)
+            # without waiting for this one's grace period.
+            idle = [p for p in self._peers.values() if not p.info.held and not p.gone]
+            for p in idle:
+                self._apply_locked(self._core.worker_leaving(p, now))
+            busy = not self._core.idle
+        for p in idle:
+            self._drop(p, "the hub is closing")
+        if busy:
+            return False
         self._hand_over()
         self._shutdown_sockets()
         self._maps.clear()
         return True
 
     def _shutdown_sockets(self) -> None:
-        self._close_descriptors([p.sock for p in self._peers.values()])
+        socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
+        if self._upstream is not None:
+            socks.append(self._upstream.sock)
+        with self._lock:
+            pending, self._pending_upstream = self._pending_upstream, None
+        socks += self._rendezvous_sockets(pending)
+        self._close_descriptors(socks)
         self._peers.clear()
+        self._clients.clear()
 
     def forget_after_fork(self) -> None:
         """In a forked child: close the inherited descriptors without touching
         the parent's connections (no shutdown, no messages). The lock may have
         been held by a thread that does not exist here: do not take it."""
-        socks = [p.sock for p in self._peers.values()]
+        socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         socks += list(self._handshaking) + [s for s, _ in self._new_peers]
+        if self._upstream is not None:
+            socks.append(self._upstream.sock)
+        socks += self._rendezvous_sockets(self._pending_upstream)
         self._close_descriptors(socks)
 
     def _close_descriptors(self, socks: list[socket.socket]) -> None:
@@ -974,6 +1266,324 @@ class Bridge:
                 os.close(fd)
             except OSError:
                 pass
+
+
+    # ================================================================ family of hubs
+
+    # ---------------------------------------------------------------- router side
+
+    def _pool_frame_locked(self) -> bytes:
+        models = {}
+        for name, m in self._core.models.items():
+            n = sum(1 for w in m.workers.values() if not w.leaving)
+            if n or m.queue:
+                models[name] = {
+                    "class": m.cls,
+                    "workers": n,
+                    "batched": name in self._batched_models,
+                    "queued": len(m.queue),
+                }
+        return protocol.pack_json(protocol.POOL, {"models": models})
+
+    def _broadcast_pool_locked(self) -> None:
+        """Tell every client hub what the pool now holds (their
+        ``wait_for_workers``, ``models()`` and batching checks read it)."""
+        if not self._clients:
+            return
+        frame = self._pool_frame_locked()
+        for peer in self._clients.values():
+            if not peer.gone:
+                peer.out.append(frame)
+                self._flush_locked(peer)
+
+    def _read_hub(self, peer: Peer) -> None:
+        """Frames from another hub: a client routing through us, or our router."""
+        try:
+            n = peer.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(peer, f"connection error: {exc}")
+            return
+        if not n:
+            self._drop(peer, "connection closed (end of file)")
+            return
+        peer.last_heard = time.monotonic()
+        try:
+            frames = peer.reader.feed(self._rview[:n])
+            if peer.role == "client":
+                self._client_frames(peer, frames)
+            else:
+                self._router_frames(peer, frames)
+        except (ProtocolError, ValueError) as exc:
+            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+            self._drop(peer, f"protocol error: {exc}")
+
+    def _client_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
+        core = self._core
+        calls = peer.calls
+        assert calls is not None
+        now = time.monotonic()
+        with self._lock:
+            for kind, cid, body in frames:
+                if kind == protocol.FORWARD:
+                    model, flags, payload = protocol.unpack_forward(body)
+                    if cid in calls:
+                        raise ProtocolError(f"call id {cid} forwarded twice")
+                    stream = bool(flags & protocol.FWD_STREAM)
+                    call = Call(self._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
+                    self._next_id += 1
+                    err: Optional[BaseException] = None
+                    if model in self._batched_models and (stream or not flags & protocol.FWD_SINGLE):
+                        err = TypeError(
+                            f"model {model!r} is batched: a request takes exactly one positional argument and "
+                            "no keyword arguments, and cannot be streamed"
+                        )
+                    else:
+                        try:
+                            actions = core.submit(call, now)
+                        except Exception as exc:  # noqa: BLE001 - the caller's to see
+                            err = exc
+                    if err is not None:
+                        peer.out.extend(protocol.pack_frame(protocol.EXC, cid, exc_to_json(err)))
+                        continue
+                    calls[cid] = call
+                    self._apply_locked(actions)
+                elif kind == protocol.STOP:
+                    held = calls.get(cid)
+                    if held is not None:
+                        self._apply_locked(core.cancel(held))
+                elif kind == protocol.RESEND:
+                    held = calls.get(cid)
+                    if held is not None:
+                        self._apply_locked(core.resend(held, now))
+                elif kind == protocol.CREDIT:
+                    held = calls.get(cid)
+                    if held is not None:
+                        self._apply_locked(core.consumed(held, protocol.unpack_credit(body)))
+                elif kind != protocol.HEARTBEAT:
+                    raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from a client hub")
+            self._flush_locked(peer)
+        if self._outcomes:
+            self._hand_over()
+
+    def _drop_client(self, peer: Peer, reason: str) -> None:
+        """A client hub went away (its process died or closed): its calls are
+        cancelled; queued ones never run (it sends them again elsewhere, if
+        it can)."""
+        peer.gone = True
+        try:
+            self._selector.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+        with self._lock:
+            self._clients.pop(peer.fd, None)
+            calls = list(peer.calls.values()) if peer.calls else []
+            if peer.calls:
+                peer.calls.clear()
+            for call in calls:
+                self._apply_locked(self._core.cancel(call))
+        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls))
+        if self._outcomes:
+            self._hand_over()
+
+    def _close_listeners(self) -> None:
+        """Closing: let go of the address at once, so that another hub of the
+        family can take it over while our running calls finish."""
+        self._listeners_closed = True
+        for listener in self._listeners:
+            try:
+                self._selector.unregister(listener)
+            except (KeyError, ValueError):
+                pass
+            try:
+                listener.close()
+            except OSError:
+                pass
+
+    # ---------------------------------------------------------------- client side
+
+    def _add_relay_locked(self, model: str) -> None:
+        up = self._upstream
+        assert up is not None
+        relay = WorkerInfo(
+            Relay(model), model, "", slots=1 << 30, depth=1 << 30, describe=f"the router hub ({up.describe()})"
+        )
+        self._relays[model] = relay
+        self._apply_locked(self._core.worker_joined(relay, time.monotonic()))
+
+    def _install_upstream(self, sock: socket.socket, welcome: dict[str, Any]) -> None:
+        """Bridge thread: we route through the hub at the other end of ``sock``."""
+        sock.setblocking(False)
+        hello = {
+            "role": "router",
+            "name": "router",
+            "pid": welcome.get("pid", 0),
+            "host": welcome.get("host", "?"),
+            "heartbeat_interval": welcome.get("heartbeat_interval", self._interval),
+        }
+        peer = Peer(sock, hello, self._max_frame)
+        self._selector.register(sock, selectors.EVENT_READ, peer)
+        with self._lock:
+            self._upstream = peer
+            for model in list(self._core.models):
+                self._add_relay_locked(model)
+        logger.info("gibbs hub: routing through %s", peer.describe())
+        if self._outcomes:
+            self._hand_over()
+        self._notify_waiters()
+
+    def _router_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
+        core = self._core
+        now = time.monotonic()
+        changed = False
+        with self._lock:
+            for kind, cid, body in frames:
+                if kind == protocol.CHUNK:
+                    relay = self._relay_of.get(cid)
+                    if relay is not None:
+                        self._apply_locked(core.chunk(relay.id, cid, Outcome(OutcomeKind.CHUNK, body)))
+                    continue
+                if kind in (protocol.RESULT, protocol.ERROR, protocol.EXC):
+                    relay = self._relay_of.get(cid)
+                    if relay is None:
+                        continue
+                    if kind == protocol.RESULT:
+                        outcome = Outcome(OutcomeKind.RESULT, body)
+                    elif kind == protocol.ERROR:
+                        outcome = Outcome(OutcomeKind.ERROR, body)
+                    else:
+                        exc = exc_from_json(body)
+                        if exc is None:  # the router let go of a call we cancelled
+                            call = relay.held.get(cid)
+                            if call is None or not call.done:
+                                continue
+                            outcome = CANCELLED
+                        else:
+                            outcome = Outcome(OutcomeKind.EXCEPTION, exc)
+                    del self._relay_of[cid]
+                    self._apply_locked(core.answered(relay.id, cid, outcome, now))
+                elif kind == protocol.POOL:
+                    self._pool_info = dict(protocol.unpack_json(body).get("models", {}))
+                    for name, v in self._pool_info.items():
+                        if v.get("batched"):
+                            self._batched_models.add(name)
+                        else:
+                            self._batched_models.discard(name)
+                    changed = True
+                elif kind != protocol.HEARTBEAT:
+                    raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from the router hub")
+        if self._outcomes:
+            self._hand_over()
+        if changed:
+            self._notify_waiters()
+
+    def _lose_upstream(self, reason: str) -> None:
+        """The router is gone (its process died or closed): every call it
+        held goes back to our queue, without counting as an attempt, and we
+        look for the router again, or take the address over."""
+        peer = self._upstream
+        if peer is None or peer.gone:
+            return
+        peer.gone = True
+        try:
+            self._selector.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+        now = time.monotonic()
+        with self._lock:
+            self._upstream = None
+            relays = list(self._relays.values())
+            self._relays.clear()
+            self._relay_of.clear()
+            self._pool_info = {}
+            held = sum(len(r.held) for r in relays)
+            for r in relays:
+                self._apply_locked(self._core.worker_leaving(r.id, now))
+                self._apply_locked(self._core.worker_lost(r.id, reason, now))
+            closing = self._core.closing
+        if not closing:
+            logger.warning("gibbs hub: lost the router hub %s (%s); %d calls to send again", peer.describe(), reason, held)
+            self._start_rendezvous()
+        if self._outcomes:
+            self._hand_over()
+        self._notify_waiters()
+
+    def _start_rendezvous(self) -> None:
+        if self._rendezvous is None:
+            return
+        t = self._rendezvous_thread
+        if t is not None and t.is_alive():
+            return
+        self._rendezvous_thread = threading.Thread(target=self._rendezvous_loop, name="gibbs-rendezvous", daemon=True)
+        self._rendezvous_thread.start()
+
+    def _rendezvous_loop(self) -> None:
+        """Its own thread (it blocks on connect and handshake): find the
+        router again, or take the address over; hand the result to the
+        bridge thread."""
+        assert self._rendezvous is not None
+        backoff = 0.01
+        failures = 0
+        while True:
+            with self._lock:
+                if self._core.closing or self._closed:
+                    return
+            try:
+                result = self._rendezvous()
+            except Exception as exc:  # noqa: BLE001 - keep looking; say why now and then
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    logger.warning("gibbs hub: no router hub yet (%s); still trying", exc)
+                result = None
+            if result is not None:
+                with self._lock:
+                    if not (self._core.closing or self._closed):
+                        self._pending_upstream = result
+                        self._wake_locked()
+                        return
+                for sock in self._rendezvous_sockets(result):
+                    sock.close()
+                return
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 0.25)
+
+    @staticmethod
+    def _rendezvous_sockets(result: Optional[tuple[str, Any]]) -> list[socket.socket]:
+        if result is None:
+            return []
+        if result[0] == "listen":
+            return list(result[1])
+        return [result[1][0]]
+
+    def _take_rendezvous(self) -> None:
+        with self._lock:
+            result, self._pending_upstream = self._pending_upstream, None
+            closing = self._core.closing
+        if result is None:
+            return
+        if closing:
+            for sock in self._rendezvous_sockets(result):
+                sock.close()
+            return
+        if result[0] == "client":
+            sock, welcome = result[1]
+            self._install_upstream(sock, welcome)
+            return
+        # We took the address over: from now on workers connect here.
+        listeners = list(result[1])
+        for listener in listeners:
+            listener.setblocking(False)
+            self._selector.register(listener, selectors.EVENT_READ, ("listener", listener))
+        self._listeners.extend(listeners)
+        with self._lock:
+            self._client_mode = False
+            self._pool_info = {}
+        logger.warning("gibbs hub: took the address over; this process now routes the family's calls")
+        self._on_role("router", listeners)
+        self._notify_waiters()
 
 
 def describe_exit(code: int) -> str:

@@ -21,7 +21,7 @@ import time
 from types import FrameType
 from typing import Any, Optional, Sequence
 
-from .transport import AUTHKEY_ENV, DEFAULT_PORT, parse_address
+from .transport import AUTHKEY_ENV, DEFAULT_PORT, is_loopback, parse_address
 
 logger = logging.getLogger("gibbs")
 
@@ -84,7 +84,10 @@ def load_target(target: str) -> Any:
     return obj
 
 
-def read_authkey(path: Optional[str]) -> bytes:
+def read_authkey(path: Optional[str], loopback: bool = False) -> Optional[bytes]:
+    """The key from --authkey-file or $GIBBS_AUTHKEY. None (no key needed)
+    for a hub on this machine's loopback: the hub lets in processes of the
+    same user by their user id."""
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -97,9 +100,11 @@ def read_authkey(path: Optional[str]) -> bytes:
     env = os.environ.get(AUTHKEY_ENV)
     if env:
         return env.encode()
+    if loopback:
+        return None
     raise CliError(
-        f"no key: set {AUTHKEY_ENV} or pass --authkey-file (the hub's key; a worker started "
-        "on its own cannot inherit it)"
+        f"no key: set {AUTHKEY_ENV} or pass --authkey-file (the hub's key: needed for a hub "
+        "that is not on this machine's loopback)"
     )
 
 
@@ -246,7 +251,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise CliError(f"cannot resolve the hub's host {host!r}: {exc.strerror}") from None
-    key = read_authkey(ns.authkey_file)
+    key = read_authkey(ns.authkey_file, loopback=is_loopback(host))
     cls = load_target(ns.target)
     args, kwargs = parse_model_args(ns.model_args)
 

@@ -51,10 +51,12 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import errno
 import logging
 import os
 import pickle
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -66,13 +68,26 @@ from . import protocol
 from .bridge import Bridge, LocalWorker, describe_exit
 from .core import DEFAULT_MODEL, Call, Outcome, OutcomeKind
 from .errors import (
+    AuthenticationError,
     GibbsError,
     HubClosedError,
     NoWorkersError,
+    ProtocolError,
     SerializationError,
     UserCodeException,
 )
-from .transport import DEFAULT_HOST, DEFAULT_PORT, KeyLike, is_loopback, listen, listen_local, resolve_authkey
+from .transport import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    KeyLike,
+    client_handshake,
+    connect,
+    is_loopback,
+    listen,
+    listen_local,
+    parse_address,
+    resolve_authkey,
+)
 from .worker import Worker, local_workers
 
 __all__ = ["Hub"]
@@ -80,6 +95,9 @@ __all__ = ["Hub"]
 logger = logging.getLogger("gibbs")
 
 _live_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+
+#: The address of a hub to route through, for web processes on other machines.
+HUB_ENV = "GIBBS_HUB"
 
 
 class Hub:
@@ -113,6 +131,15 @@ class Hub:
             on this machine (plain ``bytes`` always go inline).
             ``None`` disables shared memory.
         close_grace: default seconds ``close()`` lets running requests finish.
+        address: ``"host:port"`` of a hub that routes for this one (default
+            ``GIBBS_HUB``, else none): a hub started with ``python -m gibbs
+            hub``, maybe on another machine. This hub then never listens: it
+            sends its calls there, and re-sends them if that hub restarts.
+            Without it, the first hub of a family of processes (the web
+            processes of ``uvicorn --workers N`` or ``gunicorn -w N``) to
+            start takes ``host:port`` and routes; the others find it there
+            and send their calls through it, and one of them takes the
+            address over if it goes.
         resp_buffer_size: accepted for gibbs 0.2 code and unused: gibbs keeps
             every pending request's answer (0.2 dropped the oldest ones).
     """
@@ -133,6 +160,7 @@ class Hub:
         pipeline_depth: int = 8,
         shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
         close_grace: float = 10.0,
+        address: Optional[str] = None,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
@@ -152,7 +180,21 @@ class Hub:
         if pipeline_depth < 1:
             raise ValueError("pipeline_depth must be >= 1")
         key, explicit = resolve_authkey(authkey)
-        if not is_loopback(host) and not explicit:
+        if address is None:
+            address = os.environ.get(HUB_ENV) or None
+        self._router: Optional[tuple[str, int]] = None  # set: a client of the hub there, never a router
+        if address is not None:
+            try:
+                self._router = parse_address(address, DEFAULT_PORT)
+            except ValueError as exc:
+                raise ValueError(f"bad hub address {address!r} ({HUB_ENV} or address=): {exc}") from None
+            if not is_loopback(self._router[0]) and not explicit:
+                raise ValueError(
+                    f"refusing to send calls to {address!r} without an explicit key: pass authkey=... or "
+                    "set GIBBS_AUTHKEY (the key of the hub there)"
+                )
+            host, port = self._router
+        elif not is_loopback(host) and not explicit:
             raise ValueError(
                 f"refusing to listen on {host!r} without an explicit key: any process that can "
                 "reach this address could send work and read answers. Pass authkey=... or set "
@@ -170,10 +212,11 @@ class Hub:
         self._shm_threshold = shm_threshold
         self._close_grace = float(close_grace)
         self._authkey = key
-        self._state_lock = threading.Lock()  # owns: _bridge, _closed, _bound, _probe_path
+        self._explicit = explicit
+        self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
+        self._state_lock = threading.Lock()  # owns: _bridge, _closed, _probe_path
         self._bridge: Optional[Bridge] = None
         self._closed = False
-        self._bound: Optional[tuple[str, int]] = None
         self._probe_path: Optional[str] = None
         self._pool: Optional[protocol.SegmentPool] = None  # shared memory for requests
         self._pid = os.getpid()
@@ -190,7 +233,8 @@ class Hub:
     @property
     def port(self) -> int:
         """The port listened on: the bound one once started (useful with port=0)."""
-        return self._bound[1] if self._bound else self._port
+        bound = self._place.bound
+        return bound[1] if bound else self._port
 
     @property
     def address(self) -> tuple[str, int]:
@@ -199,6 +243,15 @@ class Hub:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def role(self) -> Optional[str]:
+        """``"router"``: this hub holds the address; workers, and the hubs of
+        other processes of the family, connect to it. ``"client"``: it sends
+        its calls through the router (another process's hub, or ``python -m
+        gibbs hub``). None before it starts."""
+        bridge = self._bridge
+        return bridge.role if bridge is not None and self._pid == os.getpid() else None
 
     def start(self) -> "Hub":
         """Bind the address and start the bridge thread (done lazily by the
@@ -215,24 +268,20 @@ class Hub:
                 raise HubClosedError("the hub is closed")
             if self._bridge is not None:
                 return self._bridge
-            try:
-                listener = listen(self._host, self._port)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"gibbs hub cannot listen on {self._host}:{self._port}: {exc.strerror}"
-                ) from exc
-            self._bound = listener.getsockname()[:2]
-            listeners = [listener]
-            if is_loopback(self._host):
-                local = listen_local(self.port)
-                if local is not None:
-                    listeners.append(local)
+            listeners, upstream = self._place.find()
+            if listeners:
+                self._place.bound = listeners[0].getsockname()[:2]
             probe = self._make_probe()
             port = self.port
             created = self._created_at
+            family = self._router is not None or self._port != 0
             bridge = Bridge(
                 listeners,
                 authkey=self._authkey,
+                authkey_explicit=self._explicit,
+                upstream=upstream,
+                rendezvous=self._place if family else None,
+                on_role=self._place.took_over,
                 heartbeat_interval=self._heartbeat_interval,
                 heartbeat_misses=self._heartbeat_misses,
                 max_attempts=self._max_attempts,
@@ -254,7 +303,10 @@ class Hub:
                 self, _finalize_unclosed, bridge, self._probe_path, self._pool, f"{self._host}:{port}"
             )
             self._finalizer.atexit = False  # _close_all_at_exit closes it quietly
-            logger.info("gibbs hub listening on %s:%d", self._host, self.port)
+            if listeners:
+                logger.info("gibbs hub listening on %s:%d", self._host, self.port)
+            else:
+                logger.info("gibbs hub routing through the hub at %s:%d", self._host, self.port)
             return bridge
 
     def _make_probe(self) -> Optional[dict[str, str]]:
@@ -349,7 +401,7 @@ class Hub:
         if bridge is not None:
             bridge.forget_after_fork()  # a no-op for a bridge already closed
         self._state_lock = threading.Lock()
-        self._bound = None
+        self._place.bound = None
         self._probe_path = None  # the parent's file: not ours to remove
         if self._pool is not None:
             self._pool.forget()  # the parent's segments, likewise
@@ -358,9 +410,9 @@ class Hub:
 
     # ------------------------------------------------------------ requests
 
-    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> protocol.Payload:
+    def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], shm: bool = True) -> protocol.Payload:
         try:
-            if self._pool is not None and self._shm_threshold is not None:
+            if shm and self._pool is not None and self._shm_threshold is not None:
                 return protocol.encode((args, kwargs), self._pool, self._shm_threshold)
             return protocol.encode((args, kwargs))
         except Exception as exc:
@@ -381,7 +433,10 @@ class Hub:
                 f"model {model!r} is batched: a request takes exactly one positional argument and no "
                 f"keyword arguments (got {len(args)} positional, {sorted(kwargs) or 'no'} keyword)"
             )
-        return bridge, model, self._encode(args, kwargs)
+        payload = self._encode(args, kwargs, bridge.role == "router")
+        if len(args) == 1 and not kwargs:
+            payload.flags = protocol.FWD_SINGLE
+        return bridge, model, payload
 
     async def request(
         self,
@@ -669,6 +724,131 @@ class Hub:
                 f"{name}: {m['workers']} workers, {m['queued']} queued" for name, m in sorted(models.items())
             )
         return text + ">"
+
+
+class _Place:
+    """Where a hub stands in its family: the address it takes, or the router
+    it joins. Shared by the hub and its bridge (which calls it again when its
+    router is lost), so that the bridge holds no reference to the hub."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        router: Optional[tuple[str, int]],
+        authkey: bytes,
+        explicit: bool,
+        handshake_timeout: float,
+        heartbeat_interval: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.router = router  # set: a client of the hub there, never a router
+        self.authkey = authkey
+        self.explicit = explicit
+        self.handshake_timeout = handshake_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.bound: Optional[tuple[str, int]] = None  # once listening
+
+    def listen(self) -> list[socket.socket]:
+        listener = listen(self.host, self.port)
+        listeners = [listener]
+        if is_loopback(self.host):
+            port = listener.getsockname()[1]
+            for _ in range(5):  # a router that is closing may hold the local name a moment longer
+                local = listen_local(port)
+                if local is not None:
+                    listeners.append(local)
+                    break
+                time.sleep(0.01)
+        return listeners
+
+    def join(self, timeout: float) -> tuple[socket.socket, dict[str, Any]]:
+        """Connect to the router hub at our address as a client hub."""
+        sock = connect(self.host, self.port, timeout=timeout)
+        try:
+            sock.settimeout(timeout)
+            client_handshake(sock, self.authkey, self.explicit)
+            reader = protocol.FrameReader(1 << 16)
+            welcome: Optional[dict[str, Any]] = None
+            while welcome is None:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("the hub closed the connection after the handshake")
+                for kind, _, body in reader.feed(data):
+                    if kind == protocol.WELCOME:
+                        welcome = protocol.unpack_json(body)
+                        break
+                    if kind == protocol.REFUSED:
+                        raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
+            hello = {
+                "role": "client",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "name": f"hub-{os.getpid()}",
+                "heartbeat_interval": self.heartbeat_interval,
+            }
+            sock.sendall(protocol.pack_json(protocol.HELLO, hello))
+            sock.settimeout(None)
+            return sock, welcome
+        except BaseException:
+            sock.close()
+            raise
+
+    def __call__(self) -> Optional[tuple[str, Any]]:
+        """Where this hub stands (the bridge calls it again when its router
+        is lost): the address is free -> take it and route; a hub holds it
+        -> join that hub as a client. Raises when neither works this time."""
+        if self.router is None:
+            try:
+                return ("listen", self.listen())
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        return ("client", self.join(self.handshake_timeout))
+
+    def find(self) -> tuple[list[socket.socket], Optional[tuple[socket.socket, dict[str, Any]]]]:
+        """At start: the listeners if this hub routes, else its connection
+        to the router (None: not reached yet; the bridge keeps trying)."""
+        where = f"{self.host}:{self.port}"
+        if self.router is not None:
+            try:
+                return [], self.join(self.handshake_timeout)
+            except (OSError, ProtocolError) as exc:
+                if isinstance(exc, AuthenticationError):
+                    raise AuthenticationError(f"the hub at {where} refused this hub's key: {exc}") from exc
+                logger.warning("gibbs hub: no hub at %s yet (%s); calls wait for it", where, exc)
+                return [], None
+        deadline = time.monotonic() + self.handshake_timeout
+        while True:
+            try:
+                return self.listen(), None
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or self.port == 0:
+                    raise OSError(exc.errno, f"gibbs hub cannot listen on {where}: {exc.strerror}") from exc
+            try:
+                return [], self.join(max(0.1, deadline - time.monotonic()))
+            except AuthenticationError as exc:
+                raise AuthenticationError(
+                    f"{where} is held by a gibbs hub that refused this hub's key (another user's, or "
+                    f"another key): pick another port, or share its key ({exc})"
+                ) from exc
+            except ProtocolError as exc:
+                raise OSError(
+                    errno.EADDRINUSE, f"gibbs hub cannot listen on {where}: in use by something that is not a gibbs hub ({exc})"
+                ) from exc
+            except OSError as exc:
+                # The holder went away between our bind and our connect: try again.
+                if time.monotonic() >= deadline:
+                    raise OSError(
+                        errno.EADDRINUSE, f"gibbs hub cannot listen on {where}, nor reach the hub there: {exc}"
+                    ) from exc
+                time.sleep(0.02)
+
+    def took_over(self, role: str, listeners: list[socket.socket]) -> None:
+        """Bridge thread: the router went away and this hub took the address."""
+        if listeners:
+            self.bound = listeners[0].getsockname()[:2]
 
 
 # ---------------------------------------------------------------- delivery

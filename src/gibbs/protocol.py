@@ -29,6 +29,7 @@ from typing import Any, Optional, Union
 from .errors import ProtocolError
 from .shm import (  # noqa: F401 - re-exported: the wire format names them
     INLINE,
+    OOB,
     SHM,
     SHM_BUF,
     SHM_DIR,
@@ -62,6 +63,12 @@ STREAM = 12  # hub -> worker: a request whose items go back as CHUNKs, then a RE
 CHUNK = 13  # worker -> hub: one item of a stream (an inline payload)
 CREDIT = 14  # hub -> worker: u32, the caller consumed that many more chunks of this stream
 STOP = 15  # hub -> worker: the caller of this stream is gone: close the generator
+# Between a client hub (a web process that routes through another) and its router:
+FORWARD = 16  # client -> router: a call, see pack_forward; answered RESULT/ERROR/EXC, CHUNKs first for a stream
+EXC = 17  # router -> client: JSON {type, message, failures}: the call failed in the router (type "" = cancelled)
+RESEND = 18  # client -> router: gibbs_retries: send this running call again to another worker
+POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
+# (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
 KIND_NAMES = {
     HELLO: "HELLO",
@@ -79,7 +86,41 @@ KIND_NAMES = {
     CHUNK: "CHUNK",
     CREDIT: "CREDIT",
     STOP: "STOP",
+    FORWARD: "FORWARD",
+    EXC: "EXC",
+    RESEND: "RESEND",
+    POOL: "POOL",
 }
+
+#: FORWARD flags
+FWD_STREAM = 1  # the caller streams
+FWD_SINGLE = 2  # one positional argument and no keyword: fit for a batched model
+_FWD_HEAD = struct.Struct("!BH")
+
+
+def pack_forward(req_id: int, model: str, flags: int, body: Buffer) -> list[Buffer]:
+    name = model.encode()
+    head = _FWD_HEAD.pack(flags, len(name)) + name
+    n = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+    return [HEADER.pack(FORWARD, req_id, n) + head, body]
+
+
+def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
+    """(model, flags, payload body) of a FORWARD frame."""
+    mv = memoryview(body)
+    if len(mv) < _FWD_HEAD.size:
+        raise ProtocolError("malformed FORWARD")
+    flags, n = _FWD_HEAD.unpack_from(mv)
+    end = _FWD_HEAD.size + n
+    if len(mv) < end + 1:
+        raise ProtocolError("malformed FORWARD")
+    try:
+        model = bytes(mv[_FWD_HEAD.size : end]).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed FORWARD: model name is not UTF-8") from None
+    if not model:
+        raise ProtocolError("malformed FORWARD: empty model name")
+    return model, flags, mv[end:]
 
 #: Chunks of one stream a worker may send beyond what its caller consumed.
 STREAM_WINDOW = 8
@@ -107,6 +148,40 @@ DEFAULT_SHM_THRESHOLD = 1 << 18  # 256 KiB
 # Payload flavours (first byte of a REQUEST/RESULT body): see shm.py.
 _INLINE = INLINE
 _SHM = SHM
+_OOB_HEAD = struct.Struct("!I")
+_OOB_LEN = struct.Struct("!Q")
+
+
+def pack_oob(pickled: Buffer, buffers: list[Any]) -> bytes:
+    """A payload with its out-of-band buffers inline, after the pickle's
+    header: what a router passes on without unpickling anything."""
+    parts: list[Buffer] = [bytes([OOB]), _OOB_HEAD.pack(len(buffers))]
+    views = [memoryview(b).cast("B") for b in buffers]
+    parts.extend(_OOB_LEN.pack(v.nbytes) for v in views)
+    parts.extend(views)
+    parts.append(pickled)
+    return b"".join(parts)
+
+
+def _unpack_oob(body: Buffer) -> tuple[memoryview, list[memoryview]]:
+    mv = memoryview(body)
+    pos = 1 + _OOB_HEAD.size
+    if len(mv) < pos:
+        raise ProtocolError("malformed payload")
+    (n,) = _OOB_HEAD.unpack_from(mv, 1)
+    lens = []
+    for _ in range(n):
+        if len(mv) < pos + _OOB_LEN.size:
+            raise ProtocolError("malformed payload")
+        lens.append(_OOB_LEN.unpack_from(mv, pos)[0])
+        pos += _OOB_LEN.size
+    views = []
+    for length in lens:
+        if pos + length > len(mv):
+            raise ProtocolError("malformed payload")
+        views.append(mv[pos : pos + length])
+        pos += length
+    return mv[pos:], views
 
 # Error-record kinds carried by ERROR frames.
 ERR_USER = "user"  # the model raised
@@ -228,7 +303,7 @@ class Payload:
     its pool, or is removed if it came from none).
     """
 
-    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name")
+    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags")
 
     def __init__(
         self,
@@ -242,6 +317,7 @@ class Payload:
         self._inline: Optional[Buffer] = None if shm_path else body
         self._pool = pool
         self._name = name
+        self.flags = 0  # FWD_SINGLE where the call suits a batched model
 
     @property
     def nbytes(self) -> int:
@@ -251,9 +327,7 @@ class Payload:
         """The same payload without shared memory (for a peer on another host)."""
         if self._inline is None:
             pickled, buffers = map_payload(self.body)
-            self._inline = bytes([_INLINE]) + pickle.dumps(
-                pickle.loads(pickled, buffers=buffers), protocol=5
-            )
+            self._inline = pack_oob(pickled, buffers)  # nothing unpickled
         return self._inline
 
     def release(self) -> None:
@@ -313,6 +387,9 @@ def decode(body: Buffer, cache: Optional[MappingCache] = None) -> Any:
     flavour = body[0]
     if flavour == _INLINE:
         return pickle.loads(memoryview(body)[1:])
+    if flavour == OOB:
+        pickled, views = _unpack_oob(body)
+        return pickle.loads(pickled, buffers=views)
     if flavour == _SHM and cache is not None:
         copied, copies, _ = read_copy(body, cache)
         return pickle.loads(copied, buffers=copies)

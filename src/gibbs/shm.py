@@ -33,6 +33,7 @@ SHM_PREFIX = "gibbs-"
 
 INLINE = 0
 SHM = 1
+OOB = 2  # inline, with out-of-band buffers after a small header (protocol.pack_oob)
 SHM_HEAD = struct.Struct("!HI")  # name length, buffer count
 SHM_BUF = struct.Struct("!QQ")  # offset, length
 

@@ -27,6 +27,9 @@ DEFAULT_PORT = 5019
 AUTHKEY_ENV = "GIBBS_AUTHKEY"
 
 _CHALLENGE = b"#GIBBS-CHALLENGE#"
+_SAME_USER = b"#GIBBS-SAME-USER#"  # server: "the kernel says you are my user; keys needed?"
+_SAME_USER_OK = b"#GIBBS-SAME-USER-OK#"  # client: "and you are mine: no key needed"
+_USE_KEY = b"#GIBBS-USE-KEY#"  # client: "I hold an explicit key: challenge me"
 _WELCOME = b"#GIBBS-WELCOME#"
 _FAILURE = b"#GIBBS-FAILURE#"
 _NONCE_SIZE = 32
@@ -191,9 +194,11 @@ def deliver_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
     raise AuthenticationError("peer failed the HMAC challenge (wrong authkey?)")
 
 
-def answer_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
-    """Answer the peer's challenge; raise if it does not accept the answer."""
-    message = _recv_small(sock)
+def answer_challenge(sock: socket.socket, key: bytes, role: bytes, message: Optional[bytes] = None) -> None:
+    """Answer the peer's challenge (``message``, if already read); raise if it
+    does not accept the answer."""
+    if message is None:
+        message = _recv_small(sock)
     if not message.startswith(_CHALLENGE) or len(message) != len(_CHALLENGE) + _NONCE_SIZE:
         raise ProtocolError("peer did not send a gibbs challenge (is it a gibbs hub?)")
     _send_small(sock, _digest(key, role, message[len(_CHALLENGE) :]))
@@ -205,19 +210,64 @@ def answer_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
         )
 
 
+def peer_uid(sock: socket.socket) -> Optional[int]:
+    """The user id of the process at the other end of a local (unix) socket,
+    as the kernel recorded it when the connection was made (``SO_PEERCRED``;
+    for the connecting side, the listener's owner). None where unknown."""
+    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return uid
+
+
+def same_user(sock: socket.socket) -> bool:
+    """Whether the kernel vouches that the peer runs as this process's user."""
+    uid = peer_uid(sock)
+    return uid is not None and uid == os.geteuid()
+
+
 # Role tags keep a hub's answer from being replayed as a worker's and back.
 ROLE_WORKER = b"gibbs-worker:"
 ROLE_HUB = b"gibbs-hub:"
 
 
-def server_handshake(sock: socket.socket, key: bytes) -> None:
+def server_handshake(sock: socket.socket, key: bytes, explicit: bool = True) -> bool:
+    """Authenticate a new connection; True if it was by the peer's user id.
+
+    With no explicit key (``explicit=False``) a peer on the local socket whose
+    user id, as the kernel reports it, is ours needs no key: both sides check
+    the other's credentials and say so. A peer of another user, a TCP peer,
+    or a peer that holds an explicit key goes through the HMAC challenge both
+    ways."""
+    if not explicit and same_user(sock):
+        _send_small(sock, _SAME_USER)
+        reply = _recv_small(sock)
+        if reply == _SAME_USER_OK:
+            return True
+        if reply != _USE_KEY:
+            raise ProtocolError("unexpected reply to the same-user offer")
     deliver_challenge(sock, key, ROLE_WORKER)
     answer_challenge(sock, key, ROLE_HUB)
+    return False
 
 
-def client_handshake(sock: socket.socket, key: bytes) -> None:
-    answer_challenge(sock, key, ROLE_WORKER)
+def client_handshake(sock: socket.socket, key: bytes, explicit: bool = True) -> bool:
+    """The connecting side of :func:`server_handshake`; True if authenticated
+    by user id (this side checks the listener's credentials too)."""
+    message: Optional[bytes] = _recv_small(sock)
+    if message == _SAME_USER:
+        if not explicit and same_user(sock):
+            _send_small(sock, _SAME_USER_OK)
+            return True
+        _send_small(sock, _USE_KEY)
+        message = None
+    answer_challenge(sock, key, ROLE_WORKER, message)
     deliver_challenge(sock, key, ROLE_HUB)
+    return False
 
 
 def connect(host: str, port: int, timeout: Optional[float]) -> socket.socket:

@@ -174,7 +174,7 @@ class Worker:
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
-        self._authkey, _ = resolve_authkey(gibbs_authkey)
+        self._authkey, self._explicit_key = resolve_authkey(gibbs_authkey)
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self.start_method_used: Optional[str] = None
         self.started_at: Optional[float] = None  # time.monotonic() at start()
@@ -475,7 +475,7 @@ class _Runtime:
     def _connect(self, timeout: float) -> socket.socket:
         sock = connect(self.spec.host, self.spec.port, timeout=timeout)
         try:
-            client_handshake(sock, self.spec._authkey)
+            client_handshake(sock, self.spec._authkey, self.spec._explicit_key)
             reader = protocol.FrameReader(1 << 16)
             welcome = None
             while welcome is None:
