@@ -1,4 +1,4 @@
-"""Command line: ``python -m gibbs demo`` and ``python -m gibbs worker``.
+"""Command line: ``python -m gibbs demo``, ``python -m gibbs worker`` and ``python -m gibbs hub``.
 
 ``python -m gibbs worker package.module:ClassName --hub HOST:PORT [-n N] [ARG ...]``
 starts N worker processes serving ``ClassName(*ARGS, **KWARGS)`` to the hub,
@@ -200,6 +200,30 @@ def _build_parser() -> argparse.ArgumentParser:
         help="longest wait to fill a batch (default 0: a lone request goes at once)",
     )
     worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+
+    hub = sub.add_parser(
+        "hub",
+        help="run a standalone hub: workers and web processes (client hubs) connect to it",
+        description="Listen on --bind for workers (python -m gibbs worker ... --hub HOST:PORT) and for "
+        "the hubs of web processes, which reach it with Hub(address='HOST:PORT') or GIBBS_HUB=HOST:PORT "
+        "and send their calls through it. The key comes from $GIBBS_AUTHKEY or --authkey-file; it is "
+        "required unless the address is loopback. SIGTERM or SIGINT closes it: running calls get "
+        "--grace seconds.",
+    )
+    hub.add_argument(
+        "--bind",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help=f"the address to listen on (default 127.0.0.1:{DEFAULT_PORT}; 0.0.0.0:{DEFAULT_PORT} for other machines)",
+    )
+    hub.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    hub.add_argument(
+        "--heartbeat-interval", type=float, default=1.0, metavar="SECONDS", help="seconds between heartbeats (default 1.0)"
+    )
+    hub.add_argument(
+        "--grace", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, how long running calls may finish (default 30)"
+    )
+    hub.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     return parser
 
 
@@ -220,10 +244,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if ns.workers < 1 or ns.requests < 1 or ns.wait_time < 0:
                 raise CliError("--workers and --requests must be >= 1, --wait-time >= 0")
             return run_demo(ns.workers, ns.requests, ns.wait_time)
+        if ns.command == "hub":
+            return _hub_command(ns)
         return _worker_command(ns)
     except CliError as exc:
         print(f"gibbs: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _hub_command(ns: argparse.Namespace) -> int:
+    from .hub import HUB_ENV, Hub
+
+    level = logging.WARNING - 10 * min(ns.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.heartbeat_interval <= 0:
+        raise CliError("--heartbeat-interval must be > 0")
+    if ns.grace < 0:
+        raise CliError("--grace must be >= 0")
+    try:
+        host, port = parse_address(ns.bind)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if port == 0:
+        raise CliError("--bind needs a port: workers and web processes must know where to find the hub")
+    key = read_authkey(ns.authkey_file, loopback=is_loopback(host))
+    os.environ.pop(HUB_ENV, None)  # this process is the hub: it routes through nobody
+    stop = False
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        nonlocal stop
+        stop = True
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            hub = Hub(port, ns.heartbeat_interval, host=host, authkey=key)
+            hub.start()
+        except (OSError, ValueError) as exc:
+            raise CliError(str(exc)) from None
+        if hub.role != "router":
+            hub.close(0)
+            raise CliError(f"{host}:{port} is already held by another gibbs hub")
+        print(f"gibbs hub: listening on {host}:{hub.port} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        try:
+            while not stop:
+                time.sleep(0.2)
+        finally:
+            print("gibbs hub: closing", file=sys.stderr, flush=True)
+            hub.close(ns.grace)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def _worker_command(ns: argparse.Namespace) -> int:
