@@ -414,7 +414,7 @@ def test_worker_with_wrong_key_keeps_retrying_and_hub_keeps_serving(make_hub, ma
         (["gibbs_test_models:Pid", "--hub", "127.0.0.1:notaport"], "k", "is not a number"),
         (["gibbs_test_models:Pid", "--hub", "127.0.0.1:70000"], "k", "out of range"),
         (["gibbs_test_models:Pid", "--hub", ":5019"], "k", "no host"),
-        (["gibbs_test_models:Pid", "--hub", "127.0.0.1:5019"], None, "no key"),
+        (["gibbs_test_models:Pid", "--hub", "192.0.2.1:5019"], None, "no key"),
         (["gibbs_test_models", "--hub", "127.0.0.1:5019"], "k", "bad target"),
         (["gibbs_test_models:Pid", "--hub", "127.0.0.1:5019", "-n", "0"], "k", "-n must be at least 1"),
     ],
@@ -429,3 +429,62 @@ def test_bad_command_line_is_one_line_error_without_traceback(args, key, message
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("gibbs: error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# ---------------------------------------------------------------- a standalone hub, web processes elsewhere
+
+CLIENT_SCRIPT = """
+import asyncio, json, os
+from gibbs import Hub
+
+async def main():
+    hub = Hub()  # GIBBS_HUB names the hub in the other namespace
+    await hub.wait_for_workers(2, timeout=30)
+    results = await asyncio.gather(*(hub.request(i) for i in range(40)))
+    print(json.dumps({"role": hub.role, "ok": results == [i * i for i in range(40)],
+                      "workers": hub.statistics()["workers"]}), flush=True)
+    await hub.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(75)
+def test_standalone_hub_with_clients_and_workers_on_another_host(netns: NetnsPair, procs: list, tmp_path: Path) -> None:
+    """Namespace A runs only ``python -m gibbs hub``; namespace B runs the
+    workers and two web processes (client hubs, by GIBBS_HUB)."""
+    env = env_with_key(secrets.token_hex(16))
+    port = "5019"
+    hub_err = tmp_path / "hub.stderr"
+    with open(hub_err, "w") as err:
+        hub_proc = subprocess.Popen(
+            netns.exec_argv(netns.a, sys.executable, "-m", "gibbs", "hub", "--bind", f"{HUB_IP}:{port}",
+                            "--heartbeat-interval", str(HEARTBEAT)),
+            stderr=err, env=env, cwd=TESTS, preexec_fn=_die_with_parent,
+        )
+    procs.append(hub_proc)
+    worker_err = tmp_path / "worker.stderr"
+    with open(worker_err, "w") as err:
+        procs.append(subprocess.Popen(
+            netns.exec_argv(netns.b, sys.executable, "-m", "gibbs", "worker", "gibbs_test_models:Square",
+                            "-n", "2", "--hub", f"{HUB_IP}:{port}"),
+            stderr=err, env=env, cwd=TESTS, preexec_fn=_die_with_parent,
+        ))
+    client_env = dict(env, GIBBS_HUB=f"{HUB_IP}:{port}")
+    clients = [
+        subprocess.Popen(
+            netns.exec_argv(netns.b, sys.executable, "-c", CLIENT_SCRIPT),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env, cwd=TESTS,
+            preexec_fn=_die_with_parent,
+        )
+        for _ in range(2)
+    ]
+    procs.extend(clients)
+    for c in clients:
+        out, errtext = c.communicate(timeout=60)
+        assert c.returncode == 0, errtext[-3000:] + "\nhub:\n" + tail(hub_err)
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report == {"role": "client", "ok": True, "workers": 2}, report
+    assert hub_proc.poll() is None, tail(hub_err)
+    hub_proc.send_signal(signal.SIGTERM)
+    assert hub_proc.wait(15) == 0, tail(hub_err)

@@ -19,6 +19,16 @@ and:
   caller, ``Release`` frees the payload's shared memory, ``Refuse`` and
   ``Drop`` close a connection.
 
+The same thread serves the other hubs of a family of processes. As the
+router, it accepts client hubs beside workers: their FORWARD frames become
+``core.submit`` with a ``ClientSink`` whose outcome (and chunks) go back on
+that connection, unpickled nowhere; STOP/RESEND/CREDIT from them become
+``core.cancel``/``resend``/``consumed``; a client that goes has its calls
+cancelled. As a client, its core holds one ``Relay`` worker per model (room
+for any number of calls) standing for the router: a ``Send`` to a relay is a
+FORWARD frame; the router's loss takes the relays back without counting an
+attempt, and a rendezvous thread finds the router again or takes the address.
+
 Callers submit from any thread: under ``_lock`` they call ``core.submit``
 and carry out its ``Send`` at once (non-blocking). Outcomes are handed over
 outside the lock: to asyncio callers with one ``call_soon_threadsafe`` per

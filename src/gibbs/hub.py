@@ -40,6 +40,12 @@ Who may call what:
   ``wait_for_workers``/``start`` binds the address and starts the bridge, in
   the process that makes it. After a fork the child's copy forgets the
   parent's sockets and starts afresh if used.
+* A family of hubs (the web processes of ``gunicorn -w N``): the first to
+  start takes the address and routes (``role == "router"``); the others join
+  it as client hubs (``role == "client"``): their bridge sends calls to the
+  router as FORWARD frames (the router is a "relay" worker per model in their
+  core) and re-sends them if it goes, while one of them takes the address
+  over. ``address=``/``GIBBS_HUB``: always a client of the hub there.
 * ``request`` must be awaited on a running event loop; the future resolves on
   that loop, so one hub serves several loops, in turn or at once.
 * ``close``/``aclose`` may be called from anywhere, any number of times.
