@@ -240,7 +240,7 @@ class Bridge:
         local_workers: Callable[[], list[LocalWorker]] = lambda: [],
         mappings: Optional[protocol.MappingCache] = None,
         authkey_explicit: bool = True,
-        upstream: Optional[tuple[socket.socket, dict[str, Any]]] = None,
+        upstream: Optional[tuple[Any, ...]] = None,
         rendezvous: Optional[Rendezvous] = None,
         on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
     ) -> None:
@@ -795,9 +795,8 @@ class Bridge:
             sel.register(listener, selectors.EVENT_READ, ("listener", listener))
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         if self._initial_upstream is not None:
-            sock, welcome = self._initial_upstream
-            self._initial_upstream = None
-            self._install_upstream(sock, welcome)
+            joined, self._initial_upstream = self._initial_upstream, None
+            self._install_upstream(*joined)
         elif self._client_mode:
             self._start_rendezvous()
         next_check = time.monotonic()
@@ -1423,8 +1422,12 @@ class Bridge:
         self._relays[model] = relay
         self._apply_locked(self._core.worker_joined(relay, time.monotonic()))
 
-    def _install_upstream(self, sock: socket.socket, welcome: dict[str, Any]) -> None:
-        """Bridge thread: we route through the hub at the other end of ``sock``."""
+    def _install_upstream(
+        self, sock: socket.socket, welcome: dict[str, Any], reader: protocol.FrameReader, frames: list[Any]
+    ) -> None:
+        """Bridge thread: we route through the hub at the other end of
+        ``sock``; ``reader`` and ``frames`` hold what it sent after taking us
+        in (its POOL)."""
         sock.setblocking(False)
         hello = {
             "role": "router",
@@ -1434,7 +1437,9 @@ class Bridge:
             "heartbeat_interval": welcome.get("heartbeat_interval", self._interval),
         }
         peer = Peer(sock, hello, self._max_frame)
+        peer.reader = reader
         self._selector.register(sock, selectors.EVENT_READ, peer)
+        self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
         with self._lock:
             self._upstream = peer
             for model in list(self._core.models):
@@ -1579,8 +1584,7 @@ class Bridge:
                 sock.close()
             return
         if result[0] == "client":
-            sock, welcome = result[1]
-            self._install_upstream(sock, welcome)
+            self._install_upstream(*result[1])
             return
         # We took the address over: from now on workers connect here.
         listeners = list(result[1])

@@ -220,6 +220,7 @@ class Hub:
         self._authkey = key
         self._explicit = explicit
         self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
+        self._place.max_frame = int(max_frame_bytes)
         self._state_lock = threading.Lock()  # owns: _bridge, _closed, _probe_path
         self._bridge: Optional[Bridge] = None
         self._closed = False
@@ -755,37 +756,51 @@ class _Place:
         self.handshake_timeout = handshake_timeout
         self.heartbeat_interval = heartbeat_interval
         self.bound: Optional[tuple[str, int]] = None  # once listening
+        self.max_frame = protocol.DEFAULT_MAX_FRAME  # the hub sets its own
 
     def listen(self) -> list[socket.socket]:
-        listener = listen(self.host, self.port)
-        listeners = [listener]
-        if is_loopback(self.host):
-            port = listener.getsockname()[1]
+        """The TCP listener, and on loopback the local (unix) one. With a
+        known port the local one is bound first: a worker or hub of this
+        machine that finds the TCP port open must find the local socket too,
+        or it would fall back to TCP, where only a shared key lets it in."""
+        loopback = is_loopback(self.host)
+        local = listen_local(self.port) if loopback and self.port else None
+        try:
+            listener = listen(self.host, self.port)
+        except BaseException:
+            if local is not None:
+                local.close()
+            raise
+        if loopback and local is None:
             for _ in range(5):  # a router that is closing may hold the local name a moment longer
-                local = listen_local(port)
+                local = listen_local(listener.getsockname()[1])
                 if local is not None:
-                    listeners.append(local)
                     break
                 time.sleep(0.01)
-        return listeners
+        return [listener] + ([local] if local is not None else [])
 
-    def join(self, timeout: float) -> tuple[socket.socket, dict[str, Any]]:
-        """Connect to the router hub at our address as a client hub."""
+    def join(self, timeout: float) -> tuple[socket.socket, dict[str, Any], protocol.FrameReader, list[Any]]:
+        """Connect to the router hub at our address as a client hub. Returns
+        the socket, the router's WELCOME, and the reader with the frames
+        that followed our HELLO (at least the router's first POOL): nothing
+        is sent on the connection until the router has taken us in."""
         sock = connect(self.host, self.port, timeout=timeout)
         try:
             sock.settimeout(timeout)
             client_handshake(sock, self.authkey, self.explicit)
-            reader = protocol.FrameReader(1 << 16)
+            reader = protocol.FrameReader(self.max_frame)
             welcome: Optional[dict[str, Any]] = None
+            frames: list[Any] = []
             while welcome is None:
                 data = sock.recv(65536)
                 if not data:
                     raise ConnectionResetError("the hub closed the connection after the handshake")
-                for kind, _, body in reader.feed(data):
+                frames.extend(reader.feed(data))
+                while frames and welcome is None:
+                    kind, _, body = frames.pop(0)
                     if kind == protocol.WELCOME:
                         welcome = protocol.unpack_json(body)
-                        break
-                    if kind == protocol.REFUSED:
+                    elif kind == protocol.REFUSED:
                         raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
             hello = {
                 "role": "client",
@@ -795,8 +810,13 @@ class _Place:
                 "heartbeat_interval": self.heartbeat_interval,
             }
             sock.sendall(protocol.pack_json(protocol.HELLO, hello))
+            while not any(kind == protocol.POOL for kind, _, _ in frames):
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("the hub closed the connection after our HELLO")
+                frames.extend(reader.feed(data))
             sock.settimeout(None)
-            return sock, welcome
+            return sock, welcome, reader, frames
         except BaseException:
             sock.close()
             raise
@@ -813,7 +833,7 @@ class _Place:
                     raise
         return ("client", self.join(self.handshake_timeout))
 
-    def find(self) -> tuple[list[socket.socket], Optional[tuple[socket.socket, dict[str, Any]]]]:
+    def find(self) -> tuple[list[socket.socket], Optional[tuple[Any, ...]]]:
         """At start: the listeners if this hub routes, else its connection
         to the router (None: not reached yet; the bridge keeps trying)."""
         where = f"{self.host}:{self.port}"
