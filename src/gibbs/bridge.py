@@ -100,7 +100,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
-        "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role",
+        "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
     )
 
     def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
@@ -125,6 +125,8 @@ class Peer:
         self.last_sent = now
         self.want_write = False
         self.batched = int(hello.get("batch_size", 1)) > 1
+        device = hello.get("device")
+        self.device: Optional[str] = str(device) if device else None
         self.gone = False  # closed; its loss may still wait for an exit status
         self.role = str(hello.get("role", "worker"))  # "worker", "client" (routes through us), "router" (we route through it)
         # A client's open calls: its call id -> our call (owned by _lock).
@@ -278,6 +280,7 @@ class Bridge:
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
         self._handshaking: dict[socket.socket, float] = {}  # sockets in handshake threads -> deadline
+        self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
         self._next_id = 1
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
@@ -451,16 +454,38 @@ class Bridge:
             busy = sum(1 for p in peers if p.info.units)
             stats = core.stats
             models = {}
+            now = time.monotonic()
+            loading = collections.Counter(e["model"] for e in self._loading.values())
+            for name in loading:
+                core._model(name)  # a model whose first worker is loading is known
             for name, m in core.models.items():
                 ws = [w for w in m.workers.values() if not w.leaving]
+                busy_n = sum(1 for w in ws if w.units)
+                ms = m.stats
                 models[name] = {
                     "class": m.cls,
                     "workers": len(ws),
-                    "busy": sum(1 for w in ws if w.units),
+                    "busy": busy_n,
                     "queued": len(m.queue),
                     "in_flight": sum(len(w.held) for w in ws),
                     "batch_size": max((w.batch_size for w in ws), default=1),
                     "batch_sizes": dict(sorted(m.batch_sizes.items())),
+                    "requests": ms["requests"],
+                    "completed": ms["completed"],
+                    "errors": ms["errors"],
+                    "failed": ms["failed"],
+                    "cancelled": ms["cancelled"],
+                    "resent": ms["resent"],
+                    "retried": ms["retried"],
+                    "states": {
+                        "loading": loading.get(name, 0),
+                        "ready": len(ws) - busy_n,
+                        "busy": busy_n,
+                        "leaving": sum(1 for w in m.workers.values() if w.leaving),
+                    },
+                    "oldest_queued_seconds": core.oldest_queued(now, name),
+                    "latency": m.latency.snapshot(),
+                    "queue_wait": m.queue_wait.snapshot(),
                 }
             if self._client_mode:
                 # The workers are the router's: what it last said of them.
@@ -495,13 +520,20 @@ class Bridge:
                 "handshake_failures": self._n_handshake_failures,
                 "init_failures": len(self._init_failures),
                 "closing": core.closing,
+                "oldest_queued_seconds": core.oldest_queued(now),
+                "loading": sum(loading.values()),
                 "models": models,
             }
 
     def workers(self) -> list[dict[str, Any]]:
+        """Connected workers (state "ready", "busy" or "leaving") and workers
+        building their model (state "loading", with ``seconds``)."""
+        loading = [dict(e, state="loading") for e in self.loading()]
         with self._lock:
-            return [
+            return loading + [
                 {
+                    "state": "leaving" if p.info.leaving else "busy" if p.info.units else "ready",
+                    "device": p.device,
                     "pid": p.pid,
                     "host": p.host,
                     "name": p.name,
@@ -514,7 +546,6 @@ class Bridge:
                     "shared_memory": p.shm,
                 }
                 for p in self._peers.values()
-                if not p.info.leaving
             ]
 
     def models(self) -> dict[str, dict[str, Any]]:
@@ -924,6 +955,9 @@ class Bridge:
                     frame = frames[0]
             kind, _, body = frame
             info = protocol.unpack_json(body)
+            if kind == protocol.LOADING:
+                self._hold_loading(sock, info)
+                return
             if kind == protocol.INIT_FAILED:
                 line = (
                     f"worker {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) "
@@ -959,6 +993,60 @@ class Bridge:
         finally:
             with self._lock:
                 self._handshaking.pop(sock, None)
+
+    def _hold_loading(self, sock: socket.socket, info: dict[str, Any]) -> None:
+        """A worker building its model: listed as loading until it closes
+        this connection (built, or failed). Runs in its handshake thread."""
+        entry = {
+            "pid": int(info.get("pid", 0) or 0),
+            "host": str(info.get("host", "?")),
+            "name": str(info.get("name", "worker")),
+            "model": str(info.get("model") or DEFAULT_MODEL),
+            "device": info.get("device"),
+            "since": time.monotonic(),
+        }
+        with self._lock:
+            self._handshaking.pop(sock, None)
+            closing = self._core.closing
+            if not closing:
+                self._loading[sock] = entry
+        if not closing:
+            self._notify_waiters()
+            try:
+                sock.settimeout(None)
+                while sock.recv(64):
+                    pass
+            except OSError:
+                pass
+            with self._lock:
+                self._loading.pop(sock, None)
+        sock.close()
+
+    def has_joined(self, pid: int) -> bool:
+        """Whether a worker process with this pid ever joined this hub."""
+        with self._lock:
+            return pid in self._joined_pids
+
+    def give_up_model(self, model: str, why: str) -> None:
+        """A pool stopped restarting the workers of ``model``: its queued and
+        new requests fail at once (until a worker of it joins), with the
+        constructor's traceback when one was reported."""
+        with self._lock:
+            lines = [t for _, t in self._init_failures if f"model {model!r}" in t]
+            err = NoWorkersError(why + ("\n  " + "\n  ".join(x.rstrip().replace("\n", "\n  ") for x in lines[-1:]) if lines else ""))
+            self._apply_locked(self._core.model_unavailable(model, err))
+        if self._outcomes:
+            self._hand_over()
+        self._notify_waiters()
+
+    def loading(self) -> list[dict[str, Any]]:
+        """Workers building their model now: pid, host, name, model, device, seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {k: v for k, v in e.items() if k != "since"} | {"seconds": now - e["since"]}
+                for e in self._loading.values()
+            ]
 
     def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         peer = Peer(sock, hello, self._max_frame)
@@ -1233,6 +1321,13 @@ class Bridge:
         return True
 
     def _shutdown_sockets(self) -> None:
+        with self._lock:
+            loading = list(self._loading)
+        for sock in loading:  # their handshake threads close them
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         if self._upstream is not None:
             socks.append(self._upstream.sock)

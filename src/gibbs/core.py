@@ -51,6 +51,7 @@ import enum
 from typing import Any, Hashable, NamedTuple, Optional, Union
 
 from .errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+from .metrics import Window
 
 __all__ = [
     "Core",
@@ -104,7 +105,7 @@ class Call:
 
     __slots__ = (
         "id", "model", "payload", "sink", "queued", "done", "holders",
-        "attempts", "failures", "queued_at", "stream", "delivered",
+        "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
     )
 
     def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None, stream: bool = False) -> None:
@@ -122,6 +123,8 @@ class Call:
         self.queued_at = 0.0
         self.stream = stream  # chunks go to the caller as the worker yields them
         self.delivered = 0  # chunks handed to the caller
+        self.t0 = 0.0  # when it was submitted (for its latency and queue wait)
+        self.dispatched = False  # sent to a worker at least once
 
     def __repr__(self) -> str:
         state = "done" if self.done else "queued" if self.queued else "running" if self.holders else "?"
@@ -168,7 +171,9 @@ class WorkerInfo:
 
 
 class _Model:
-    __slots__ = ("name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes")
+    __slots__ = (
+        "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -178,6 +183,11 @@ class _Model:
         self.batch_wait = 0.0
         self.unavailable: Optional[BaseException] = None
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # of batched workers' units
+        # requests, completed, errors (the model raised), failed (gibbs gave
+        # up: worker deaths, closing), cancelled, resent, retried
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.latency = Window()  # submit -> answer, answered calls
+        self.queue_wait = Window()  # submit -> first sent to a worker
 
 
 def _without(holders: tuple[Hashable, ...], worker_id: Hashable) -> tuple[Hashable, ...]:
@@ -276,6 +286,15 @@ class Core:
         return m
 
     def _resolve(self, call: Call, outcome: Outcome, out: list[Action]) -> None:
+        m = self.models.get(call.model)
+        if m is not None:
+            kind = outcome.kind
+            m.stats[
+                "completed" if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED
+                else "errors" if kind is OutcomeKind.ERROR
+                else "cancelled" if kind is OutcomeKind.CANCELLED
+                else "failed"
+            ] += 1
         call.done = True
         self.calls.pop(call.id, None)
         if call.queued:
@@ -317,6 +336,8 @@ class Core:
         if call.id in self.calls:
             raise ValueError(f"call id {call.id} is already in use")
         self.calls[call.id] = call
+        call.t0 = now
+        model.stats["requests"] += 1
         if model.batch_wait:
             call.queued_at = now  # only a batch that may wait needs it
         self._enqueue(call)
@@ -369,6 +390,7 @@ class Core:
         if self.closing:
             return out
         self.stats["resent"] += 1
+        self.models[call.model].stats["resent"] += 1
         self._enqueue(call, front=True)
         self._dispatch(self.models[call.model], now, out)
         return out
@@ -471,6 +493,7 @@ class Core:
                     self._resolve(call, Outcome(OutcomeKind.EXCEPTION, self._died_error(call)), out)
                     continue
                 self.stats["retried"] += 1
+                self.models[call.model].stats["retried"] += 1
             if call.holders or call.queued:
                 continue  # another attempt is on its way
             if self.closing:
@@ -523,6 +546,7 @@ class Core:
                 out.append(Release(call))
         else:
             self.stats["completed" if outcome.kind is not OutcomeKind.ERROR else "errors"] += 1
+            self.models[call.model].latency.add(now - call.t0)
             self._resolve(call, outcome, out)
         if not w.leaving:
             self._dispatch(self.models[w.model], now, out)
@@ -667,11 +691,24 @@ class Core:
             for call in calls:
                 call.holders += (w.id,)
                 w.held[call.id] = call
+                if not call.dispatched:
+                    call.dispatched = True
+                    model.queue_wait.add(now - call.t0)
             if w.batch_size > 1:
                 model.batch_sizes[len(calls)] += 1
             out.append(Send(w.id, tuple(calls)))
 
     # ------------------------------------------------------------ views
+
+    def oldest_queued(self, now: float, model: Optional[str] = None) -> float:
+        """Seconds the oldest call still queued (of ``model``) has waited."""
+        oldest = None
+        for m in self.models.values() if model is None else [self.models[model]] if model in self.models else []:
+            for call in m.queue.values():
+                if not call.holders:
+                    oldest = call.t0 if oldest is None else min(oldest, call.t0)
+                    break  # FIFO: the first call not on a retry is the oldest
+        return 0.0 if oldest is None else max(0.0, now - oldest)
 
     def queued(self, model: Optional[str] = None) -> int:
         if model is None:

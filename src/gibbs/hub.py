@@ -68,7 +68,7 @@ import time
 import uuid
 import warnings
 import weakref
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
 from .bridge import Bridge, LocalWorker, describe_exit
@@ -82,6 +82,8 @@ from .errors import (
     SerializationError,
     UserCodeException,
 )
+from .metrics import CONTENT_TYPE, prometheus_text
+from .pool import DeviceSpec, Pool, resolve_devices
 from .transport import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -229,6 +231,7 @@ class Hub:
         self._pid = os.getpid()
         self._created_at = time.monotonic()  # local workers started since then are this hub's
         self._finalizer: Optional[weakref.finalize] = None
+        self._pools: list[Pool] = []  # started by serve(); closed with the hub
         _live_hubs.add(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -341,7 +344,13 @@ class Hub:
         bridge = self._begin_close(grace, lambda: None)
         if bridge is not None:
             bridge.join()
+        self._close_pools()
         self._remove_probe()
+
+    def _close_pools(self) -> None:
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.close(grace=self._close_grace)
 
     def __del__(self) -> None:
         # gibbs 0.2 code calls hub.__del__() to close a hub. Collection runs
@@ -366,6 +375,8 @@ class Hub:
         if bridge is not None:
             await done
             bridge.join()
+        if self._pools:
+            await loop.run_in_executor(None, self._close_pools)
         self._remove_probe()
 
     def _begin_close(self, grace: Optional[float], on_closed: Any) -> Optional[Bridge]:
@@ -690,6 +701,118 @@ class Hub:
             )
         return "\n".join(lines)
 
+    # ------------------------------------------------------------ a pool of local workers
+
+    def serve(
+        self,
+        cls: Callable[..., Any],
+        *args: Any,
+        gibbs_workers: Optional[int] = None,
+        gibbs_model: str = DEFAULT_MODEL,
+        gibbs_devices: Union[None, str, Sequence[DeviceSpec]] = None,
+        gibbs_workers_per_device: int = 1,
+        gibbs_start_method: Optional[str] = None,
+        gibbs_batch_size: int = 1,
+        gibbs_batch_wait: float = 0.0,
+        gibbs_concurrency: int = 1,
+        gibbs_name: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Pool:
+        """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
+        for model ``gibbs_model`` and keep them running (see :class:`Pool`):
+        a worker that dies is replaced; a model whose constructor fails is
+        not restarted in a loop, and its requests then fail at once with
+        :class:`~gibbs.NoWorkersError` carrying the traceback.
+        ``pool.scale(n)``, ``pool.close()``; the pool stops with the hub.
+
+        ``gibbs_devices``: ``["cuda:0", "cuda:1"]``, ints, or ``"auto"``
+        (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi``): the workers are
+        spread over them, each seeing only its own GPU;
+        ``gibbs_workers_per_device`` sets the default count. Workers with a
+        device start with ``spawn`` unless told otherwise (CUDA needs it).
+        """
+        devices = resolve_devices(gibbs_devices)
+        if not isinstance(gibbs_workers_per_device, int) or gibbs_workers_per_device < 1:
+            raise ValueError("gibbs_workers_per_device must be an int >= 1")
+        if gibbs_workers is None:
+            gibbs_workers = len(devices) * gibbs_workers_per_device if devices else 1
+        if not isinstance(gibbs_workers, int) or gibbs_workers < 0:
+            raise ValueError(f"gibbs_workers must be an int >= 0, got {gibbs_workers!r}")
+        start_method = gibbs_start_method or ("spawn" if devices else None)
+        bridge = self._ensure_started()
+        host = "127.0.0.1" if is_loopback(self._host) or self._host in ("0.0.0.0", "::") else self._host
+        port = self.port
+        key = self._authkey if self._explicit else None
+
+        def make(device: Optional[str]) -> Worker:
+            return Worker(
+                cls, *args,
+                gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
+                gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
+                gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
+                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, **kwargs,
+            )
+
+        make(None)  # check the options here, at the call site, before any process starts
+        pool = Pool(
+            self, make, gibbs_workers, gibbs_model, devices,
+            joined=bridge.has_joined, on_give_up=lambda why: bridge.give_up_model(gibbs_model, why),
+        )
+        with self._state_lock:
+            closed = self._closed
+            if not closed:
+                self._pools.append(pool)
+        if closed:
+            pool.close(0)
+            raise HubClosedError("the hub is closed")
+        return pool
+
+    def pools(self) -> list[Pool]:
+        """The pools ``serve`` started (and not yet closed)."""
+        return list(self._pools)
+
+    # ------------------------------------------------------------ health and metrics
+
+    def health(self) -> dict[str, Any]:
+        """A small summary for a ``/healthz`` or ``/readyz`` endpoint:
+        ``status`` ("ok": every model known here has a worker ready or busy;
+        "degraded": some have none; "down": no worker at all, or closed),
+        ``ready`` (the models that can serve now), and per model its workers
+        by state, queue length and the oldest queued request's age."""
+        s = self.statistics()
+        models = {
+            name: {
+                "workers": dict(m.get("states", {})),
+                "queued": m.get("queued", 0),
+                "oldest_queued_seconds": m.get("oldest_queued_seconds", 0.0),
+            }
+            for name, m in s["models"].items()
+        }
+        ready = sorted(name for name, m in s["models"].items() if m.get("workers", 0) > 0)
+        if s.get("closing") or self._closed or not ready:
+            status = "down"
+        elif len(ready) < len(models):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "role": s.get("role"),
+            "ready": ready,
+            "workers": s.get("workers", 0),
+            "loading": s.get("loading", 0),
+            "queued": s.get("queued", 0),
+            "oldest_queued_seconds": s.get("oldest_queued_seconds", 0.0),
+            "models": models,
+        }
+
+    def prometheus(self) -> str:
+        """``statistics()`` as Prometheus text exposition (version 0.0.4;
+        serve it with ``Hub.PROMETHEUS_CONTENT_TYPE``)."""
+        return prometheus_text(self.statistics())
+
+    PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE
+
     def statistics(self) -> dict[str, Any]:
         """Counters and current state: workers, busy, idle, queued, in_flight,
         completed, failed, retried, resent, cancelled, worker_deaths,
@@ -698,9 +821,17 @@ class Hub:
         if bridge is None:
             return {
                 "workers": 0, "busy": 0, "idle": 0, "queued": 0, "in_flight": 0,
-                "closing": self._closed, "models": {},
+                "closing": self._closed, "models": {}, "restarts": 0,
             }
-        return bridge.statistics()
+        stats = bridge.statistics()
+        restarts = 0
+        for pool in self._pools:
+            restarts += pool.restarts
+            m = stats["models"].get(pool.model)
+            if m is not None:
+                m["restarts"] = m.get("restarts", 0) + pool.restarts
+        stats["restarts"] = restarts
+        return stats
 
     def models(self) -> dict[str, dict[str, Any]]:
         """Per model name: its class, workers, busy, queued, in_flight,

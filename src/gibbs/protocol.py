@@ -67,6 +67,7 @@ STOP = 15  # hub -> worker: the caller of this stream is gone: close the generat
 FORWARD = 16  # client -> router: a call, see pack_forward; answered RESULT/ERROR/EXC, CHUNKs first for a stream
 EXC = 17  # router -> client: JSON {type, message, failures}: the call failed in the router (type "" = cancelled)
 RESEND = 18  # client -> router: gibbs_retries: send this running call again to another worker
+LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building the model (the connection stays open until it is built)
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -90,6 +91,7 @@ KIND_NAMES = {
     EXC: "EXC",
     RESEND: "RESEND",
     POOL: "POOL",
+    LOADING: "LOADING",
 }
 
 #: FORWARD flags

@@ -34,6 +34,7 @@ import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its joins)
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -42,7 +43,7 @@ import threading
 import time
 import traceback
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from . import protocol
 from .core import DEFAULT_MODEL
@@ -117,6 +118,11 @@ class Worker:
         gibbs_concurrency: for a model whose ``__call__`` is ``async def``:
             how many calls run at once on the worker's own event loop
             (default 1). Sync models always run one call at a time.
+        gibbs_device: the device this worker may use (``"cuda:1"``, ``1``,
+            ``"cpu"``): its process sees only that GPU (``CUDA_VISIBLE_DEVICES``
+            is set before the model's module is imported, with the spawn and
+            forkserver start methods; with fork, before the constructor runs)
+            and finds its name in ``GIBBS_DEVICE``.
         worker_cls: gibbs 0.2's name for ``cls``.
     """
 
@@ -135,6 +141,7 @@ class Worker:
         gibbs_batch_size: int = 1,
         gibbs_batch_wait: float = 0.0,
         gibbs_concurrency: int = 1,
+        gibbs_device: Union[str, int, None] = None,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -171,6 +178,7 @@ class Worker:
         self.batch_size = gibbs_batch_size
         self.batch_wait = float(gibbs_batch_wait)
         self.concurrency = gibbs_concurrency
+        self.device = None if gibbs_device is None else device_name(gibbs_device)
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
@@ -188,11 +196,20 @@ class Worker:
         ctx = multiprocessing.get_context(self.start_method)
         self.start_method_used = ctx.get_start_method()
         _prune_local_workers()
-        self._process = ctx.Process(  # type: ignore[attr-defined]
-            target=_process_main,
-            args=(self, os.getpid()),
-            name=f"gibbs-worker-{self.name}",
-        )
+        if self.device is not None:
+            # The spec travels pickled, so that the child sets its device's
+            # environment before unpickling it imports the model's module.
+            self._process = ctx.Process(  # type: ignore[attr-defined]
+                target=_process_main_on_device,
+                args=(device_env(self.device), pickle.dumps(self), os.getpid()),
+                name=f"gibbs-worker-{self.name}",
+            )
+        else:
+            self._process = ctx.Process(  # type: ignore[attr-defined]
+                target=_process_main,
+                args=(self, os.getpid()),
+                name=f"gibbs-worker-{self.name}",
+            )
         # Blocked across the fork (the child unblocks them once its handler is
         # in place), so an early terminate() is still a graceful one.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -318,6 +335,31 @@ def class_name(cls: Any) -> str:
     return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', getattr(cls, '__name__', repr(cls)))}"
 
 
+def device_name(device: Union[str, int]) -> str:
+    """``1`` / ``"1"`` / ``"cuda:1"`` -> ``"cuda:1"``; ``"cpu"`` stays."""
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"a device is a str or an int, got {device!r}")
+    text = str(device).strip()
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    if text == "cpu":
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return f"cuda:{int(text[5:])}"
+    raise ValueError(f"unknown device {device!r}: use 'cuda:N', N, or 'cpu'")
+
+
+def device_env(device: str) -> dict[str, str]:
+    """The environment a worker on ``device`` runs with."""
+    visible = device[5:] if device.startswith("cuda:") else ""
+    return {"CUDA_VISIBLE_DEVICES": visible, "GIBBS_DEVICE": device}
+
+
+def _process_main_on_device(env: dict[str, str], spec: bytes, parent_pid: int) -> None:
+    os.environ.update(env)
+    _process_main(pickle.loads(spec), parent_pid)
+
+
 def _process_main(worker: Worker, parent_pid: int) -> None:
     # A worker started by an app does not stop on the terminal's Ctrl-C on
     # its own (the whole process group gets it): it keeps serving until the
@@ -441,13 +483,20 @@ class _Runtime:
             # start() blocked these signals across the fork, so that a terminate()
             # right after start() reaches our handler rather than the default one.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            built = threading.Event()
+            loading = threading.Thread(target=self._announce_loading, args=(built,), name="gibbs-loading", daemon=True)
+            loading.start()
             try:
                 self.model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
             except Exception as exc:
+                built.set()
                 tb = traceback.format_exc()
                 logger.error("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
                 self._report_init_failure(exc, tb)
                 raise
+            finally:
+                built.set()
+                loading.join(2.0)
             call = self.model if inspect.isfunction(self.model) else type(self.model).__call__
             self.is_async = inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
             if self.is_async:
@@ -520,6 +569,7 @@ class _Runtime:
             "batch_size": self.spec.batch_size,
             "batch_wait": self.spec.batch_wait,
             "concurrency": self.spec.concurrency if self.is_async else 1,
+            "device": self.spec.device,
         }
 
     def _serve_forever(self) -> None:
@@ -1057,6 +1107,34 @@ class _Runtime:
         except PermissionError:
             pass
         return True
+
+    # -------------------------------------------------------------- loading
+
+    def _announce_loading(self, built: threading.Event) -> None:
+        """While the constructor runs (its own thread): tell the hub this
+        worker is building its model, on a connection held open until the
+        model is built, so the hub can say "2 workers loading for 12 s"."""
+        while not built.is_set():
+            try:
+                sock = self._connect(timeout=1.0)
+            except (OSError, ProtocolError, AuthenticationError):
+                built.wait(0.2)
+                continue
+            try:
+                report = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "name": self.spec.name,
+                    "model": self.spec.model,
+                    "device": self.spec.device,
+                }
+                sock.sendall(protocol.pack_json(protocol.LOADING, report))
+                built.wait()
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            return
 
     # -------------------------------------------------------------- init failure
 

@@ -1,0 +1,262 @@
+"""A pool of local workers that a hub starts and supervises (``hub.serve``).
+
+One supervisor thread per pool waits on its workers' process sentinels:
+
+* a worker that dies is replaced at once if it had joined the hub (its calls
+  are re-sent by the hub meanwhile), else after a backoff;
+* a worker that fails in its constructor is not restarted in a loop: if no
+  worker of the pool ever joined, the pool stops at the first failure; after
+  that, after ``MAX_INIT_FAILURES`` failures in a row. The hub then fails the
+  model's requests at once with ``NoWorkersError`` carrying the traceback;
+* ``scale(n)`` starts workers at once, or drains some: each one leaving
+  finishes what it holds (SIGTERM), nothing is re-sent;
+* ``close()`` (also done by ``hub.close()`` and at exit) stops them all.
+
+Devices: ``devices=["cuda:0", "cuda:1"]`` (or ints, or ``"auto"``) spreads the
+workers over the devices, slot ``i`` on ``devices[i % len(devices)]``; each
+worker process sees only its own GPU (``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import shutil
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+from .worker import Worker, device_name
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["Pool", "resolve_devices"]
+
+logger = logging.getLogger("gibbs")
+
+#: Constructor failures in a row after which a pool that once worked gives up.
+MAX_INIT_FAILURES = 3
+#: A restarted worker that had not joined waits this long, doubling, up to the cap.
+_BACKOFF_FIRST = 0.5
+_BACKOFF_CAP = 10.0
+
+DeviceSpec = Union[str, int]
+
+
+def resolve_devices(devices: Union[None, str, Sequence[DeviceSpec]]) -> list[str]:
+    """``None`` -> no devices; ``"auto"`` -> the GPUs this process may use
+    (``CUDA_VISIBLE_DEVICES`` if set, else those ``nvidia-smi -L`` lists,
+    else none); a list -> each as ``"cuda:N"`` or ``"cpu"``."""
+    if devices is None:
+        return []
+    if isinstance(devices, str):
+        if devices != "auto":
+            return [device_name(d) for d in devices.split(",") if d.strip()]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            return [device_name(d) for d in visible.split(",") if d.strip() and d.strip().isdigit()]
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return []
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [f"cuda:{i}" for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return [device_name(d) for d in devices]
+
+
+class _Slot:
+    __slots__ = ("device", "worker", "backoff", "not_before", "draining")
+
+    def __init__(self, device: Optional[str]) -> None:
+        self.device = device
+        self.worker: Optional[Worker] = None
+        self.backoff = _BACKOFF_FIRST
+        self.not_before = 0.0
+        self.draining = False
+
+
+class Pool:
+    """Local workers of one model, started and kept at size by the hub.
+    Made by :meth:`Hub.serve`; thread-safe."""
+
+    def __init__(
+        self,
+        hub: "Hub",
+        make: Callable[[Optional[str]], Worker],
+        n: int,
+        model: str,
+        devices: list[str],
+        joined: Callable[[int], bool],
+        on_give_up: Callable[[str], None],
+    ) -> None:
+        self._make = make
+        self._model = model
+        self._devices = devices
+        self._joined = joined  # pid -> has it joined the hub (ever)
+        self._on_give_up = on_give_up
+        self._lock = threading.Lock()  # owns every field below
+        self._slots: list[_Slot] = []
+        self._draining: list[Worker] = []
+        self._closed = False
+        self._failed: Optional[str] = None
+        self._ever_joined = False
+        self._init_failures = 0  # in a row
+        self.restarts = 0
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._hub_repr = repr(hub)
+        self._add_slots(n)
+        self._thread = threading.Thread(target=self._supervise, name=f"gibbs-pool-{model}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def size(self) -> int:
+        """Workers the pool keeps running (not counting those draining)."""
+        with self._lock:
+            return len(self._slots)
+
+    @property
+    def failed(self) -> Optional[str]:
+        """Why the pool stopped restarting workers, if it did."""
+        return self._failed
+
+    def workers(self) -> list[Worker]:
+        with self._lock:
+            return [s.worker for s in self._slots if s.worker is not None]
+
+    def devices(self) -> list[Optional[str]]:
+        with self._lock:
+            return [s.device for s in self._slots]
+
+    def scale(self, n: int) -> None:
+        """Run ``n`` workers: more start at once; fewer are drained (each
+        finishes what it holds, nothing is re-sent)."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"a pool's size is an int >= 0, got {n!r}")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pool is closed")
+            if n > len(self._slots):
+                self._add_slots(n - len(self._slots))
+            while len(self._slots) > n:
+                slot = self._slots.pop()
+                if slot.worker is not None:
+                    slot.worker.terminate()
+                    self._draining.append(slot.worker)
+        self._wake()
+
+    def close(self, grace: float = 30.0) -> None:
+        """Stop every worker (SIGTERM: each finishes the call in hand), and
+        kill those still running after ``grace`` seconds. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = [s.worker for s in self._slots if s.worker is not None] + self._draining
+        self._wake()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        from .worker import stop_workers
+
+        stop_workers(workers, grace=grace)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"failed: {self._failed.splitlines()[0]}" if self._failed else "running"
+        return f"<Pool {self._model!r} {self.size} workers, {self.restarts} restarts [{state}]>"
+
+    # ------------------------------------------------------------ supervisor
+
+    def _add_slots(self, k: int) -> None:
+        """Under the lock."""
+        for _ in range(k):
+            i = len(self._slots)
+            device = self._devices[i % len(self._devices)] if self._devices else None
+            slot = _Slot(device)
+            self._slots.append(slot)
+            if self._failed is None:
+                slot.worker = self._start(slot)
+
+    def _start(self, slot: _Slot) -> Worker:
+        w = self._make(slot.device)
+        w.start()
+        return w
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"\0")
+        except OSError:
+            pass
+
+    def _supervise(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                sentinels: list[Any] = [self._wake_r]
+                sentinels += [s.worker.sentinel for s in self._slots if s.worker is not None]
+                sentinels += [w.sentinel for w in self._draining]
+                soonest = min((s.not_before for s in self._slots if s.worker is None), default=None)
+            timeout = 1.0 if soonest is None else max(0.0, min(1.0, soonest - time.monotonic()))
+            ready = multiprocessing.connection.wait(sentinels, timeout)
+            if self._wake_r in ready:
+                try:
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                except (OSError, EOFError):
+                    return
+            self._step()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        give_up: Optional[str] = None
+        with self._lock:
+            if self._closed:
+                return
+            for leaving in list(self._draining):
+                if not leaving.is_alive():
+                    leaving.join()
+                    self._draining.remove(leaving)
+            for slot in self._slots:
+                w = slot.worker
+                if w is not None and w.pid is not None and not self._ever_joined and self._joined(w.pid):
+                    self._ever_joined = True
+                if w is not None and not w.is_alive():
+                    w.join()
+                    code = w.exitcode
+                    joined = w.pid is not None and self._joined(w.pid)
+                    slot.worker = None
+                    if joined:
+                        self._ever_joined = True
+                        self._init_failures = 0
+                        slot.backoff = _BACKOFF_FIRST
+                        slot.not_before = now  # it served: replace it at once
+                        logger.warning("gibbs pool %r: worker pid %s exited (%s); replacing it", self._model, w.pid, code)
+                    else:
+                        self._init_failures += 1
+                        limit = MAX_INIT_FAILURES if self._ever_joined else 1
+                        if self._init_failures >= limit and self._failed is None:
+                            give_up = (
+                                f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row "
+                                f"exited before serving (last: pid {w.pid}, exit code {code})"
+                            )
+                            self._failed = give_up
+                        slot.not_before = now + slot.backoff
+                        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
+                if slot.worker is None and self._failed is None and now >= slot.not_before:
+                    slot.worker = self._start(slot)
+                    self.restarts += 1
+        if give_up is not None:
+            logger.error("gibbs: %s", give_up)
+            self._on_give_up(give_up)
