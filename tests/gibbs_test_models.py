@@ -363,3 +363,32 @@ class AsyncStreamer:
             finished = True
         finally:
             _note(marker, f"{'done' if finished else 'closed'} {os.getpid()} {produced}\n")
+
+
+#: What this module saw of its device when it was imported (in a spawned
+#: worker: after the worker set its device's environment, or not).
+IMPORT_ENV = (os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("GIBBS_DEVICE"))
+
+
+class DeviceEnv:
+    """Answers what the worker's process sees of its device: at the import of
+    this module, and now."""
+
+    def __call__(self, x: Any = None) -> Any:
+        if x:
+            time.sleep(x)  # hold this worker, so concurrent calls reach the others
+        return {
+            "import": list(IMPORT_ENV),
+            "now": [os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("GIBBS_DEVICE")],
+            "pid": os.getpid(),
+        }
+
+
+class SlowInit:
+    """Takes ``seconds`` to build (a model loading its weights)."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        time.sleep(seconds)
+
+    def __call__(self, x: Any) -> Any:
+        return x

@@ -134,7 +134,7 @@ class Peer:
         self.info: WorkerInfo  # set by the bridge (workers only)
 
     def describe(self) -> str:
-        what = "worker" if self.role == "worker" else "client hub" if self.role == "client" else "router hub"
+        what = {"worker": "worker", "client": "client hub", "observer": "observer"}.get(self.role, "router hub")
         return f"{what} {self.name} (pid {self.pid} on {self.host}, {self.address})"
 
     def __repr__(self) -> str:
@@ -299,6 +299,8 @@ class Bridge:
         self._rendezvous_thread: Optional[threading.Thread] = None
         self._initial_upstream = upstream
         self._listeners_closed = False
+        # The hub's statistics() (with its pools' restarts), weakly: for observers.
+        self.stats_source: Optional[Callable[[], Optional[Callable[[], dict[str, Any]]]]] = None
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -503,7 +505,7 @@ class Bridge:
                 n_workers = len(peers)
             return {
                 "role": self.role,
-                "clients": len(self._clients),
+                "clients": sum(1 for p in self._clients.values() if p.role == "client"),
                 "workers": n_workers,
                 "busy": busy,
                 "idle": max(0, n_workers - busy),
@@ -1050,13 +1052,14 @@ class Bridge:
 
     def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         peer = Peer(sock, hello, self._max_frame)
-        if peer.role == "client":
+        if peer.role in ("client", "observer"):
             self._selector.register(sock, selectors.EVENT_READ, peer)
             with self._lock:
                 self._clients[peer.fd] = peer
-                peer.out.append(self._pool_frame_locked())
-                self._flush_locked(peer)
-            logger.info("gibbs hub: %s joined; it routes its calls through this hub", peer.describe())
+                if peer.role == "client":
+                    peer.out.append(self._pool_frame_locked())
+                    self._flush_locked(peer)
+            logger.info("gibbs hub: %s joined", peer.describe())
             return
         if peer.role != "worker":
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
@@ -1166,7 +1169,7 @@ class Bridge:
         exit status of a local worker process is known (or soon anyway)."""
         if peer.gone:
             return
-        if peer.role == "client":
+        if peer.role in ("client", "observer"):
             self._drop_client(peer, reason)
             return
         if peer.role == "router":
@@ -1396,7 +1399,7 @@ class Bridge:
             return
         frame = self._pool_frame_locked()
         for peer in self._clients.values():
-            if not peer.gone:
+            if not peer.gone and peer.role == "client":
                 peer.out.append(frame)
                 self._flush_locked(peer)
 
@@ -1417,6 +1420,8 @@ class Bridge:
             frames = peer.reader.feed(self._rview[:n])
             if peer.role == "client":
                 self._client_frames(peer, frames)
+            elif peer.role == "observer":
+                self._observer_frames(peer, frames)
             else:
                 self._router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
@@ -1470,6 +1475,19 @@ class Bridge:
             self._flush_locked(peer)
         if self._outcomes:
             self._hand_over()
+
+    def _observer_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
+        """``python -m gibbs status``: it may read statistics, nothing else."""
+        for kind, _, _ in frames:
+            if kind == protocol.STATS:
+                source = self.stats_source() if self.stats_source is not None else None
+                stats = source() if source is not None else self.statistics()
+                body = json.dumps({"statistics": stats, "workers": self.workers()}, default=str).encode()
+                with self._lock:
+                    peer.out.extend(protocol.pack_frame(protocol.STATS, 0, body))
+                    self._flush_locked(peer)
+            elif kind != protocol.HEARTBEAT:
+                raise ProtocolError(f"an observer may only ask for STATS, not {protocol.KIND_NAMES.get(kind)}")
 
     def _drop_client(self, peer: Peer, reason: str) -> None:
         """A client hub went away (its process died or closed): its calls are

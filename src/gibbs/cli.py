@@ -1,4 +1,4 @@
-"""Command line: ``python -m gibbs demo``, ``python -m gibbs worker`` and ``python -m gibbs hub``.
+"""Command line: ``python -m gibbs demo``, ``worker``, ``hub`` and ``status``.
 
 ``python -m gibbs worker package.module:ClassName --hub HOST:PORT [-n N] [ARG ...]``
 starts N worker processes serving ``ClassName(*ARGS, **KWARGS)`` to the hub,
@@ -149,7 +149,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"the hub's address (default 127.0.0.1:{DEFAULT_PORT})",
     )
-    worker.add_argument("-n", "--workers", type=int, default=1, help="worker processes to run (default 1)")
+    worker.add_argument("-n", "--workers", type=int, default=None, help="worker processes to run (default 1, or one per device)")
     worker.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
     worker.add_argument(
         "--heartbeat-interval",
@@ -199,6 +199,15 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest wait to fill a batch (default 0: a lone request goes at once)",
     )
+    worker.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="spread the workers over these GPUs ('0,1', 'cuda:0,cuda:1', or 'auto': CUDA_VISIBLE_DEVICES, else "
+        "nvidia-smi); each worker sees only its own. Without -n: --workers-per-device per device",
+    )
+    worker.add_argument("--workers-per-device", type=int, default=1, metavar="N",
+                        help="workers per device when -n is not given (default 1)")
     worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
     hub = sub.add_parser(
@@ -224,6 +233,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, how long running calls may finish (default 30)"
     )
     hub.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+
+    status = sub.add_parser(
+        "status",
+        help="a live view of a running hub: models, workers, queues, latency",
+        description="Connect to the hub at --hub as an observer (it can read statistics, nothing else; "
+        "the key as for a worker) and show its models, workers and queues, refreshed every --interval "
+        "seconds until Ctrl-C; --once prints one snapshot and exits; --json prints the raw statistics.",
+    )
+    status.add_argument("--hub", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                        help=f"the hub's address (default 127.0.0.1:{DEFAULT_PORT})")
+    status.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument("--json", action="store_true", help="print the statistics as JSON (with --once: one line)")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1.0)")
     return parser
 
 
@@ -246,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_demo(ns.workers, ns.requests, ns.wait_time)
         if ns.command == "hub":
             return _hub_command(ns)
+        if ns.command == "status":
+            return _status_command(ns)
         return _worker_command(ns)
     except CliError as exc:
         print(f"gibbs: error: {exc}", file=sys.stderr)
@@ -298,11 +323,139 @@ def _hub_command(ns: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_status(host: str, port: int, key: Optional[bytes], timeout: float = 5.0) -> Any:
+    """Connect to a hub as an observer; return a function that fetches
+    {"statistics": ..., "workers": [...]} each time it is called, and the socket."""
+    import json
+
+    from . import protocol
+    from .transport import client_handshake, connect
+
+    sock = connect(host, port, timeout=timeout)
+    sock.settimeout(timeout)
+    try:
+        client_handshake(sock, key or b"", key is not None)
+        reader = protocol.FrameReader(1 << 30)
+
+        def read_one(kind_wanted: int) -> bytes:
+            while True:
+                for kind, _, body in pending:
+                    if kind == kind_wanted:
+                        pending.remove((kind, _, body))
+                        return body
+                pending.clear()
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("the hub closed the connection")
+                pending.extend(reader.feed(data))
+
+        pending: list[Any] = []
+        read_one(protocol.WELCOME)
+        hello = {"role": "observer", "pid": os.getpid(), "host": socket.gethostname(), "name": "status"}
+        sock.sendall(protocol.pack_json(protocol.HELLO, hello))
+    except BaseException:
+        sock.close()
+        raise
+
+    def fetch() -> Any:
+        sock.sendall(b"".join(bytes(b) for b in protocol.pack_frame(protocol.STATS, 0)))
+        return json.loads(read_one(protocol.STATS))
+
+    return fetch, sock
+
+
+def render_status(where: str, snap: Any) -> str:
+    """The text ``python -m gibbs status`` shows for one snapshot."""
+    s = snap["statistics"]
+    lines = [
+        f"gibbs hub {where}  role {s.get('role', '?')}  clients {s.get('clients', 0)}  "
+        f"workers {s.get('workers', 0)} ({s.get('busy', 0)} busy, {s.get('loading', 0)} loading)  "
+        f"queued {s.get('queued', 0)}  oldest {s.get('oldest_queued_seconds', 0.0):.1f} s  "
+        f"completed {s.get('completed', 0)}  failed {s.get('failed', 0)}  restarts {s.get('restarts', 0)}",
+        "",
+        f"{'MODEL':16} {'CLASS':32} {'WORKERS':>7} {'BUSY':>5} {'QUEUED':>6} {'REQUESTS':>9} {'ERRORS':>6} "
+        f"{'P50 MS':>8} {'P99 MS':>8} {'WAIT P99':>8}",
+    ]
+
+    def ms(x: Any) -> str:
+        return "-" if x is None else f"{x * 1000:.1f}"
+
+    for name, m in sorted(s.get("models", {}).items()):
+        lat = m.get("latency") or {}
+        wait = m.get("queue_wait") or {}
+        lines.append(
+            f"{name[:16]:16} {str(m.get('class', ''))[:32]:32} {m.get('workers', 0):>7} {m.get('busy', 0):>5} "
+            f"{m.get('queued', 0):>6} {m.get('requests', 0):>9} {m.get('errors', 0) + m.get('failed', 0):>6} "
+            f"{ms(lat.get('p50')):>8} {ms(lat.get('p99')):>8} {ms(wait.get('p99')):>8}"
+        )
+    lines += ["", f"{'PID':>8} {'HOST':16} {'MODEL':16} {'STATE':8} {'DEVICE':8} {'SERVED':>7} {'IN FLIGHT':>9}"]
+    for w in snap.get("workers", []):
+        state = w.get("state", "?")
+        if state == "loading":
+            state = f"loading {w.get('seconds', 0):.0f}s"
+        lines.append(
+            f"{w.get('pid', 0):>8} {str(w.get('host', ''))[:16]:16} {str(w.get('model', ''))[:16]:16} {state:8} "
+            f"{str(w.get('device') or '-'):8} {w.get('served', 0):>7} {w.get('in_flight', 0):>9}"
+        )
+    return "\n".join(lines)
+
+
+def _status_command(ns: argparse.Namespace) -> int:
+    import json
+
+    from .errors import AuthenticationError, ProtocolError
+
+    try:
+        host, port = parse_address(ns.hub)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if ns.interval <= 0:
+        raise CliError("--interval must be > 0")
+    key = read_authkey(ns.authkey_file, loopback=is_loopback(host))
+    try:
+        fetch, sock = fetch_status(host, port, key)
+    except AuthenticationError as exc:
+        raise CliError(f"the hub at {host}:{port} refused our key: {exc}") from None
+    except (OSError, ProtocolError) as exc:
+        raise CliError(f"no hub at {host}:{port}: {exc}") from None
+    where = f"{host}:{port}"
+    tty = sys.stdout.isatty() and not ns.once
+    try:
+        while True:
+            snap = fetch()
+            if ns.json:
+                print(json.dumps(snap, indent=None if ns.once else 2), flush=True)
+            else:
+                text = render_status(where, snap)
+                print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
+            if ns.once:
+                return 0
+            time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, ValueError) as exc:
+        raise CliError(f"lost the hub at {where}: {exc}") from None
+    finally:
+        sock.close()
+
+
 def _worker_command(ns: argparse.Namespace) -> int:
     from .worker import Worker
 
     level = logging.WARNING - 10 * min(ns.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .pool import resolve_devices
+
+    try:
+        devices = resolve_devices(ns.devices)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--devices: {exc}") from None
+    if ns.devices is not None and not devices:
+        raise CliError(f"--devices {ns.devices!r}: no device found")
+    if ns.workers_per_device < 1:
+        raise CliError("--workers-per-device must be at least 1")
+    if ns.workers is None:
+        ns.workers = len(devices) * ns.workers_per_device if devices else 1
     if ns.workers < 1:
         raise CliError("-n must be at least 1")
     if ns.heartbeat_interval <= 0:
@@ -327,7 +480,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
     cls = load_target(ns.target)
     args, kwargs = parse_model_args(ns.model_args)
 
-    def make() -> Worker:
+    def make(device: Optional[str]) -> Worker:
         return Worker(
             cls,
             *args,
@@ -336,19 +489,21 @@ def _worker_command(ns: argparse.Namespace) -> int:
             gibbs_heartbeat_interval=ns.heartbeat_interval,
             gibbs_reset_after_n_miss=ns.reset_after_n_miss,
             gibbs_authkey=key,
-            gibbs_start_method=ns.start_method,
+            gibbs_start_method=ns.start_method or ("spawn" if device else None),
             gibbs_name=ns.name,
             gibbs_model=ns.model,
             gibbs_batch_size=ns.batch_size,
             gibbs_batch_wait=ns.batch_wait,
             gibbs_concurrency=ns.concurrency,
+            gibbs_device=device,
             **kwargs,
         )
 
-    return _supervise(make, ns.workers, f"{host}:{port}")
+    slot_devices = [devices[i % len(devices)] if devices else None for i in range(ns.workers)]
+    return _supervise(make, ns.workers, f"{host}:{port}", slot_devices)
 
 
-def _supervise(make: Any, n: int, where: str) -> int:
+def _supervise(make: Any, n: int, where: str, devices: Optional[list[Optional[str]]] = None) -> int:
     """Keep n workers running until SIGTERM/SIGINT, then stop them gracefully."""
     from .worker import REFUSED_EXIT, stop_workers
 
@@ -386,7 +541,7 @@ def _supervise(make: Any, n: int, where: str) -> int:
                     backoff[i] = min(backoff[i] * 2, 30.0)
                     slots[i] = None
                 if slots[i] is None and now >= not_before[i]:
-                    w = make()
+                    w = make(devices[i] if devices else None)
                     w.start()
                     slots[i] = w
             time.sleep(0.1)

@@ -304,6 +304,7 @@ class Hub:
                 deliver_sync=_deliver_sync,
                 local_workers=lambda: _local_workers_of(port, created),
             )
+            bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.start()
             self._bridge = bridge
             # A hub dropped without close() still releases its port, threads
@@ -680,7 +681,11 @@ class Hub:
         if seen or exited:
             lines.append("what the hub saw:")
             lines.extend("  " + r.rstrip().replace("\n", "\n  ") for r in seen + exited)
-        if alive:
+        loading = [w for w in (bridge.loading() if bridge else []) if model is None or w["model"] == model]
+        if loading:
+            longest = max(w["seconds"] for w in loading)
+            lines.append(f"{len(loading)} worker(s) loading their model, the longest for {longest:.0f} s")
+        elif alive:
             lines.append(
                 f"{len(alive)} worker process(es) started here are still running but not connected "
                 "(still building the model?)"
@@ -694,7 +699,7 @@ class Hub:
                 f"worker processes started here point at {', '.join(elsewhere)}, not at this hub "
                 f"({self._host}:{self.port}): check gibbs_host/gibbs_port"
             )
-        if not seen and not exited and not alive and not elsewhere:
+        if not seen and not exited and not alive and not elsewhere and not loading:
             lines.append(
                 "no worker reported a failure: are workers started, pointed at this address "
                 "(gibbs_host/gibbs_port), and sharing this hub's key?"

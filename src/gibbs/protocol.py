@@ -68,6 +68,7 @@ FORWARD = 16  # client -> router: a call, see pack_forward; answered RESULT/ERRO
 EXC = 17  # router -> client: JSON {type, message, failures}: the call failed in the router (type "" = cancelled)
 RESEND = 18  # client -> router: gibbs_retries: send this running call again to another worker
 LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building the model (the connection stays open until it is built)
+STATS = 21  # observer -> hub: empty, "send your statistics"; hub -> observer: JSON {statistics, workers}
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -92,6 +93,7 @@ KIND_NAMES = {
     RESEND: "RESEND",
     POOL: "POOL",
     LOADING: "LOADING",
+    STATS: "STATS",
 }
 
 #: FORWARD flags
