@@ -263,3 +263,38 @@ def test_batched_app(tmp_path) -> None:
                 assert m["class"].endswith(":BatchedModel") and m["workers"] == 2 and m["batch_size"] == 32, m
 
         run_bounded(main(), timeout=100)
+
+
+# ------------------------------------------------------------------ operations: health, readiness, metrics
+
+OPS_APP = os.path.join(REPO, "examples", "operations_app.py")
+
+
+def test_operations_app(tmp_path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with running(OPS_APP, str(tmp_path)) as app:
+
+        async def main() -> None:
+            async with httpx.AsyncClient(base_url=app.base, timeout=30) as client:
+                assert (await client.get("/healthz")).status_code == 200
+                deadline = time.monotonic() + 30
+                while (r := await client.get("/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, r.text
+                    await asyncio.sleep(0.1)
+                assert r.json()["ready"] == ["default"]
+                t0 = time.monotonic()
+                responses = await asyncio.gather(*(client.get("/request", params={"x": i}) for i in range(8)))
+                assert [r.json()["result"] for r in responses] == [i * i for i in range(8)]
+                assert time.monotonic() - t0 < 1.5  # 4 workers: two rounds of 0.25 s, not eight
+                r = await client.get("/metrics")
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(r.text)
+                    for s in f.samples
+                }
+                assert samples[("gibbs_requests_total", (("model", "default"),))] == 8
+                assert samples[("gibbs_workers", (("model", "default"), ("state", "ready")))] == 4
+
+        run_bounded(main())

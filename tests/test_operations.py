@@ -282,6 +282,9 @@ def test_prometheus_text_parses_and_matches_the_traffic(served: Callable[..., Hu
     m = hub.statistics()["models"]["default"]
     assert m["latency"]["p50"] is not None and m["latency"]["p50"] <= m["latency"]["p99"]
     assert m["queue_wait"]["count"] == 30
+    # Strict JSON (web frameworks' JSON responses refuse Infinity and NaN).
+    stats = hub.statistics()
+    assert json.loads(json.dumps(stats, allow_nan=False)) == stats
 
 
 # ---------------------------------------------------------------- status
@@ -346,3 +349,57 @@ def test_an_observer_can_read_but_not_send_work(served: Callable[..., Hub]) -> N
     sock.close()
     assert wait_until(lambda: hub.statistics()["queued"] == 0 and hub.statistics()["clients"] == 0, 5)
     assert hub.statistics()["models"].get("default", {}).get("requests", 0) == 0  # nothing was submitted
+
+
+def _observer(hub: Hub) -> tuple[socket.socket, Any]:
+    sock = t.connect("127.0.0.1", hub.port, timeout=5)
+    sock.settimeout(5)
+    t.client_handshake(sock, b"", False)
+    reader = p.FrameReader()
+    frames: list[Any] = []
+    while not frames:
+        frames = reader.feed(sock.recv(65536))  # WELCOME
+    return sock, reader
+
+
+def _read_kind(sock: socket.socket, reader: Any, kind: int) -> bytes:
+    while True:
+        data = sock.recv(65536)
+        assert data, "the hub closed the connection"
+        for k, _, body in reader.feed(data):
+            if k == kind:
+                return body
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "stats-split-mid-frame"])
+def test_a_request_right_behind_hello_is_answered(served: Callable[..., Hub], split: bool) -> None:
+    # `gibbs status` sends STATS as soon as it has sent HELLO; both can reach
+    # the hub in one read of its handshake, which must not drop the second.
+    hub = served()
+    sock, reader = _observer(hub)
+    try:
+        hello = p.pack_json(p.HELLO, {"role": "observer", "pid": os.getpid()})
+        stats = b"".join(bytes(b) for b in p.pack_frame(p.STATS, 0))
+        if split:  # HELLO and half a frame together, the rest later
+            sock.sendall(bytes(hello) + stats[:3])
+            time.sleep(0.3)
+            sock.sendall(stats[3:])
+        else:
+            sock.sendall(bytes(hello) + stats)
+        body = json.loads(_read_kind(sock, reader, p.STATS))
+        assert "statistics" in body and "workers" in body
+    finally:
+        sock.close()
+
+
+def test_a_worker_that_speaks_before_spoken_to_is_refused(served: Callable[..., Hub]) -> None:
+    hub = served()
+    sock, reader = _observer(hub)
+    try:
+        hello = p.pack_json(p.HELLO, {"role": "worker", "pid": os.getpid(), "cls": "x:Y"})
+        sock.sendall(bytes(hello) + b"".join(bytes(b) for b in p.pack_frame(p.HEARTBEAT, 0)))
+        assert sock.recv(65536) == b""  # closed at the handshake
+    finally:
+        sock.close()
+    assert wait_until(lambda: hub.statistics()["handshake_failures"] >= 1, 5)
+    assert hub.statistics()["workers"] == 0

@@ -50,7 +50,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
 from .core import (
@@ -267,7 +267,9 @@ class Bridge:
         self._core = Core(max_attempts=max_attempts, max_queued=max_queued)
         self._peers: dict[int, Peer] = {}  # fd -> peer, connected and not yet lost
         self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
-        self._new_peers: list[tuple[socket.socket, dict[str, Any]]] = []
+        # (socket, HELLO, frames that came after HELLO in the same read,
+        # bytes of a frame begun after it).
+        self._new_peers: list[tuple[socket.socket, dict[str, Any], list[tuple[int, int, bytes]], bytes]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
         self._init_failures: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)  # (pid, text)
         self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
@@ -866,8 +868,8 @@ class Bridge:
                     dirty, self._dirty = self._dirty, []
                 for peer in dirty:
                     self._update_registration(peer)
-                for sock, hello in new_peers:
-                    self._add_peer(sock, hello)
+                for sock, hello, early, partial in new_peers:
+                    self._add_peer(sock, hello, early, partial)
             if self._pending_upstream is not None:
                 self._take_rendezvous()
             if self._core.closing and not self._listeners_closed:
@@ -947,15 +949,14 @@ class Bridge:
             }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)
-            frame = None
-            while frame is None:
+            frames: list[tuple[int, int, bytes]] = []
+            while not frames:
                 data = sock.recv(65536)
                 if not data:
                     raise ConnectionResetError("closed before HELLO")
                 frames = reader.feed(data)
-                if frames:
-                    frame = frames[0]
-            kind, _, body = frame
+            kind, _, body = frames[0]
+            early = frames[1:]
             info = protocol.unpack_json(body)
             if kind == protocol.LOADING:
                 self._hold_loading(sock, info)
@@ -975,8 +976,13 @@ class Bridge:
                 return
             if kind != protocol.HELLO:
                 raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
-            if reader.pending:
+            if (early or reader.pending) and info.get("role", "worker") == "worker":
+                # A worker speaks only when spoken to.
                 raise ProtocolError("unexpected bytes after HELLO")
+            # A client or an observer may send its first request right
+            # behind its HELLO (e.g. ``gibbs status``): it is read here, in
+            # the same recv, and must reach the peer, not be dropped.
+            partial = reader.take_pending()
             sock.settimeout(None)
             sock.setblocking(False)
             with self._lock:
@@ -984,7 +990,7 @@ class Bridge:
                 if self._core.closing:
                     sock.close()
                     return
-                self._new_peers.append((sock, info))
+                self._new_peers.append((sock, info, early, partial))
                 self._wake_locked()
         except Exception as exc:  # noqa: BLE001 - any failure closes this connection only
             logger.warning("gibbs hub: rejected connection from %s: %s", who, exc)
@@ -1050,7 +1056,13 @@ class Bridge:
                 for e in self._loading.values()
             ]
 
-    def _add_peer(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+    def _add_peer(
+        self,
+        sock: socket.socket,
+        hello: dict[str, Any],
+        early: Sequence[tuple[int, int, bytes]] = (),
+        partial: bytes = b"",
+    ) -> None:
         peer = Peer(sock, hello, self._max_frame)
         if peer.role in ("client", "observer"):
             self._selector.register(sock, selectors.EVENT_READ, peer)
@@ -1060,6 +1072,16 @@ class Bridge:
                     peer.out.append(self._pool_frame_locked())
                     self._flush_locked(peer)
             logger.info("gibbs hub: %s joined", peer.describe())
+            try:
+                peer.reader.feed(partial)  # an incomplete frame: nothing comes out yet
+                if early:
+                    if peer.role == "client":
+                        self._client_frames(peer, list(early))
+                    else:
+                        self._observer_frames(peer, list(early))
+            except (ProtocolError, ValueError) as exc:
+                logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                self._drop(peer, f"protocol error: {exc}")
             return
         if peer.role != "worker":
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
@@ -1346,7 +1368,7 @@ class Bridge:
         the parent's connections (no shutdown, no messages). The lock may have
         been held by a thread that does not exist here: do not take it."""
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        socks += list(self._handshaking) + [s for s, _ in self._new_peers]
+        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers]
         if self._upstream is not None:
             socks.append(self._upstream.sock)
         socks += self._rendezvous_sockets(self._pending_upstream)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from typing import Any, Iterable, List, Mapping, Optional, TypedDict
+from typing import Any, Iterable, List, Mapping, Optional, TypedDict, Union
 
 __all__ = ["BUCKETS", "CONTENT_TYPE", "Window", "WindowSnapshot", "prometheus_text"]
 
@@ -38,8 +38,10 @@ class WindowSnapshot(TypedDict):
 
     count: int
     sum: float
-    #: ``[le, cumulative count]`` pairs, bounds ascending, ``[inf, count]`` last.
-    buckets: List[List[float]]
+    #: ``[le, cumulative count]`` pairs, bounds ascending, ``["+Inf", count]``
+    #: last (a string, as in Prometheus' ``le`` label: strict JSON has no
+    #: infinity, and web frameworks refuse to encode one).
+    buckets: List[List[Union[float, str]]]
     p50: Optional[float]
     p95: Optional[float]
     p99: Optional[float]
@@ -89,11 +91,12 @@ class Window:
     def snapshot(self) -> WindowSnapshot:
         """Count, sum and cumulative buckets since creation; p50/p95/p99 over
         the last ``size`` samples (None while there are none)."""
-        buckets: list[list[float]] = []
+        buckets: list[list[Union[float, str]]] = []
         running = 0
-        for le, n in zip(BUCKETS + (_INF,), self._buckets):
+        for le, n in zip(BUCKETS, self._buckets):
             running += n
             buckets.append([le, running])
+        buckets.append(["+Inf", running + self._buckets[-1]])
         filled = min(self._count, self._size)
         # The ring's order does not matter once sorted; when it is not full
         # yet, its filled part is the prefix.

@@ -293,6 +293,13 @@ class FrameReader:
         """Bytes of an incomplete frame held."""
         return len(self._buf)
 
+    def take_pending(self) -> bytes:
+        """Hand over (and forget) the bytes of an incomplete frame, e.g. to
+        the reader that takes over the stream after a handshake."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
 
 # --------------------------------------------------------------------------
 # Payloads
