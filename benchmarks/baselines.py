@@ -5,13 +5,14 @@ shared-memory copies of a big array."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import multiprocessing
 from multiprocessing import shared_memory
 from typing import Any, Awaitable, Callable, Sequence
 
 from .common import perf, reap
-from .models import identity, pipe_echo
+from .models import identity, pipe_echo, socket_echo
 
 # ---------------------------------------------------------------- raw Pipe
 
@@ -60,21 +61,92 @@ class PipeEcho:
         return n / (perf() - t0)
 
 
+# ---------------------------------------------------------------- the asyncio floor
+
+
+class AsyncioFloor:
+    """What any asyncio API over a local socket must pay: one event loop, a
+    socketpair to an echo process, ``loop.add_reader`` on it whose callback
+    reads and resolves the waiting future; each call pickles its argument,
+    creates the future, sends, awaits and unpickles. No thread, no lock, no
+    copy beyond the kernel's and pickle's."""
+
+    async def __aenter__(self) -> "AsyncioFloor":
+        import pickle
+        import socket
+        import struct
+
+        self._dumps, self._loads = pickle.dumps, pickle.loads
+        self._header = struct.Struct("!I")
+        self.sock, child = socket.socketpair()
+        self.proc = multiprocessing.get_context("fork").Process(target=socket_echo, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.waiting: "collections.deque[asyncio.Future[Any]]" = collections.deque()
+        self.buf = bytearray()
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        return self
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except BlockingIOError:
+            return
+        buf = self.buf
+        buf += data
+        header = self._header
+        while len(buf) >= 4:
+            (n,) = header.unpack_from(buf)
+            if len(buf) < 4 + n:
+                break
+            body = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_result(self._loads(body))
+
+    async def call(self, x: Any) -> Any:
+        body = self._dumps(x, 5)
+        fut = self.loop.create_future()
+        self.waiting.append(fut)
+        self.sock.send(self._header.pack(len(body)) + body)
+        return await fut
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        reap([self.proc])
+
+
 # ---------------------------------------------------------------- concurrency driver
 
 
+def burn(seconds: float) -> None:
+    """Spin the CPU (holding the GIL) for ``seconds``: an endpoint's JSON
+    parsing and validation, in the event loop."""
+    end = perf() + seconds
+    while perf() < end:
+        pass
+
+
 async def drive_concurrent(
-    call: Callable[[int], Awaitable[Any]], total: int, concurrency: int
+    call: Callable[[int], Awaitable[Any]], total: int, concurrency: int, cpu: float = 0.0
 ) -> tuple[float, list[float]]:
     """``concurrency`` asyncio tasks issue ``total`` calls between them, each
-    waiting for its answer before its next call. Returns (calls per second,
-    per-call latencies)."""
+    waiting for its answer before its next call. With ``cpu``, each caller
+    burns that many seconds of CPU in the event loop before each call (not
+    counted in the call's latency). Returns (calls per second, per-call
+    latencies)."""
     lat: list[float] = []
     left = [total]
 
     async def caller() -> None:
         while left[0] > 0:
             left[0] -= 1
+            if cpu:
+                burn(cpu)
             t = perf()
             await call(left[0])
             lat.append(perf() - t)

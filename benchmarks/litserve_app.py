@@ -3,11 +3,12 @@ the information rows of the adaptive-batching benchmark. Optional: needs
 ``pip install litserve``; imported only by the server process, which the
 benchmark starts as::
 
-    python -m benchmarks.litserve_app --port P [--batch-size 32] [--batch-timeout S] [--workers 2]
+    python -m benchmarks.litserve_app --port P [--batch-size 32] [--batch-timeout S] [--workers 2] [--trivial]
 
 One server, two endpoints: ``POST /batched`` (``max_batch_size``,
 ``batch_timeout``) and ``POST /unbatched`` (``max_batch_size=1``), each with
-``--workers`` inference processes; a request is ``{"x": <int>}`` and the
+``--workers`` inference processes (``--trivial`` adds ``POST /trivial``, the
+identity model, for the HTTP benchmark); a request is ``{"x": <int>}`` and the
 answer ``{"y": <int>}``.
 """
 
@@ -19,7 +20,7 @@ import sys
 
 import litserve as ls
 
-from .models import FakeGPU
+from .models import Echo, FakeGPU
 
 
 class GpuAPI(ls.LitAPI):
@@ -38,6 +39,13 @@ class GpuAPI(ls.LitAPI):
 
     def encode_response(self, output):  # noqa: ANN001
         return {"y": output}
+
+
+class TrivialAPI(GpuAPI):
+    """The trivial model: gives back its input."""
+
+    def setup(self, device):  # noqa: ANN001
+        self.model = Echo()
 
 
 class BatchedGpuAPI(GpuAPI):
@@ -61,12 +69,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--api-servers", type=int, default=None)
     p.add_argument("--fast-queue", action=argparse.BooleanOptionalAction, default=True,
                    help="LitServer(fast_queue=...): answers through ZeroMQ (default on)")
+    p.add_argument("--trivial", action="store_true", help="also POST /trivial: the identity model")
     args = p.parse_args(argv)
     logging.getLogger("litserve").setLevel(logging.WARNING)
     apis = [
         BatchedGpuAPI(max_batch_size=args.batch_size, batch_timeout=args.batch_timeout, api_path="/batched"),
         GpuAPI(api_path="/unbatched"),
     ]
+    if args.trivial:
+        apis.append(TrivialAPI(api_path="/trivial"))
     server = ls.LitServer(
         apis, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=60,
         enable_shutdown_api=False, disable_openapi_url=True, fast_queue=args.fast_queue,

@@ -93,3 +93,31 @@ def pipe_echo(conn: Any) -> None:
         pass
     finally:
         conn.close()
+
+
+def socket_echo(sock: Any) -> None:
+    """Child end of the asyncio-floor baseline: echo each length-prefixed
+    message back as it comes."""
+    import struct
+
+    header = struct.Struct("!I")
+    buf = bytearray()
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+            out = bytearray()
+            while len(buf) >= 4:
+                (n,) = header.unpack_from(buf)
+                if len(buf) < 4 + n:
+                    break
+                out += buf[: 4 + n]
+                del buf[: 4 + n]
+            if out:
+                sock.sendall(out)
+    except (OSError, KeyboardInterrupt):
+        pass
+    finally:
+        sock.close()

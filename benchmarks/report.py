@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -191,7 +192,34 @@ def results_markdown(rows: list[Row], info: dict[str, Any], command: str) -> str
     return "\n".join(parts)
 
 
+#: Sections other benchmarks keep in RESULTS.md (``python -m benchmarks.http``):
+#: from a ``<!-- begin NAME -->`` line to its ``<!-- end NAME -->`` line.
+_SECTION = re.compile(r"^<!-- begin (?P<name>[\w-]+) -->\n.*?^<!-- end (?P=name) -->\n", re.M | re.S)
+
+
 def write_results(text: str, path: str = RESULTS_PATH) -> str:
+    """Write the main results, keeping the sections other benchmarks put there."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = "".join(m.group(0) for m in _SECTION.finditer(f.read()))
     with open(path, "w") as f:
-        f.write(text)
+        f.write(text.rstrip("\n") + "\n" + ("\n" + kept if kept else ""))
+    return path
+
+
+def write_section(name: str, text: str, path: str = RESULTS_PATH) -> str:
+    """Put (or replace) the section ``name`` at the end of RESULTS.md."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    block = f"<!-- begin {name} -->\n{text.rstrip()}\n<!-- end {name} -->\n"
+    pattern = re.compile(rf"^<!-- begin {re.escape(name)} -->\n.*?^<!-- end {re.escape(name)} -->\n", re.M | re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old)
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(new)
     return path

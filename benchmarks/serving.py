@@ -157,7 +157,7 @@ class HttpPool:
 @contextlib.asynccontextmanager
 async def litserve_server(
     batch_size: int, batch_timeout: float, workers: int, api_servers: Optional[int] = None,
-    start_timeout: float = 60.0,
+    start_timeout: float = 60.0, trivial: bool = False,
 ) -> AsyncIterator[HttpPool]:
     """A LitServe server (benchmarks.litserve_app) in its own process group,
     ready; yields a connection pool to it. Raises Unavailable."""
@@ -172,6 +172,8 @@ async def litserve_server(
     ]
     if api_servers:
         cmd += ["--api-servers", str(api_servers)]
+    if trivial:
+        cmd.append("--trivial")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,

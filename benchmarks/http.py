@@ -1,0 +1,214 @@
+"""HTTP end to end: the walkthrough's FastAPI app with gibbs and 2 workers
+per model, beside plain FastAPI calling the model in process and, when
+installed, LitServe serving the same models with the same number of workers;
+all driven by ``wrk`` over keep-alive connections.
+
+    apt-get install wrk             # Debian's package; without it this prints a line and exits
+    pip install litserve            # optional: its rows are skipped without it
+    python -m benchmarks.http [--duration 10] [--connections 32] [--repeat 3] [--no-write]
+
+Each server runs alone in its own process group (one uvicorn process for the
+FastAPI apps, ``benchmarks.http_app``; LitServe's own server,
+``benchmarks.litserve_app --trivial``), and is warmed up before wrk measures
+it. The servers take turns, repetition by repetition, so that a change of
+machine load affects them alike; the table gives medians. Writes its table
+to the end of benchmarks/RESULTS.md (section ``http``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, AsyncIterator, Optional
+
+from .common import machine_info, median
+from .report import write_section
+from .serving import ROOT, HttpPool, Unavailable, child_env, free_port, litserve_server, missing, stop_group
+
+WRK_SCRIPT = 'wrk.method = "POST"\nwrk.body = \'{"x": 7}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+
+
+def log(msg: str) -> None:
+    print(f"[http] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def fastapi_server(mode: str, workers: int, start_timeout: float = 60.0) -> AsyncIterator[HttpPool]:
+    """uvicorn serving benchmarks.http_app in ``mode`` (gibbs or inprocess)."""
+    port = free_port()
+    env = child_env()
+    env.update(GIBBS_BENCH_MODE=mode, GIBBS_BENCH_WORKERS=str(workers), GIBBS_BENCH_HUB_PORT=str(free_port()))
+    logf = tempfile.NamedTemporaryFile("w+", prefix=f"gibbs-bench-http-{mode}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "benchmarks.http_app:app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    pool = HttpPool("127.0.0.1", port)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                logf.seek(0)
+                raise Unavailable(f"the {mode} app exited ({proc.returncode}): {logf.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the {mode} app was not ready within {start_timeout:.0f} s")
+            try:
+                await pool.post("/trivial", {"x": 1})
+                await pool.post("/batched", {"x": 1})
+                break
+            except (OSError, asyncio.IncompleteReadError, RuntimeError):
+                pool.close()
+                await asyncio.sleep(0.1)
+        yield pool
+    finally:
+        pool.close()
+        stop_group(proc)
+        logf.close()
+        with contextlib.suppress(OSError):
+            os.unlink(logf.name)
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    if not m:
+        raise ValueError(f"cannot read wrk's time {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests per second, p50 and p99 (seconds), errors, from wrk --latency."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and p50 and p99):
+        raise ValueError(f"cannot read wrk's output:\n{out}")
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(g) for g in m.groups())
+    return {"rps": float(rps.group(1)), "p50": _seconds(p50.group(1)), "p99": _seconds(p99.group(1)), "errors": errors}
+
+
+def run_wrk(port: int, path: str, duration: float, connections: int, threads: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+    try:
+        out = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", f.name,
+             f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, text=True, timeout=duration + 60, check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    return parse_wrk(out)
+
+
+async def measure(name: str, server: Any, args: argparse.Namespace, res: dict[str, list[dict[str, float]]]) -> None:
+    try:
+        async with server as pool:
+            for path in ("/trivial", "/batched"):
+                run_wrk(pool.port, path, 2, args.connections, args.threads)  # warm-up
+                r = await asyncio.to_thread(run_wrk, pool.port, path, args.duration, args.connections, args.threads)
+                log(f"{name} {path}: {r['rps']:,.0f} req/s, p50 {r['p50'] * 1e3:.1f} ms, p99 {r['p99'] * 1e3:.1f} ms"
+                    + (f", {r['errors']:.0f} errors" if r["errors"] else ""))
+                res.setdefault(f"{name} {path}", []).append(r)
+    except Unavailable as exc:
+        log(f"{name}: skipped: {exc}")
+
+
+def _cell(runs: list[dict[str, float]], key: str) -> float:
+    return median(r[key] for r in runs)
+
+
+def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, skipped: list[str]) -> str:
+    info = machine_info()
+    lines = [
+        "## HTTP end to end",
+        "",
+        f"Generated by `python -m benchmarks.http` (benchmarks/http.py), {info['date']}, "
+        f"{info['cores']} CPUs, {info['python']}: wrk, {args.connections} connections, {args.threads} thread(s), "
+        f"{args.duration:.0f} s per run, medians of {args.repeat} runs; {args.workers} model workers per model. "
+        "`POST {\"x\": 7}`; trivial: the identity model; batched: the stand-in GPU model, 2 ms + 0.05 ms per "
+        "item (gibbs and LitServe batch up to 32; in process, one call at a time).",
+        "",
+        "| server | model | req/s | p50 | p99 | errors |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, runs in res.items():
+        name, path = key.rsplit(" ", 1)
+        lines.append(
+            f"| {name} | {path.strip('/')} | {_cell(runs, 'rps'):,.0f} | {_cell(runs, 'p50') * 1e3:.1f} ms "
+            f"| {_cell(runs, 'p99') * 1e3:.1f} ms | {sum(r['errors'] for r in runs):.0f} |"
+        )
+    lines.append("")
+    for model in ("trivial", "batched"):
+        g = res.get(f"FastAPI + gibbs /{model}")
+        ip = res.get(f"FastAPI in process /{model}")
+        ls = res.get(f"LitServe /{model}")
+        if g and ip:
+            ratio = _cell(g, "rps") / _cell(ip, "rps")
+            target = " (target ≥ 0.8×: " + ("met" if ratio >= 0.8 else "missed") + ")" if model == "trivial" else ""
+            lines.append(f"* {model}: FastAPI + gibbs at {ratio:.2f}× FastAPI in process{target}.")
+        if g and ls:
+            ratio = _cell(g, "rps") / _cell(ls, "rps")
+            target = " (target ≥ 2×: " + ("met" if ratio >= 2 else "missed") + ")" if model == "trivial" else ""
+            lines.append(f"* {model}: FastAPI + gibbs at {ratio:.2f}× LitServe{target}.")
+    for why in skipped:
+        lines.append(f"* {why}")
+    per_run = "; ".join(f"{k}: " + ", ".join(f"{r['rps']:,.0f}" for r in v) for k, v in res.items())
+    lines.append(f"* req/s per run: {per_run}.")
+    return "\n".join(lines) + "\n"
+
+
+async def amain(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        print("benchmarks.http: skipped: wrk is not installed (Debian: apt-get install wrk)")
+        return 0
+    res: dict[str, list[dict[str, float]]] = {}
+    skipped = []
+    why = missing("litserve")
+    if why:
+        skipped.append(f"LitServe: skipped ({why}; pip install litserve).")
+        log(skipped[-1])
+    for r in range(args.repeat):
+        log(f"repetition {r + 1}/{args.repeat}")
+        await measure("FastAPI in process", fastapi_server("inprocess", args.workers), args, res)
+        await measure("FastAPI + gibbs", fastapi_server("gibbs", args.workers), args, res)
+        if not why:
+            await measure("LitServe", litserve_server(32, 0.0, args.workers, trivial=True), args, res)
+    text = report(res, args, skipped)
+    print(text)
+    if not args.no_write:
+        path = write_section("http", text)
+        print(f"written to {os.path.relpath(path)}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.http", description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of each wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the server keeps a core)")
+    p.add_argument("--workers", type=int, default=2, help="model workers per model (default 2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each server (default 3)")
+    p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
+    return asyncio.run(amain(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
