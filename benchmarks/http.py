@@ -10,7 +10,9 @@ all driven by ``wrk`` over keep-alive connections.
 Each server runs alone in its own process group (one uvicorn process for the
 FastAPI apps, ``benchmarks.http_app``; LitServe's own server,
 ``benchmarks.litserve_app --trivial``), and is warmed up before wrk measures
-it. The servers take turns, repetition by repetition, so that a change of
+it. For reference, FastAPI awaiting the asyncio floor (``benchmarks.baselines.AsyncioFloor``:
+one echo process behind a socketpair the event loop reads itself, no
+thread) on the trivial endpoint. The servers take turns, repetition by repetition, so that a change of
 machine load affects them alike; the table gives medians. Writes its table
 to the end of benchmarks/RESULTS.md (section ``http``).
 """
@@ -168,6 +170,14 @@ def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, ski
             ratio = _cell(g, "rps") / _cell(ls, "rps")
             target = " (target ≥ 2×: " + ("met" if ratio >= 2 else "missed") + ")" if model == "trivial" else ""
             lines.append(f"* {model}: FastAPI + gibbs at {ratio:.2f}× LitServe{target}.")
+    fl = res.get("FastAPI + asyncio floor /trivial")
+    ipt = res.get("FastAPI in process /trivial")
+    if fl and ipt:
+        lines.append(
+            f"* reference: FastAPI awaiting the asyncio floor (the request pickled to one echo process over a "
+            f"socketpair the event loop reads itself, no thread) runs at {_cell(fl, 'rps') / _cell(ipt, 'rps'):.2f}× "
+            "FastAPI in process: what a request path without a thread hop could reach."
+        )
     for why in skipped:
         lines.append(f"* {why}")
     per_run = "; ".join(f"{k}: " + ", ".join(f"{r['rps']:,.0f}" for r in v) for k, v in res.items())
@@ -189,6 +199,8 @@ async def amain(args: argparse.Namespace) -> int:
         log(f"repetition {r + 1}/{args.repeat}")
         await measure("FastAPI in process", fastapi_server("inprocess", args.workers), args, res)
         await measure("FastAPI + gibbs", fastapi_server("gibbs", args.workers), args, res)
+        if args.floor:
+            await measure("FastAPI + asyncio floor", fastapi_server("floor", args.workers), args, res)
         if not why:
             await measure("LitServe", litserve_server(32, 0.0, args.workers, trivial=True), args, res)
     text = report(res, args, skipped)
@@ -206,6 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the server keeps a core)")
     p.add_argument("--workers", type=int, default=2, help="model workers per model (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each server (default 3)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the reference row: FastAPI awaiting the asyncio floor (one echo process, no thread)")
     p.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     return asyncio.run(amain(p.parse_args(argv)))
 

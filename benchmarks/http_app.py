@@ -16,11 +16,15 @@ and ``await hub.request(x)`` in the endpoint, with ``GIBBS_BENCH_WORKERS``
 workers of each model started by ``hub.serve`` (the batched model with
 ``gibbs_batch_size=32``). ``inprocess``: plain FastAPI calling one copy of
 each model in the web process (the GPU model one call at a time, as one
-device runs it).
+device runs it). ``floor``: the endpoints await the asyncio floor
+(:class:`benchmarks.baselines.AsyncioFloor`), for reference. ``suspend``: in
+process, but the trivial endpoint first awaits ``asyncio.sleep(0)`` (to show
+that suspending the endpoint costs FastAPI nothing measurable).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -64,14 +68,41 @@ if MODE == "gibbs":
     async def batched(req: Req) -> dict[str, Any]:
         return {"y": await hub.request(req.x, gibbs_model="batched")}
 
-elif MODE == "inprocess":
+elif MODE == "floor":
+    from .baselines import AsyncioFloor
+
+    floor = AsyncioFloor()
+
+    @contextlib.asynccontextmanager
+    async def floor_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with floor:
+            yield
+
+    app = FastAPI(lifespan=floor_lifespan)
+
+    @app.post("/trivial")
+    async def trivial(req: Req) -> dict[str, Any]:
+        # The asyncio floor: the request pickled to an echo process over a
+        # socketpair the event loop reads itself (add_reader), no thread.
+        return {"y": await floor.call(req.x)}
+
+    @app.post("/batched")
+    async def batched(req: Req) -> dict[str, Any]:
+        return {"y": await floor.call(req.x)}
+
+elif MODE in ("inprocess", "suspend"):
     app = FastAPI()
     echo = Echo()
     gpu = FakeGPU(False)
     gpu_lock = threading.Lock()
+    suspend = MODE == "suspend"
 
     @app.post("/trivial")
     async def trivial(req: Req) -> dict[str, Any]:
+        if suspend:
+            # What any endpoint that awaits I/O pays beside the I/O: the
+            # coroutine stack of every middleware suspends and resumes.
+            await asyncio.sleep(0)
         return {"y": echo(req.x)}
 
     @app.post("/batched")
@@ -80,4 +111,4 @@ elif MODE == "inprocess":
             return {"y": gpu(req.x)}
 
 else:  # pragma: no cover - a typo in the benchmark's environment
-    raise SystemExit(f"GIBBS_BENCH_MODE must be gibbs or inprocess, not {MODE!r}")
+    raise SystemExit(f"GIBBS_BENCH_MODE must be gibbs, inprocess or suspend, not {MODE!r}")
