@@ -95,12 +95,57 @@ class LocalWorker:
         self.sentinel = sentinel
 
 
+def _has_data(sock: socket.socket) -> bool:
+    """Whether bytes (or the end) wait to be read on ``sock``, without reading."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the end waits
+        return True
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # an error waits to be read
+
+
+class _LoopReader:
+    """What an event loop needs to read worker sockets itself: its receive
+    buffer (one per loop: two loops never share one)."""
+
+    __slots__ = ("loop", "buf", "view")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.buf = bytearray(1 << 18)
+        self.view = memoryview(self.buf)
+
+
+class _Attachment:
+    """A worker socket read by an event loop instead of the bridge thread.
+
+    The loop watches a duplicate of the socket's descriptor (``fd``), which
+    only it closes (after ``remove_reader``), or the bridge thread once the
+    loop is closed: a descriptor number the loop still watches is never
+    reused under it. ``lock`` owns ``fd`` and ``closed``."""
+
+    __slots__ = ("reader", "fd", "closed", "lock")
+
+    def __init__(self, reader: _LoopReader) -> None:
+        self.reader = reader
+        self.fd: Optional[int] = None
+        self.closed = False
+        self.lock = threading.Lock()
+
+    @property
+    def loop(self) -> Any:
+        return self.reader.loop
+
+
 class Peer:
     """One authenticated worker connection."""
 
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
+        "owner", "rlock",
     )
 
     def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
@@ -124,6 +169,10 @@ class Peer:
         self.last_heard = now
         self.last_sent = now
         self.want_write = False
+        # Who reads this socket: None, the bridge thread; else the event loop
+        # it is attached to. Changed, and the socket read, under ``rlock``.
+        self.owner: Optional[_Attachment] = None
+        self.rlock = threading.Lock()
         self.batched = int(hello.get("batch_size", 1)) > 1
         device = hello.get("device")
         self.device: Optional[str] = str(device) if device else None
@@ -301,6 +350,19 @@ class Bridge:
         self._rendezvous_thread: Optional[threading.Thread] = None
         self._initial_upstream = upstream
         self._listeners_closed = False
+        # --- the home loop (owned by _lock): when one event loop makes the
+        # asyncio requests, it reads the worker sockets itself (add_reader),
+        # so that an answer reaches its caller with no thread hop; the bridge
+        # thread takes them back when the loop stops, closes, blocks, or a
+        # second loop comes.
+        self._home: Any = None
+        # Two loops at once, or closing: the bridge reads for all. GIBBS_LOOP_READS=0
+        # keeps the bridge thread reading always (to compare, or to rule it out).
+        self._home_off = os.environ.get("GIBBS_LOOP_READS", "1").strip() == "0"
+        self._home_changed = False
+        self._returned: list[tuple[Peer, Optional[str]]] = []  # given back by a loop (and why)
+        self._home_reader: Optional[_LoopReader] = None  # bridge thread only
+        self._detaching: list[_Attachment] = []  # bridge thread only: not yet closed by their loop
         # The hub's statistics() (with its pools' restarts), weakly: for observers.
         self.stats_source: Optional[Callable[[], Optional[Callable[[], dict[str, Any]]]]] = None
         # --- bridge thread only
@@ -335,7 +397,39 @@ class Bridge:
     def is_batched(self, model: str) -> bool:
         return model in self._batched_models
 
+    def home(self, loop: Any) -> None:
+        """An asyncio request from ``loop``: let it read the worker sockets
+        (unless another loop is running requests too). Cheap when nothing
+        changes: called on every request."""
+        if self._home is loop or self._home_off:
+            return
+        with self._lock:
+            if self._home is loop or self._home_off or self._core.closing or self._client_mode:
+                return
+            old = self._home
+            if old is not None and old.is_running() and not old.is_closed():
+                self._home_off = True  # two loops at once: the bridge thread reads for both
+                self._home = None
+            else:
+                self._home = loop
+            self._home_changed = True
+            self._wake_locked()
+
+    def loop_reads(self) -> int:
+        """How many worker sockets an event loop reads now (the rest: the
+        bridge thread)."""
+        with self._lock:
+            peers = list(self._peers.values())
+        return sum(1 for p in peers if p.owner is not None and not p.gone)
+
     def submit(self, payload: protocol.Payload, sink: Any, model: str = DEFAULT_MODEL, stream: bool = False) -> Call:
+        home = self._home
+        if home is not None and not home.is_running():
+            # A caller while the home loop is stopped: the bridge takes the
+            # sockets back now rather than at its next check.
+            with self._lock:
+                self._home_changed = True
+                self._wake_locked()
         with self._lock:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
@@ -794,9 +888,17 @@ class Bridge:
     def _update_registration(self, peer: Peer) -> None:
         if peer.gone:
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.want_write else 0)
+        events = (selectors.EVENT_READ if peer.owner is None else 0) | (
+            selectors.EVENT_WRITE if peer.want_write else 0
+        )
         try:
-            self._selector.modify(peer.sock, events, peer)
+            if not events:  # an event loop reads it, and nothing waits to be written
+                self._selector.unregister(peer.sock)
+                return
+            try:
+                self._selector.modify(peer.sock, events, peer)
+            except KeyError:
+                self._selector.register(peer.sock, events, peer)
         except (KeyError, ValueError, OSError):
             pass
 
@@ -862,17 +964,31 @@ class Bridge:
                     if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
-            if self._new_peers or self._dirty:
+            if self._new_peers or self._dirty or self._returned:
                 with self._lock:
                     new_peers, self._new_peers = self._new_peers, []
                     dirty, self._dirty = self._dirty, []
+                    returned, self._returned = self._returned, []
                 for peer in dirty:
                     self._update_registration(peer)
+                for peer, why in returned:
+                    if why is not None:
+                        self._drop(peer, why)
+                    else:
+                        self._update_registration(peer)
                 for sock, hello, early, partial in new_peers:
                     self._add_peer(sock, hello, early, partial)
+                if new_peers and self._home is not None:
+                    self._home_changed = True
+            if self._home_changed:
+                self._sync_home()
             if self._pending_upstream is not None:
                 self._take_rendezvous()
             if self._core.closing and not self._listeners_closed:
+                with self._lock:
+                    self._home_off = True
+                    self._home = None
+                self._sync_home()
                 self._close_listeners()
             now = time.monotonic()
             with self._lock:
@@ -883,6 +999,7 @@ class Bridge:
             if self._losing:
                 self._check_losses(now)
             if now >= next_check:
+                self._check_home(now)
                 self._check_heartbeats(now)
                 self._check_handshakes(now)
                 self._check_local_workers()
@@ -1123,27 +1240,31 @@ class Bridge:
         if peer.role != "worker":
             self._read_hub(peer)
             return
+        why = self._read_worker(peer, self._rbuf, self._rview)
+        if why is not None:
+            self._drop(peer, why)
+
+    def _read_worker(self, peer: Peer, buf: bytearray, view: memoryview) -> Optional[str]:
+        """Read and act on what a worker sent; in the bridge thread, or in the
+        event loop that reads this socket. Returns why to drop it, if so."""
         try:
             # Into one reused buffer: a fresh 256 KiB bytes object per read
             # would be an mmap and munmap each time.
-            n = peer.sock.recv_into(self._rbuf)
+            n = peer.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
-            self._drop(peer, f"connection error: {exc}")
-            return
+            return f"connection error: {exc}"
         if not n:
-            self._drop(peer, "connection closed (end of file)")
-            return
+            return "connection closed (end of file)"
         peer.last_heard = time.monotonic()
         try:
-            frames = peer.reader.feed(self._rview[:n])
+            frames = peer.reader.feed(view[:n])
         except ProtocolError as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
-            self._drop(peer, f"protocol error: {exc}")
-            return
+            return f"protocol error: {exc}"
         if not frames:
-            return
+            return None
         releases: list[Buffer] = []
         answers: list[tuple[int, int, Optional[Outcome]]] = []
         for kind, req_id, body in frames:
@@ -1185,6 +1306,146 @@ class Bridge:
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
+        return None
+
+    # ---------------------------------------------------------------- the home loop
+
+    def _sync_home(self) -> None:
+        """Bridge thread: attach the worker sockets to the home loop, or take
+        them back from a loop that is no longer it."""
+        with self._lock:
+            self._home_changed = False
+            home = self._home
+            if home is not None and (home.is_closed() or not home.is_running()):
+                home = self._home = None  # it stopped: the next request makes a loop home again
+            if self._home_off or self._core.closing:
+                home = self._home = None
+            peers = [p for p in self._peers.values() if p.role == "worker" and not p.gone]
+        reader = self._home_reader
+        if home is None:
+            reader = self._home_reader = None
+        elif reader is None or reader.loop is not home:
+            reader = self._home_reader = _LoopReader(home)
+        for peer in peers:
+            att = peer.owner
+            if att is not None and (reader is None or att.reader is not reader):
+                self._reclaim(peer)
+            if reader is not None and peer.owner is None:
+                self._attach(peer, reader)
+
+    def _attach(self, peer: Peer, reader: _LoopReader) -> None:
+        """Bridge thread: from now on ``reader.loop`` reads ``peer``."""
+        att = _Attachment(reader)
+        with peer.rlock:
+            peer.owner = att
+        self._update_registration(peer)  # no more read interest here
+        try:
+            reader.loop.call_soon_threadsafe(self._attach_in_loop, peer, att)
+        except RuntimeError:  # closed meanwhile
+            with peer.rlock:
+                peer.owner = None
+            self._update_registration(peer)
+            with self._lock:
+                if self._home is reader.loop:
+                    self._home = None
+
+    def _attach_in_loop(self, peer: Peer, att: _Attachment) -> None:
+        """In the home loop: watch a duplicate of the socket's descriptor."""
+        with peer.rlock:
+            if peer.owner is not att or peer.gone:
+                return  # taken back before this ran
+            with att.lock:
+                if att.closed:
+                    return
+                att.fd = os.dup(peer.fd)
+            try:
+                att.loop.add_reader(att.fd, self._loop_read, peer, att)
+            except BaseException:
+                peer.owner = None
+                self._close_att(att)
+                self._give_back(peer, None)
+                raise
+
+    def _loop_read(self, peer: Peer, att: _Attachment) -> None:
+        """In the home loop: the worker's socket is readable."""
+        with peer.rlock:
+            mine = peer.owner is att
+            why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+            if mine and why is not None:
+                peer.owner = None
+        if not mine:  # taken back: stop watching (the bridge thread reads it now)
+            self._close_att(att)
+            return
+        if why is not None:  # its end, or garbage: the bridge thread drops it
+            self._close_att(att)
+            self._give_back(peer, why)
+        if self._outcomes:
+            self._hand_over()  # to this loop's callers directly, no thread hop
+
+    def _give_back(self, peer: Peer, why: Optional[str]) -> None:
+        with self._lock:
+            self._returned.append((peer, why))
+            self._wake_locked()
+
+    def _close_att(self, att: _Attachment) -> None:
+        """In the attachment's loop (or once it is closed): stop watching and
+        close the duplicate descriptor. Once."""
+        with att.lock:
+            if att.closed:
+                return
+            att.closed = True
+            fd, att.fd = att.fd, None
+        if fd is None:
+            return
+        try:
+            if not att.loop.is_closed():
+                att.loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    def _reclaim(self, peer: Peer) -> None:
+        """Bridge thread: read ``peer`` here again (its loop lets go of it
+        when it next runs; until then its duplicate descriptor stays open)."""
+        with peer.rlock:  # waits for a read in progress in the loop
+            att = peer.owner
+            if att is None:
+                return
+            peer.owner = None
+        self._update_registration(peer)
+        self._detaching.append(att)
+        try:
+            att.loop.call_soon_threadsafe(self._close_att, att)
+        except RuntimeError:  # the loop is closed: nothing watches the descriptor
+            self._close_att(att)
+
+    def _check_home(self, now: float) -> None:
+        """Bridge thread, now and then: take the sockets back from a home loop
+        that stopped, closed, or has not read what its workers sent for a
+        while (user code blocks it), so that no caller waits on it; close
+        the duplicates of loops that closed before letting go."""
+        home = self._home
+        if home is not None:
+            stuck = home.is_closed() or not home.is_running()
+            if not stuck:
+                with self._lock:
+                    owned = [p for p in self._peers.values() if p.owner is not None and not p.gone]
+                for peer in owned:
+                    if now - peer.last_heard > min(0.5, peer.interval) and _has_data(peer.sock):
+                        logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
+                                    "thread reads its workers", peer.describe(), now - peer.last_heard)
+                        stuck = True
+                        break
+            if stuck:
+                with self._lock:
+                    if self._home is home:
+                        self._home = None
+                self._sync_home()
+        if self._detaching:
+            for att in list(self._detaching):
+                if not att.closed and att.loop.is_closed():
+                    self._close_att(att)
+                if att.closed:
+                    self._detaching.remove(att)
 
     def _drop(self, peer: Peer, reason: str) -> None:
         """Close a worker's connection; its loss reaches the core once the
@@ -1197,10 +1458,18 @@ class Bridge:
         if peer.role == "router":
             self._lose_upstream(reason)
             return
+        if peer.owner is not None:
+            self._reclaim(peer)
         peer.gone = True
         try:
             self._selector.unregister(peer.sock)
         except (KeyError, ValueError):
+            pass
+        try:
+            # An event loop may still hold a duplicate of the descriptor (or a
+            # forked child an inherited one): make the end reach the worker.
+            peer.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass
         peer.sock.close()
         local = None
@@ -1346,6 +1615,15 @@ class Bridge:
         return True
 
     def _shutdown_sockets(self) -> None:
+        if any(not att.closed for att in self._detaching):
+            # Event loops may hold duplicates of worker sockets until they
+            # next run: shut the connections down so that the workers see
+            # their end now.
+            for p in list(self._peers.values()):
+                try:
+                    p.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         with self._lock:
             loading = list(self._loading)
         for sock in loading:  # their handshake threads close them
@@ -1372,6 +1650,13 @@ class Bridge:
         if self._upstream is not None:
             socks.append(self._upstream.sock)
         socks += self._rendezvous_sockets(self._pending_upstream)
+        for p in list(self._peers.values()):
+            att = p.owner
+            if att is not None and att.fd is not None:
+                try:
+                    os.close(att.fd)
+                except OSError:
+                    pass
         self._close_descriptors(socks)
 
     def _close_descriptors(self, socks: list[socket.socket]) -> None:

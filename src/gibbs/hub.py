@@ -494,6 +494,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut: asyncio.Future[Outcome] = loop.create_future()
+        bridge.home(loop)
         try:
             call = bridge.submit(payload, fut, model)
         except BaseException:
@@ -559,6 +560,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         sink = _AsyncStream(loop)
+        bridge.home(loop)
         try:
             call = bridge.submit(payload, sink, model, stream=True)
         except BaseException:
@@ -1048,12 +1050,21 @@ def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> No
 
 
 def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
-    """Runs in the bridge thread: one hand-over per event loop."""
+    """Runs in the bridge thread, or in the home event loop when it read the
+    answers itself: one hand-over per event loop; the running loop's own
+    callers are resolved at once."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
     for call, outcome in items:
         sink = call.sink
         by_loop.setdefault(sink.get_loop(), []).append((sink, outcome))
+    try:
+        running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for loop, batch in by_loop.items():
+        if loop is running:
+            _resolve_batch(batch)
+            continue
         try:
             loop.call_soon_threadsafe(_resolve_batch, batch)
         except RuntimeError:  # the loop is closed: nobody is waiting
