@@ -176,7 +176,8 @@ def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, ski
         lines.append(
             f"* reference: FastAPI awaiting the asyncio floor (the request pickled to one echo process over a "
             f"socketpair the event loop reads itself, no thread) runs at {_cell(fl, 'rps') / _cell(ipt, 'rps'):.2f}× "
-            "FastAPI in process: what a request path without a thread hop could reach."
+            "FastAPI in process: the cost of any request that leaves the process, without gibbs's queue, "
+            "scheduling and bookkeeping."
         )
     for why in skipped:
         lines.append(f"* {why}")
