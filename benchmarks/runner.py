@@ -155,6 +155,31 @@ async def section_trivial(cfg: Config, res: dict[str, list[float]]) -> None:
                     shm.close()
 
 
+async def section_uvloop_body(cfg: Config, res: dict[str, Any]) -> None:
+    async with AsyncioFloor() as floor:
+        async with cluster(Echo, 2) as hub:
+            await drive_sequential(floor.call, 300)
+            await drive_sequential(hub.request, 300)
+            await drive_concurrent(hub.request, 1000, CONCURRENCY)
+            for r in range(cfg.repeat):
+                log(f"uvloop: repetition {r + 1}/{cfg.repeat}")
+                res["uv_floor_rtt"].append(median(await drive_sequential(floor.call, cfg.lat_n)))
+                res["uv_gibbs_rtt"].append(median(await drive_sequential(hub.request, cfg.lat_n)))
+                tp, _ = await drive_concurrent(hub.request, cfg.tp_total, CONCURRENCY)
+                res["uv_gibbs_tp"].append(tp)
+
+
+def section_uvloop(cfg: Config, res: dict[str, Any]) -> None:
+    """The trivial-model rows again under uvloop, when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        res["uv_missing"] = "uvloop is not installed (pip install uvloop)"
+        log(f"uvloop rows skipped: {res['uv_missing']}")
+        return
+    uvloop.run(section_uvloop_body(cfg, res))
+
+
 async def section_walkthrough(cfg: Config, res: dict[str, list[float]]) -> None:
     """Target 1: 10 concurrent requests, 0.25 s model, 4 workers."""
     async with cluster(Sleeper, cfg.walk_workers, cfg.walk_sleep) as hub:
@@ -254,6 +279,18 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
         fmt_rate(m["gibbs_tp"]), f"Pipe {fmt_rate(m['pipe_tp'])}",
         f"{m['gibbs_tp'] / m['pipe_tp']:.2f}×", "", None,
     ))
+
+    if res.get("uv_gibbs_rtt"):
+        rows.append(Row(
+            "2u", "  (info) the same latency under uvloop, vs the asyncio floor under uvloop",
+            fmt_time(median(res["uv_gibbs_rtt"])), f"floor {fmt_time(median(res['uv_floor_rtt']))}",
+            f"{median(res['uv_gibbs_rtt']) / median(res['uv_floor_rtt']):.2f}×", "", None,
+        ))
+        rows.append(Row(
+            "3u", f"  (info) throughput, {CONCURRENCY} callers, 2 workers, under uvloop",
+            fmt_rate(median(res["uv_gibbs_tp"])), f"PPE (asyncio) {fmt_rate(m['ppe_tp'])}",
+            f"{median(res['uv_gibbs_tp']) / m['ppe_tp']:.2f}×", "", None,
+        ))
 
     # 4. 16 MiB
     ratio = m["gibbs_big"] / m["shm_warm"]
@@ -373,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"gibbs benchmarks ({'quick' if cfg.quick else 'full'}, {cfg.repeat} repetitions)")
 
     asyncio.run(section_trivial(cfg, res))
+    _forget_closed_hubs()
+    section_uvloop(cfg, res)
     _forget_closed_hubs()
     asyncio.run(section_walkthrough(cfg, res))
     _forget_closed_hubs()

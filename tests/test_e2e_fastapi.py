@@ -130,14 +130,34 @@ def stop_group(proc: subprocess.Popen, first: int = signal.SIGINT, grace: float 
     return used
 
 
+NO_UVLOOP = os.path.join(REPO, "tests", "shims", "no_uvloop")
+
+
+def loop_env(loop: str) -> dict[str, str]:
+    """The environment that makes uvicorn (loop "auto") run ``loop``:
+    uvloop when it is installed, asyncio's own with uvloop hidden."""
+    env = dict(os.environ)
+    if loop == "asyncio":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (NO_UVLOOP, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def uses_uvloop(pid: int) -> bool:
+    """Whether the process has uvloop's extension loaded."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "uvloop/loop.cpython" in f.read()
+
+
 class AppServer:
     """``python examples/fastapi_app.py`` in its own process group."""
 
-    def __init__(self, log_path: str) -> None:
+    def __init__(self, log_path: str, loop: str = "asyncio") -> None:
         self.log_path = log_path
+        self.loop = loop
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, APP],
+            env=loop_env(loop),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -171,9 +191,9 @@ class AppServer:
 
 
 @contextlib.contextmanager
-def running_app(tmp_dir: str) -> Iterator[AppServer]:
+def running_app(tmp_dir: str, loop: str = "asyncio") -> Iterator[AppServer]:
     need_ports()
-    server = AppServer(os.path.join(tmp_dir, "app.log"))
+    server = AppServer(os.path.join(tmp_dir, "app.log"), loop)
     try:
         server.wait_ready()
         yield server
@@ -229,14 +249,20 @@ def test_walkthrough_copy_is_the_shared_original() -> None:
         assert f.read() == original, f"{WALKTHROUGH} is out of date: copy {os.path.normpath(SHARED_WALKTHROUGH)}"
 
 
-@pytest.fixture(scope="class")
-def app(tmp_path_factory) -> Iterator[AppServer]:
-    with running_app(str(tmp_path_factory.mktemp("app"))) as server:
+@pytest.fixture(scope="class", params=["asyncio", "uvloop"])
+def app(request, tmp_path_factory) -> Iterator[AppServer]:
+    if request.param == "uvloop":
+        import uvloop  # noqa: F401 - in the test extra; a missing one fails here, it is not skipped
+    with running_app(str(tmp_path_factory.mktemp("app")), request.param) as server:
         yield server
 
 
 class TestRunningApp:
-    """One server for these tests, in file order; torn down at the end of the class."""
+    """One server for these tests, in file order; torn down at the end of the
+    class; once under asyncio's event loop, once under uvloop."""
+
+    def test_the_app_runs_the_event_loop_asked_for(self, app: AppServer) -> None:
+        assert uses_uvloop(app.proc.pid) == (app.loop == "uvloop")
 
     def test_first_ten_parallel_requests(self, app: AppServer) -> None:
         # Sent as soon as /docs answers, as a user would.

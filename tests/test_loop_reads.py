@@ -21,6 +21,22 @@ from gibbs_test_models import Sleep, Square
 from gibbs import Hub, HubClosedError
 
 
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs under asyncio's event loop and under uvloop."""
+    if request.param == "asyncio":
+        yield "asyncio"
+        return
+    import uvloop  # in the test extra: missing, this fails rather than skips
+
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield "uvloop"
+    finally:
+        asyncio.set_event_loop_policy(old)
+
+
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Hub]]:
     made: list[Hub] = []
@@ -57,11 +73,12 @@ async def squares(hub: Hub, n: int, start: int = 0) -> None:
     assert got == [i * i for i in range(start, start + n)]
 
 
-def test_the_loop_that_makes_the_requests_reads_the_workers(served: Callable[..., Hub]) -> None:
+def test_the_loop_that_makes_the_requests_reads_the_workers(served: Callable[..., Hub], event_loop_kind: str) -> None:
     hub = served()
     assert loop_reads(hub) == 0  # no loop yet: the bridge thread reads
 
     async def main() -> None:
+        assert ("uvloop" in type(asyncio.get_running_loop()).__module__) == (event_loop_kind == "uvloop")
         await squares(hub, 50)
         assert wait_until(lambda: loop_reads(hub) == 2, 5)
         await squares(hub, 200, 50)  # answered through the loop's own reads
