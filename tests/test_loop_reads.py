@@ -241,3 +241,21 @@ def test_a_submit_future_callback_may_use_the_hub_when_the_loop_reads(served: Ca
         assert await asyncio.wait_for(asyncio.wrap_future(second), 10) == 81
 
     asyncio.run(main())
+
+
+def test_a_blocking_wait_inside_the_home_loop_is_answered_at_once(served: Callable[..., Hub]) -> None:
+    # A coroutine that waits on hub.submit(...).result() blocks the very loop
+    # that reads the workers: the bridge thread must read that answer, at
+    # once, not when its periodic check (every 2.5 s here) notices.
+    hub = served(heartbeat_interval=5.0)
+
+    async def main() -> None:
+        await squares(hub, 20)
+        assert wait_until(lambda: loop_reads(hub) == 2, 5)
+        for x in range(3):
+            t = time.monotonic()
+            assert hub.submit(x).result(timeout=20) == x * x
+            assert time.monotonic() - t < 1.0
+            await squares(hub, 10)  # and the loop reads them again afterwards
+
+    asyncio.run(main())

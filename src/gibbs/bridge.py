@@ -415,6 +415,21 @@ class Bridge:
             self._home_changed = True
             self._wake_locked()
 
+    def has_home(self) -> bool:
+        return self._home is not None
+
+    def leave_home(self, loop: Any) -> None:
+        """``loop`` is about to block (a caller waits synchronously in its
+        thread): if it reads the workers, the bridge thread takes them back
+        now. Its next request makes it home again."""
+        if self._home is not loop:
+            return
+        with self._lock:
+            if self._home is loop:
+                self._home = None
+                self._home_changed = True
+                self._wake_locked()
+
     def loop_reads(self) -> int:
         """How many worker sockets an event loop reads now (the rest: the
         bridge thread)."""

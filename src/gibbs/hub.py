@@ -1034,6 +1034,28 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             self._gibbs_bridge.cancel(call)
         return True
 
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if not self.done():
+            self._gibbs_blocking()
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if not self.done():
+            self._gibbs_blocking()
+        return super().exception(timeout)
+
+    def _gibbs_blocking(self) -> None:
+        """About to block: if this thread runs the loop that reads the
+        workers, that loop cannot read the answer while it waits here; the
+        bridge thread takes the sockets back at once."""
+        bridge = self._gibbs_bridge
+        if bridge is not None and bridge.has_home():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            bridge.leave_home(loop)
+
 
 def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
     if not fut.done():
