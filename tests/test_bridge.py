@@ -108,3 +108,40 @@ def test_statistics_before_start_and_repr_after_close() -> None:
     hub.start()
     hub.close()
     assert "closed" in repr(hub)
+
+
+def test_a_wake_up_during_a_drain_is_never_lost(monkeypatch) -> None:
+    """The wake-up pipe's invariant: whenever the flag says a wake-up is
+    pending, a byte waits in the pipe (else every later wake-up skips its
+    write and the bridge sleeps until its next timer). A wake-up from
+    another thread is injected at each point of a drain."""
+    import os
+    import types
+
+    from gibbs import bridge as bridge_mod
+
+    real_read = os.read
+    for inject_at in range(3):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        fake = types.SimpleNamespace(_lock=threading.Lock(), _wake_pending=False, _wake_r=r, _wake_w=w)
+        bridge_mod.Bridge._wake_locked(fake)  # a wake-up waiting to be drained
+        calls = [0]
+
+        def read(fd: int, n: int, _fake=fake, _at=inject_at) -> bytes:
+            if calls[0] == _at:
+                with _fake._lock:
+                    bridge_mod.Bridge._wake_locked(_fake)  # another thread wakes the bridge now
+            calls[0] += 1
+            return real_read(fd, n)
+
+        monkeypatch.setattr(bridge_mod.os, "read", read)
+        bridge_mod.Bridge._drain_wake(fake)
+        monkeypatch.setattr(bridge_mod.os, "read", real_read)
+        try:
+            readable = bool(real_read(r, 4096))
+        except BlockingIOError:
+            readable = False
+        assert readable or not fake._wake_pending, f"wake-up lost (injected at read {inject_at})"
+        os.close(r)
+        os.close(w)

@@ -1025,13 +1025,17 @@ class Bridge:
                 return
 
     def _drain_wake(self) -> None:
-        with self._lock:
-            self._wake_pending = False
+        # Empty the pipe first, then clear the flag: the other way round, a
+        # wake-up between the two (flag set, byte written) was read away with
+        # the flag left set, and every later wake-up skipped its write: the
+        # bridge slept until its next timer (up to half a heartbeat).
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        with self._lock:
+            self._wake_pending = False
 
     # ---------------------------------------------------------------- new connections
 

@@ -1167,6 +1167,11 @@ class StreamIterator:
     def __next__(self) -> Any:
         if self._finished:
             raise StopIteration
+        if self._items.empty() and self._bridge.has_home():
+            try:  # blocking in the loop that reads the workers: let the bridge read
+                self._bridge.leave_home(asyncio.get_running_loop())
+            except RuntimeError:
+                pass
         kind, value = self._items.get()
         if kind is OutcomeKind.CHUNK:
             self._unacked += 1
