@@ -128,7 +128,7 @@ def test_a_wake_up_during_a_drain_is_never_lost(monkeypatch) -> None:
         bridge_mod.Bridge._wake_locked(fake)  # a wake-up waiting to be drained
         calls = [0]
 
-        def read(fd: int, n: int, _fake=fake, _at=inject_at) -> bytes:
+        def read(fd: int, n: int, _fake=fake, _at=inject_at, calls=calls) -> bytes:
             if calls[0] == _at:
                 with _fake._lock:
                     bridge_mod.Bridge._wake_locked(_fake)  # another thread wakes the bridge now
