@@ -259,3 +259,96 @@ def test_a_blocking_wait_inside_the_home_loop_is_answered_at_once(served: Callab
             await squares(hub, 10)  # and the loop reads them again afterwards
 
     asyncio.run(main())
+
+
+def test_a_loop_that_closes_while_its_sockets_are_handed_over(
+    served: Callable[..., Hub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop closes between two of the bridge's hand-overs: the sockets it
+    was already given are taken back (not left to a closed loop, where nobody
+    reads them and their worker would be taken for dead)."""
+    from gibbs.bridge import Bridge
+
+    hub = served(workers=2, heartbeat_interval=2.0)
+    attach = Bridge._attach
+    calls = [0]
+
+    def slow_attach(self: Any, peer: Any, reader: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            time.sleep(1.0)  # the loop finishes and closes meanwhile
+        attach(self, peer, reader)
+
+    monkeypatch.setattr(Bridge, "_attach", slow_attach)
+
+    async def main() -> None:
+        try:  # answered, or not (if it went to the worker the bridge thread reads while it sleeps)
+            await asyncio.wait_for(hub.request(5), 0.3)
+        except asyncio.TimeoutError:
+            pass
+
+    asyncio.run(main())
+    assert wait_until(lambda: calls[0] >= 2, timeout=10)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    futures = [hub.submit(i) for i in range(6)]  # both workers get some
+    assert [f.result(timeout=20) for f in futures] == [i * i for i in range(6)]
+    assert time.monotonic() - t0 < 2.0  # not after a worker was taken for dead (2 s x misses)
+    assert wait_until(lambda: loop_reads(hub) == 0, timeout=5)
+    assert hub.statistics()["worker_deaths"] == 0
+
+
+def socket_inodes() -> set[str]:
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
+def test_a_stopped_loop_keeps_no_descriptor_after_the_hub_closes(served: Callable[..., Hub]) -> None:
+    """A loop stopped (not closed) when the hub closes: its duplicates of the
+    worker sockets are closed with the hub."""
+    hub = served(workers=2)
+    bridge = hub._bridge
+    assert bridge is not None
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(squares(hub, 20))
+        assert loop_reads(hub) == 2
+        workers = {os.readlink(f"/proc/self/fd/{p.fd}") for p in bridge._peers.values()}
+        assert len(workers) == 2 and workers <= socket_inodes()
+        hub.close(grace=1)
+        assert wait_until(lambda: not (workers & socket_inodes()), timeout=10), "a worker socket is still open"
+    finally:
+        loop.close()
+
+
+def test_loops_dropped_unclosed_leave_no_descriptor(served: Callable[..., Hub]) -> None:
+    """Each request from a new loop that is then dropped without close(): the
+    duplicates the dropped loops held are closed when the next takes over."""
+    hub = served(workers=2)
+    bridge = hub._bridge
+    assert bridge is not None
+    workers = {os.readlink(f"/proc/self/fd/{p.fd}") for p in bridge._peers.values()}
+
+    def descriptors_of_workers() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") in workers
+            except OSError:
+                pass
+        return n
+
+    for k in range(15):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(hub.request(k))
+        assert hub.submit(k).result(timeout=10) == k * k
+        del loop  # never closed
+    # The bridge's own two, and at most the duplicates of one loop.
+    assert wait_until(lambda: descriptors_of_workers() <= 4, timeout=10), descriptors_of_workers()

@@ -1351,6 +1351,8 @@ class Bridge:
                 self._reclaim(peer)
             if reader is not None and peer.owner is None:
                 self._attach(peer, reader)
+        if reader is not None and self._home is not reader.loop:
+            self._sync_home()  # it closed while its sockets were handed over: take back those it has
 
     def _attach(self, peer: Peer, reader: _LoopReader) -> None:
         """Bridge thread: from now on ``reader.loop`` reads ``peer``."""
@@ -1366,7 +1368,7 @@ class Bridge:
             self._update_registration(peer)
             with self._lock:
                 if self._home is reader.loop:
-                    self._home = None
+                    self._home = None  # _sync_home takes back the sockets attached before this one
 
     def _attach_in_loop(self, peer: Peer, att: _Attachment) -> None:
         """In the home loop: watch a duplicate of the socket's descriptor."""
@@ -1432,6 +1434,12 @@ class Bridge:
             peer.owner = None
         self._update_registration(peer)
         self._detaching.append(att)
+        if not att.loop.is_running():
+            # A stopped loop may never run again (a loop of run_until_complete
+            # that is dropped unclosed): close its duplicate now. Nothing is
+            # polling it, so removing the reader from this thread is safe.
+            self._close_att(att)
+            return
         try:
             att.loop.call_soon_threadsafe(self._close_att, att)
         except RuntimeError:  # the loop is closed: nothing watches the descriptor
@@ -1443,6 +1451,11 @@ class Bridge:
         while (user code blocks it), so that no caller waits on it; close
         the duplicates of loops that closed before letting go."""
         home = self._home
+        if home is None and not self._home_changed:
+            with self._lock:
+                orphans = any(p.owner is not None and not p.gone for p in self._peers.values())
+            if orphans:  # owned by a loop that is home no more: take them back
+                self._sync_home()
         if home is not None:
             stuck = home.is_closed() or not home.is_running()
             if not stuck:
@@ -1461,7 +1474,7 @@ class Bridge:
                 self._sync_home()
         if self._detaching:
             for att in list(self._detaching):
-                if not att.closed and att.loop.is_closed():
+                if not att.closed and not att.loop.is_running():
                     self._close_att(att)
                 if att.closed:
                     self._detaching.remove(att)
@@ -1634,6 +1647,9 @@ class Bridge:
         return True
 
     def _shutdown_sockets(self) -> None:
+        for att in self._detaching:
+            if not att.closed and not att.loop.is_running():
+                self._close_att(att)  # a stopped loop may never run again to close it
         if any(not att.closed for att in self._detaching):
             # Event loops may hold duplicates of worker sockets until they
             # next run: shut the connections down so that the workers see
