@@ -208,9 +208,10 @@ class PPE:
 
 
 class ShmCopies:
-    """The copies a shared-memory transport cannot avoid, alone: the array
-    written into a shared-memory segment and read back out, there and back
-    (four copies). ``fresh=False``: one segment made before timing (its pages
+    """The copies of a shared-memory transport, alone. ``two_copies``: what
+    one that reads in place on both sides cannot avoid (the request written
+    in, the answer written out). ``round_trip``: the array written into a
+    shared-memory segment and read back out, there and back (four copies). ``fresh=False``: one segment made before timing (its pages
     already faulted in): memcpy only. ``fresh=True``: a new segment for each
     direction (create, fault in, copy, copy out, unlink), as a transport that
     does not recycle segments must."""
@@ -222,6 +223,17 @@ class ShmCopies:
     def close(self) -> None:
         self.seg.close()
         self.seg.unlink()
+
+    def two_copies(self, arr: Any) -> Any:
+        """The floor of a round trip whose receivers read in place: the array
+        written into the segment, and copied out once (the answer's write)."""
+        import numpy as np
+
+        view = np.ndarray(arr.shape, arr.dtype, buffer=self.seg.buf)
+        view[...] = arr  # the request, written in
+        out = view.copy()  # the answer, written out of it
+        del view
+        return out
 
     def round_trip(self, arr: Any, fresh: bool) -> Any:
         import numpy as np

@@ -109,11 +109,13 @@ that a change of machine load affects both alike):
   each awaiting its answer before its next call; throughput = calls / wall
   time; p50/p99 over every call's latency.
 * **16 MiB array**: float64 NumPy array, identity model, one call at a time.
-  The shared-memory baseline is the copies alone: the array written into a
-  `multiprocessing.shared_memory` segment and read back out (copied), there
-  and back (four 16 MiB copies), with a segment created before timing (pages
-  already faulted in). The same with a fresh segment per direction (create,
-  fault in, copy in, copy out, unlink) is shown for information.
+  The baseline is the two copies a transport that reads in place on both
+  sides cannot avoid: the array written into a `multiprocessing.shared_memory`
+  segment (the request) and copied out of it once (the answer), with a
+  segment created before timing (pages already faulted in). For
+  information: four copies (written in and read out, there and back), and
+  the same with a fresh segment per direction (create, fault in, copy in,
+  copy out, unlink).
 * **Memory**: a fresh interpreter, a started hub with no worker connected,
   N requests queued with `hub.submit(i)` (the futures kept in a list made
   before the baseline); growth of tracemalloc's traced memory (every Python

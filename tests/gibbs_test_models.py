@@ -392,3 +392,27 @@ class SlowInit:
 
     def __call__(self, x: Any) -> Any:
         return x
+
+
+class ArrayInfo:
+    """What the model saw of its array argument: writable or not, whether it
+    is a view on memory it does not own (shared memory, not a copy), and its
+    checksum."""
+
+    def __call__(self, x: Any) -> Any:
+        return {"writeable": bool(x.flags.writeable), "owns": bool(x.flags.owndata), "sum": float(x.sum())}
+
+
+class Doubled:
+    """A new array: ``x * 2``."""
+
+    def __call__(self, x: Any) -> Any:
+        return x * 2
+
+
+class DoubleInPlace:
+    """Writes into its argument (needs ``gibbs_copy_args=True``)."""
+
+    def __call__(self, x: Any) -> Any:
+        x *= 2
+        return x

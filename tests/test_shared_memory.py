@@ -37,7 +37,6 @@ def test_large_arrays_round_trip_through_shared_memory(hub, make_workers) -> Non
             out = await hub.request(a)
             assert out.dtype == a.dtype and out.shape == a.shape
             np.testing.assert_array_equal(out, a)
-            out[...] = out  # writable
 
     run(main())
     hub.close()
@@ -54,8 +53,10 @@ def test_segments_are_reused_not_made_anew(hub, make_workers) -> None:
             np.testing.assert_array_equal(await hub.request(a), a)
 
     run(main())
-    # one request segment and one answer segment, used 20 times each
-    assert len(shm_files()) <= 2, shm_files()
+    # One request segment, used 20 times; answer segments go back to the
+    # worker once the caller has freed the array, which reaches the worker a
+    # moment later: it may have made a second one meanwhile, not more.
+    assert len(shm_files()) <= 3, shm_files()
 
 
 def test_request_segment_survives_a_worker_death_then_is_removed(hub, make_workers, tmp_path) -> None:

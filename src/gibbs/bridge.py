@@ -41,6 +41,7 @@ Shared state below is owned by ``_lock`` unless marked "bridge thread only".
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import json
 import logging
@@ -50,6 +51,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
@@ -104,6 +106,34 @@ def _has_data(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True  # an error waits to be read
+
+
+def _lend(bridge: "Bridge", peer: "Peer", name: str, size: int, views: list[memoryview]) -> list[Any]:
+    """The buffers of an answer, lent in place on its worker's segment: one
+    buffer object per view, each keeping the segment's mapping alive. When
+    the last of them (and every array made on it) is freed, in whatever
+    thread, the segment goes back to the worker (a RELEASE frame)."""
+    n = len(views)
+    counter = itertools.count(1)
+    ref = weakref.ref(bridge)
+    lent = []
+    for v in views:
+        buf = (ctypes.c_char * v.nbytes).from_buffer(v)
+        done = weakref.finalize(buf, _returned, ref, peer, name, size, counter, n)
+        done.atexit = False
+        lent.append(buf)
+    return lent
+
+
+def _returned(ref: "weakref.ref[Bridge]", peer: "Peer", name: str, size: int, counter: "itertools.count[int]", n: int) -> None:
+    """A lent buffer was freed; the last of a segment's gives it back. Runs
+    wherever the object died (any thread, or the garbage collector): no lock
+    but the loans' own."""
+    if next(counter) != n:
+        return
+    bridge = ref()
+    if bridge is not None:
+        bridge._loan_back(peer, name, size)
 
 
 class _LoopReader:
@@ -294,6 +324,8 @@ class Bridge:
         upstream: Optional[tuple[Any, ...]] = None,
         rendezvous: Optional[Rendezvous] = None,
         on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
+        max_lent_bytes: int = 512 << 20,
+        request_pool: Optional[protocol.SegmentPool] = None,
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
@@ -309,6 +341,17 @@ class Bridge:
         self._local_workers = local_workers
         self._maps = mappings or protocol.MappingCache()  # bridge thread only
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
+        # Answers' shared memory lent to callers (read in place, given back
+        # when freed), up to _max_lent bytes; beyond that, answers are copied.
+        self._max_lent = max_lent_bytes
+        self._request_pool = request_pool
+        self._loan_lock = threading.RLock()  # owns the four below (RLock: a finalizer may run under it)
+        self._lent_bytes = 0
+        self._lent_segments = 0
+        self._loans_back: list[tuple[Peer, str]] = []
+        self._loans_open = True
+        self._answers_lent = 0  # counters: one thread at a time reads a peer
+        self._answers_copied = 0
         self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
@@ -867,6 +910,9 @@ class Bridge:
                 self._deliver_sync(*item)
             except BaseException:  # noqa: BLE001 - a callback's error is the caller's
                 logger.exception("gibbs hub: delivering a result failed")
+            # Hold nothing while waiting: an answer lent from a worker's
+            # shared memory goes back when its caller frees it, not later.
+            del item
 
     def _flush_locked(self, peer: Peer) -> None:
         out = peer.out
@@ -995,6 +1041,8 @@ class Bridge:
                     self._add_peer(sock, hello, early, partial)
                 if new_peers and self._home is not None:
                     self._home_changed = True
+            if self._loans_back:
+                self._send_loans_back()
             if self._home_changed:
                 self._sync_home()
             if self._pending_upstream is not None:
@@ -1289,16 +1337,31 @@ class Bridge:
         for kind, req_id, body in frames:
             if kind == protocol.RESULT:
                 if protocol.is_shm(body):
-                    # Copied out here, outside the lock, so the worker can
-                    # reuse its segment at once (RELEASE below).
+                    # Read in place and lent to the caller (the segment goes
+                    # back when the caller frees it); or, over the limit of
+                    # what is lent, copied out so that the worker can reuse
+                    # its segment at once (RELEASE below).
                     try:
-                        pickled, copies, name = protocol.read_copy(body, self._maps)
+                        pickled, views, name, size = protocol.read_views(body, self._maps, readonly=False)
+                        with self._loan_lock:
+                            lend = self._loans_open and self._lent_bytes + size <= self._max_lent
+                            if lend:
+                                self._lent_bytes += size
+                                self._lent_segments += 1
+                        if lend:
+                            self._answers_lent += 1
+                            buffers: list[Any] = _lend(self, peer, name, size, views)
+                        else:
+                            self._answers_copied += 1
+                            buffers = [bytearray(v) for v in views]
+                        del views
                     except (OSError, ValueError, ProtocolError) as exc:
                         err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
                         answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
                     else:
-                        answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, copies))))
-                        releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
+                        answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, buffers))))
+                        if not lend:
+                            releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
                 else:
                     answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
             elif kind == protocol.ERROR:
@@ -1326,6 +1389,46 @@ class Bridge:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
         return None
+
+    # ---------------------------------------------------------------- lent answers
+
+    def _loan_back(self, peer: Peer, name: str, size: int) -> None:
+        """Any thread: a lent segment was freed by its caller."""
+        with self._loan_lock:
+            self._lent_bytes -= size
+            self._lent_segments -= 1
+            if not self._loans_open:
+                return  # the hub closed: the worker's connection is gone with it
+            self._loans_back.append((peer, name))
+            try:
+                os.write(self._wake_w, b"\0")  # the bridge thread sends the RELEASE
+            except OSError:
+                pass
+
+    def _send_loans_back(self) -> None:
+        """Bridge thread: RELEASE frames for the segments callers freed."""
+        with self._loan_lock:
+            back, self._loans_back = self._loans_back, []
+        with self._lock:
+            for peer, name in back:
+                if not peer.gone:  # else its worker is gone, or was told to forget its files
+                    peer.out.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
+                    self._flush_locked(peer)
+
+    def shared_memory(self) -> dict[str, Any]:
+        """What shared memory holds now: the requests' segments (this hub's
+        pool) and the answers lent to callers."""
+        with self._loan_lock:
+            out: dict[str, Any] = {
+                "lent": self._lent_segments,
+                "lent_bytes": self._lent_bytes,
+                "lent_limit_bytes": self._max_lent,
+                "answers_lent": self._answers_lent,
+                "answers_copied": self._answers_copied,
+            }
+        pool = self._request_pool
+        out["requests"] = pool.stats() if pool is not None else {"leased": 0, "leased_bytes": 0, "free": 0, "free_bytes": 0}
+        return out
 
     # ---------------------------------------------------------------- the home loop
 
@@ -1710,11 +1813,14 @@ class Bridge:
             self._selector.close()
         except (OSError, RuntimeError):
             pass
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._loan_lock:  # a lent answer freed from now on writes no wake-up
+            self._loans_open = False
+            self._loans_back.clear()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
     # ================================================================ family of hubs

@@ -193,6 +193,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="calls at once per worker for an async model (default 1)",
     )
     worker.add_argument(
+        "--copy-args",
+        action="store_true",
+        help="give the model private, writable copies of large request arrays "
+        "(default: read-only views on shared memory, valid during the call)",
+    )
+    worker.add_argument(
         "--batch-wait",
         type=float,
         default=0.0,
@@ -496,6 +502,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
             gibbs_batch_wait=ns.batch_wait,
             gibbs_concurrency=ns.concurrency,
             gibbs_device=device,
+            gibbs_copy_args=ns.copy_args,
             **kwargs,
         )
 

@@ -138,6 +138,15 @@ class Hub:
             of at least this many bytes travel through shared memory to workers
             on this machine (plain ``bytes`` always go inline).
             ``None`` disables shared memory.
+            Both ways, nothing is copied on the receiving side: a worker's
+            model reads request arrays in place (read-only views, valid
+            during its call), and a caller gets answer arrays on the
+            worker's memory, which goes back to the worker when the caller
+            frees them (whatever thread drops the last reference).
+        max_lent_bytes: most bytes of workers' shared memory that answers the
+            callers still hold may take (default 512 MiB); answers beyond it
+            are copied out instead. ``statistics()["shared_memory"]`` shows
+            what is lent and the request segments' pool.
         close_grace: default seconds ``close()`` lets running requests finish.
         address: ``"host:port"`` of a hub that routes for this one (default
             ``GIBBS_HUB``, else none): a hub started with ``python -m gibbs
@@ -169,6 +178,7 @@ class Hub:
         shm_threshold: Optional[int] = protocol.DEFAULT_SHM_THRESHOLD,
         close_grace: float = 10.0,
         address: Optional[str] = None,
+        max_lent_bytes: int = 512 << 20,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
@@ -218,6 +228,9 @@ class Hub:
         self._handshake_timeout = float(handshake_timeout)
         self._pipeline_depth = int(pipeline_depth)
         self._shm_threshold = shm_threshold
+        if not isinstance(max_lent_bytes, int) or max_lent_bytes < 0:
+            raise ValueError(f"max_lent_bytes must be an int >= 0, got {max_lent_bytes!r}")
+        self._max_lent_bytes = max_lent_bytes
         self._close_grace = float(close_grace)
         self._authkey = key
         self._explicit = explicit
@@ -303,6 +316,8 @@ class Hub:
                 deliver_async=_deliver_async,
                 deliver_sync=_deliver_sync,
                 local_workers=lambda: _local_workers_of(port, created),
+                max_lent_bytes=self._max_lent_bytes,
+                request_pool=self._pool,
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.start()
@@ -723,6 +738,7 @@ class Hub:
         gibbs_batch_wait: float = 0.0,
         gibbs_concurrency: int = 1,
         gibbs_name: Optional[str] = None,
+        gibbs_copy_args: bool = False,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -757,7 +773,7 @@ class Hub:
                 gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
                 gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
                 gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
-                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, **kwargs,
+                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args, **kwargs,
             )
 
         make(None)  # check the options here, at the call site, before any process starts
@@ -838,6 +854,7 @@ class Hub:
             if m is not None:
                 m["restarts"] = m.get("restarts", 0) + pool.restarts
         stats["restarts"] = restarts
+        stats["shared_memory"] = bridge.shared_memory()
         return stats
 
     def models(self) -> dict[str, dict[str, Any]]:

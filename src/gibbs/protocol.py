@@ -41,6 +41,7 @@ from .shm import (  # noqa: F401 - re-exported: the wire format names them
     is_shm,
     map_payload,
     read_copy,
+    read_views,
     remove_segments,
     shm_available,
 )
@@ -389,10 +390,11 @@ def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAUL
     return Payload(bytes(head) + pickled, shm_path=seg.path, pool=pool, name=seg.name)
 
 
-def decode(body: Buffer, cache: Optional[MappingCache] = None) -> Any:
+def decode(body: Buffer, cache: Optional[MappingCache] = None, in_place: bool = False) -> Any:
     """Unpickle a payload body. With ``cache``, shared-memory buffers are
-    copied out (the writer may reuse its segment at once); without, they are
-    mapped in place."""
+    copied out (the writer may reuse its segment at once), or with
+    ``in_place`` read as read-only views on the writer's segment (valid until
+    the writer reuses it); without ``cache``, they are mapped anew."""
     if not body:
         raise ProtocolError("empty payload")
     flavour = body[0]
@@ -401,6 +403,9 @@ def decode(body: Buffer, cache: Optional[MappingCache] = None) -> Any:
     if flavour == OOB:
         pickled, views = _unpack_oob(body)
         return pickle.loads(pickled, buffers=views)
+    if flavour == _SHM and cache is not None and in_place:
+        pickled_b, ro_views, _, _ = read_views(body, cache, readonly=True)
+        return pickle.loads(pickled_b, buffers=ro_views)
     if flavour == _SHM and cache is not None:
         copied, copies, _ = read_copy(body, cache)
         return pickle.loads(copied, buffers=copies)

@@ -5,7 +5,7 @@ travel through files in ``/dev/shm`` when both ends share one machine. The
 writer leases a segment from its :class:`SegmentPool` and gets it back when
 the peer says it is done with it (the hub's ``Release`` action for requests,
 a RELEASE frame for answers); the reader keeps mappings open in a
-:class:`MappingCache` and copies buffers out. Every file's name starts with
+:class:`MappingCache` and reads the buffers in place (or copies them out). Every file's name starts with
 ``gibbs-`` and names its owner's pid, so files of a dead process can be found
 and removed.
 
@@ -117,6 +117,16 @@ class SegmentPool:
         except BufferError:
             pass  # a view is still alive; the mapping goes with it
 
+    def stats(self) -> dict[str, int]:
+        """Its files now: leased (a peer may read them) and free (kept for reuse)."""
+        with self._lock:
+            return {
+                "leased": len(self._leased),
+                "leased_bytes": sum(s.size for s in self._leased.values()),
+                "free": len(self._free),
+                "free_bytes": self._free_bytes,
+            }
+
     def close(self) -> None:
         """Remove every file of this pool (free or leased)."""
         with self._lock:
@@ -195,6 +205,24 @@ def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray]
     finally:
         whole.release()
     return bytes(mv[pos:]), copies, name
+
+
+def read_views(body: Buffer, cache: MappingCache, readonly: bool) -> tuple[bytes, list[memoryview], str, int]:
+    """Read a shared-memory payload in place: (pickle, views of its buffers
+    on the peer's segment, segment name, segment size). Nothing is copied;
+    the peer must not reuse the segment while a view is alive."""
+    mv = memoryview(body)
+    name, bufs, pos = _parse_shm_head(mv)
+    mm = cache.get(name)
+    whole = memoryview(mm)
+    if readonly:
+        whole = whole.toreadonly()
+    views = []
+    for off, length in bufs:
+        if off + length > len(mm):
+            raise ProtocolError("shared-memory buffer out of range")
+        views.append(whole[off : off + length])
+    return bytes(mv[pos:]), views, name, len(mm)
 
 
 def _parse_shm_head(mv: memoryview) -> tuple[str, list[tuple[int, int]], int]:

@@ -123,6 +123,12 @@ class Worker:
             is set before the model's module is imported, with the spawn and
             forkserver start methods; with fork, before the constructor runs)
             and finds its name in ``GIBBS_DEVICE``.
+        gibbs_copy_args: the model gets private, writable copies of the
+            requests' large arrays. By default (False) it gets read-only
+            views on the hub's shared memory, without a copy: valid during
+            the call (the hub reuses the memory after the answer), so a
+            model that keeps an argument past its call, or writes into one,
+            needs a copy (``np.array(x)``) or this option.
         worker_cls: gibbs 0.2's name for ``cls``.
     """
 
@@ -142,6 +148,7 @@ class Worker:
         gibbs_batch_wait: float = 0.0,
         gibbs_concurrency: int = 1,
         gibbs_device: Union[str, int, None] = None,
+        gibbs_copy_args: bool = False,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -179,6 +186,7 @@ class Worker:
         self.batch_wait = float(gibbs_batch_wait)
         self.concurrency = gibbs_concurrency
         self.device = None if gibbs_device is None else device_name(gibbs_device)
+        self.copy_args = bool(gibbs_copy_args)
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
@@ -754,7 +762,7 @@ class _Runtime:
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
         try:
-            args, kwargs = protocol.decode(body, cache=self.maps)
+            args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
         except Exception as exc:
             return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), []
         try:
@@ -836,7 +844,7 @@ class _Runtime:
         consumed (CREDIT frames); a STOP closes the generator (its
         ``finally`` runs). Ends with a RESULT (None), or an ERROR."""
         try:
-            args, kwargs = protocol.decode(body, cache=self.maps)
+            args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
         except Exception as exc:
             self._send(sock, self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
             return
@@ -896,7 +904,7 @@ class _Runtime:
         out: list[protocol.Buffer]
         try:
             try:
-                args, kwargs = protocol.decode(body, cache=self.maps)
+                args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
             except Exception as exc:
                 out = self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc)
             else:
@@ -1023,7 +1031,7 @@ class _Runtime:
         xs: list[Any] = []
         for req_id, item in protocol.unpack_batch(body):
             try:
-                args, kwargs = protocol.decode(item, cache=self.maps)
+                args, kwargs = protocol.decode(item, cache=self.maps, in_place=not self.spec.copy_args)
             except Exception as exc:
                 out.extend(self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
                 continue
