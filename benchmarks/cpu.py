@@ -1,0 +1,229 @@
+"""Where the time of a request goes: CPU time per request in each process
+(and each thread of the hub's process), for gibbs and for the asyncio floor,
+one caller and 64 callers, trivial model. With ``py-spy`` installed
+(``pip install py-spy``; it needs ptrace, e.g. root), the functions that
+take the hub's and a worker's time, from a sampling profile.
+
+    python -m benchmarks.cpu [--seconds 3] [--no-profile]
+
+On 2 cores the throughput of 64 callers is bounded by the CPU all processes
+spend per request (hub + workers) over 2 cores, and the sequential latency
+by the CPU on its path plus the kernel's wake-ups: these tables say how much
+each side spends, where the targets of ``python -m benchmarks`` are missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Awaitable, Callable, Optional
+
+from gibbs import Hub, Worker
+
+from .baselines import AsyncioFloor
+from .models import Echo
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int, tid: Optional[int] = None) -> float:
+    """User + system CPU seconds of a process (or one of its threads)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def threads_of(pid: int) -> dict[int, str]:
+    if pid == os.getpid():  # Python's names for our own threads
+        return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[int(tid)] = f.read().strip()
+        except OSError:
+            pass
+    return out
+
+
+async def drive(call: Callable[[Any], Awaitable[Any]], seconds: float, callers: int) -> int:
+    stop = time.perf_counter() + seconds
+    n = 0
+
+    async def one() -> None:
+        nonlocal n
+        while time.perf_counter() < stop:
+            await call(1)
+            n += 1
+
+    await asyncio.gather(*(one() for _ in range(callers)))
+    return n
+
+
+#: Leaf frames where a thread waits rather than works.
+IDLE = ("Selector.select (selectors.py", "_read_frames (gibbs/worker.py", "wait (threading.py", "_recv (", "recv_bytes (",
+        "_heartbeat_loop (gibbs/worker.py")
+
+
+def py_spy_profile(pid: int, seconds: float) -> Optional[dict[str, Any]]:
+    """A sampling profile of one process: per thread, the samples where it
+    worked (not waiting), and per function the samples that had it on the
+    stack (inclusive), over ``seconds``."""
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if exe is None:
+        return None
+    rate = 1000
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "raw.txt")
+        try:
+            r = subprocess.run(
+                [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "-f", "raw",
+                 "-o", out, "--threads", "--nonblocking"],
+                capture_output=True, timeout=seconds + 60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if r.returncode != 0 or not os.path.exists(out):
+            return None
+        busy: collections.Counter[str] = collections.Counter()
+        incl: collections.Counter[str] = collections.Counter()
+        with open(out) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                if not stack:
+                    continue
+                frames = stack.split(";")
+                thread, frames = frames[0], frames[1:]
+                if not frames or any(idle in frames[-1] for idle in IDLE):
+                    continue
+                k = int(count)
+                name = "bridge" if any(f.startswith("Bridge._run ") for f in frames) else (
+                    "main" if any(f.startswith(("BaseEventLoop.run_forever", "_Runtime.run ", "_Runtime._serve ")) for f in frames)
+                    else thread)
+                busy[name] += k
+                for fn in {f.split(" (")[0] for f in frames}:
+                    incl[fn] += k
+    return {"busy": busy, "incl": incl, "rate": rate, "seconds": max(1, int(seconds))}
+
+
+KEY_FUNCTIONS = (
+    "Hub.request", "Hub._encode", "Bridge.submit", "Core.submit", "Bridge._flush_locked", "_unwrap",
+    "Bridge._loop_read", "Bridge._read_worker", "FrameReader.feed", "Core.answered", "Bridge._hand_over",
+    "_deliver_async", "_Runtime._handle", "_Runtime._serve_batch", "decode", "encode", "_Runtime._send",
+)
+
+
+def show_profile(where: str, prof: Optional[dict[str, Any]], requests_per_s: float) -> None:
+    if prof is None:
+        print(f"\n(no profile of the {where}: py-spy missing or not permitted)")
+        return
+    per = 1e6 / (prof["rate"] * prof["seconds"] * requests_per_s)  # µs per request of one sample
+    busy = ", ".join(f"{k} {v * per:.1f}" for k, v in prof["busy"].most_common() if v * per >= 0.5)
+    print(f"\n{where}: µs per request at work, by thread: {busy}")
+    rows = [(fn, prof["incl"][fn] * per) for fn in KEY_FUNCTIONS if prof["incl"][fn]]
+    print("  inclusive, µs per request: " + ", ".join(f"{fn} {us:.1f}" for fn, us in rows))
+
+
+async def measure(label: str, call: Callable[[Any], Awaitable[Any]], pids: dict[str, int], seconds: float,
+                  callers: int) -> dict[str, Any]:
+    await drive(call, 0.3, callers)  # warm
+    me = os.getpid()
+    threads = threads_of(me)
+    before = {name: cpu_of(pid) for name, pid in pids.items()}
+    tbefore = {tid: cpu_of(me, tid) for tid in threads}
+    t0 = time.perf_counter()
+    n = await drive(call, seconds, callers)
+    wall = time.perf_counter() - t0
+    after = {name: cpu_of(pid) for name, pid in pids.items()}
+    per = {name: (after[name] - before[name]) / n * 1e6 for name in pids}
+    per_thread = {}
+    for tid, name in threads.items():
+        try:
+            per_thread[name] = per_thread.get(name, 0.0) + (cpu_of(me, tid) - tbefore[tid]) / n * 1e6
+        except (OSError, KeyError):
+            pass
+    return {"label": label, "n": n, "rate": n / wall, "latency_us": wall / n * callers * 1e6, "cpu_us": per,
+            "threads_us": per_thread}
+
+
+def show(r: dict[str, Any]) -> None:
+    total = sum(r["cpu_us"].values())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
+    print(f"| {r['label']} | {r['rate']:,.0f} req/s | {r['latency_us']:.1f} µs | {total:.1f} µs ({parts}) |")
+    threads = {k: v for k, v in r["threads_us"].items() if v >= 0.5}
+    if threads:
+        print(f"|   threads of the caller's process | | | {', '.join(f'{k} {v:.1f}' for k, v in threads.items())} |")
+
+
+async def main_async(seconds: float, profile: bool) -> None:
+    print("| load | rate | latency per call | CPU per request, µs (by process) |")
+    print("|---|---|---|---|")
+    me = os.getpid()
+    async with AsyncioFloor() as floor:
+        pids = {"loop": me, "echo": floor.proc.pid}
+        for callers in (1, 64):
+            show(await measure(f"asyncio floor, {callers} caller(s)", floor.call, pids, seconds, callers))
+    hub = Hub(port=0)
+    hub.start()
+    workers = [Worker(Echo, gibbs_host="127.0.0.1", gibbs_port=hub.port) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        await hub.wait_for_workers(2, timeout=60)
+        pids = {"hub": me}
+        for i, w in enumerate(workers):
+            assert w.pid is not None
+            pids[f"worker{i}"] = w.pid
+        for callers in (1, 64):
+            show(await measure(f"gibbs, 2 workers, {callers} caller(s)", hub.request, pids, seconds, callers))
+        if profile:
+            for callers in (1, 64):
+                result: dict[str, Any] = {}
+
+                def spy(name: str, pid: int, result: dict[str, Any] = result) -> None:
+                    result[name] = py_spy_profile(pid, seconds)
+
+                assert workers[0].pid is not None
+                ts = [threading.Thread(target=spy, args=("hub", me)),
+                      threading.Thread(target=spy, args=("worker", workers[0].pid))]
+                for t in ts:
+                    t.start()
+                t0 = time.perf_counter()
+                n = await drive(hub.request, seconds + 1.0, callers)
+                rate = n / (time.perf_counter() - t0)
+                for t in ts:
+                    t.join()
+                print(f"\nProfile (py-spy), {callers} caller(s), {rate:,.0f} req/s:")
+                show_profile("hub process", result.get("hub"), rate)
+                show_profile("worker 0", result.get("worker"), rate / 2 if callers > 1 else rate)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+                w.join()
+        await hub.aclose(grace=0)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--no-profile", action="store_true")
+    args = p.parse_args(argv)
+    asyncio.run(main_async(args.seconds, not args.no_profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
