@@ -434,3 +434,29 @@ def test_a_process_of_another_user_is_refused(port: int, hubs: Callable[..., Hub
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert wait_until(lambda: hub.statistics()["handshake_failures"] >= 1, 5)
+
+
+def test_large_arrays_through_a_client_hub(port: int, hubs: Callable[..., Hub], workers: Any) -> None:
+    """A client hub's arrays: the router sends them to its workers through
+    shared memory and passes the answers on inline; nothing it lent stays
+    lent, and the client's answers are whole copies of their own."""
+    import gc
+
+    import numpy as np
+    from gibbs_test_models import Doubled
+
+    router = hubs(port)
+    client = hubs(port)
+    workers(port, Doubled, 2)
+    client.wait_for_workers_sync(2, timeout=20)
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(client.request(np.full(1 << 17, float(i))) for i in range(8)))
+
+    outs = run(go())
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out, 2.0 * i)
+    out[...] = 1.0  # the client's own memory
+    gc.collect()
+    assert wait_until(lambda: router.statistics()["shared_memory"]["lent"] == 0, timeout=5)
+    assert router.statistics()["shared_memory"]["answers_lent"] == 8

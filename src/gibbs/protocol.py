@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 from .errors import ProtocolError
 from .shm import (  # noqa: F401 - re-exported: the wire format names them
@@ -252,11 +252,16 @@ def unpack_json(body: Buffer) -> Any:
     return obj
 
 
+_KEEP_BYTEARRAY = 1 << 16
+
+
 class FrameReader:
     """Accumulates bytes from a stream and yields whole frames.
 
     Non-blocking friendly: feed it whatever ``recv`` returned; a partial frame
-    waits for the next feed. A frame whose announced length is over
+    waits for the next feed. Bodies of 64 KiB or more come as ``bytearray``
+    (writable: arrays of an inline payload read in place are too), smaller
+    ones as ``bytes``. A frame whose announced length is over
     ``max_frame`` raises :class:`ProtocolError` before any of it is buffered.
     """
 
@@ -283,7 +288,10 @@ class FrameReader:
             start = pos + HEADER_SIZE
             if end - start < length:
                 break
-            frames.append((kind, req_id, bytes(buf[start : start + length])))
+            # A large body stays a bytearray (one copy, not two; the arrays
+            # of an inline payload are then writable, as from shared memory).
+            body = buf[start : start + length]
+            frames.append((kind, req_id, bytes(body) if length < _KEEP_BYTEARRAY else cast(bytes, body)))
             pos = start + length
         if pos:
             del buf[:pos]
@@ -402,6 +410,8 @@ def decode(body: Buffer, cache: Optional[MappingCache] = None, in_place: bool = 
         return pickle.loads(memoryview(body)[1:])
     if flavour == OOB:
         pickled, views = _unpack_oob(body)
+        if in_place:  # a model's arguments are read-only, wherever they come from
+            views = [v.toreadonly() for v in views]
         return pickle.loads(pickled, buffers=views)
     if flavour == _SHM and cache is not None and in_place:
         pickled_b, ro_views, _, _ = read_views(body, cache, readonly=True)
