@@ -16,7 +16,7 @@ import asyncio
 import gc
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -26,6 +26,22 @@ from gibbs_test_models import ArrayInfo, Doubled, DoubleInPlace, Identity
 from gibbs import Hub, UserCodeException
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this system")
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs under asyncio's event loop and under uvloop."""
+    if request.param == "asyncio":
+        yield "asyncio"
+        return
+    import uvloop  # in the test extra: missing, this fails rather than skips
+
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield "uvloop"
+    finally:
+        asyncio.set_event_loop_policy(old)
 
 MiB = 1 << 20
 
