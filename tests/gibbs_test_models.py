@@ -416,3 +416,24 @@ class DoubleInPlace:
     def __call__(self, x: Any) -> Any:
         x *= 2
         return x
+
+
+def _only_where_made(pid: int) -> Any:
+    if os.getpid() != pid:
+        raise ValueError("this object unpickles only in the process that made it")
+    return None
+
+
+class _UnpicklableElsewhere:
+    def __reduce__(self) -> Any:
+        return (_only_where_made, (os.getpid(),))
+
+
+class ArrayThenUnpicklable:
+    """Answers a large array followed by an object that cannot be unpickled
+    in the hub: the array is read (lent) before unpickling fails."""
+
+    def __call__(self, nbytes: int) -> Any:
+        import numpy as np
+
+        return (np.ones(nbytes // 8), _UnpicklableElsewhere())

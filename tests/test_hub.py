@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import signal
 import threading
 import time
 
@@ -166,6 +167,44 @@ def test_repr_shows_live_state(hub, make_workers) -> None:
         assert stats["completed"] == 3 and stats["queued"] == 0
 
     run(main())
+
+
+def test_fork_while_an_answer_is_given_back_does_not_hang_the_child() -> None:
+    """A thread of the parent holds the lent answers' lock at the fork (a
+    finalizer giving an answer back): the child's at-fork hook must not wait
+    for it, since that thread does not exist in the child."""
+    hub = Hub(port=0)
+    hub.start()
+    bridge = hub._bridge
+    assert bridge is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with bridge._loan_lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the at-fork hook has run (or hangs) before this line
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        done = 0
+        while done == 0 and time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.02)
+        if done == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done == pid, "the forked child hung in the hub's at-fork hook"
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join(10)
+        hub.close()
 
 
 def test_fork_after_close_leaves_the_child_s_descriptors_alone() -> None:

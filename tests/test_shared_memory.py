@@ -109,3 +109,34 @@ def test_cancelled_request_with_a_large_argument_leaves_nothing(hub) -> None:
     run(main())
     hub.close()
     assert shm_files() == []
+
+
+def test_mappings_read_in_place_stay_cached() -> None:
+    """More segments read in place (answers lent to callers) than the cache
+    holds: their mappings stay open and cached, so a reused segment is not
+    mapped anew; once freed, the cache shrinks back to its size."""
+    from gibbs import protocol
+
+    pool = protocol.SegmentPool(f"gibbs-t{os.getpid()}-")
+    cache = protocol.MappingCache(size=2)
+    try:
+        payloads = [protocol.encode(np.full(1 << 16, float(i)), pool, threshold=1024) for i in range(6)]
+        held = []
+        for p in payloads:
+            _, views, _, _ = protocol.read_views(p.body, cache, readonly=True)
+            held.append(views)
+        assert cache.mapped == 6
+        for i, p in enumerate(payloads * 3):  # the same segments again, views still held
+            _, views, _, _ = protocol.read_views(p.body, cache, readonly=True)
+            assert np.frombuffer(views[0], dtype=np.float64)[0] == float(i % 6)
+            del views
+        assert cache.mapped == 6, "a mapping still in use was dropped from the cache and mapped again"
+        held.clear()
+        payloads.append(protocol.encode(np.ones(1 << 16), pool, threshold=1024))
+        protocol.read_views(payloads[-1].body, cache, readonly=True)  # a new segment: the free ones go
+        assert len(cache) == 2
+    finally:
+        cache.clear()
+        for p in payloads:
+            p.release()
+        pool.close()

@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 from conftest import run, shm_files, wait_until
-from gibbs_test_models import ArrayInfo, Doubled, DoubleInPlace, Identity
+from gibbs_test_models import ArrayInfo, ArrayThenUnpicklable, Doubled, DoubleInPlace, Identity
 
-from gibbs import Hub, UserCodeException
+from gibbs import Hub, SerializationError, UserCodeException
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this system")
 
@@ -171,13 +171,14 @@ def test_kept_answers_are_never_overwritten(hub: Hub, make_workers: Any) -> None
         np.testing.assert_array_equal(k, 2.0 * i)
     assert lent(hub)["lent"] == 6
     del k
-    files = len(shm_files())
+    mine = f"gibbs-w{hub.workers()[0]['pid']}-"
+    files = len(shm_files(mine))
     kept.clear()
     gc.collect()
     assert wait_until(lambda: lent(hub)["lent"] == 0, timeout=5)
     # The worker got its segments back: more calls make no new file.
     run(hub.request(np.ones(MiB // 8)))
-    assert len(shm_files()) <= files
+    assert len(shm_files(mine)) <= files
 
 
 def test_answers_freed_on_another_thread_and_in_callbacks(hub: Hub, make_workers: Any) -> None:
@@ -211,6 +212,9 @@ def test_answers_freed_on_another_thread_and_in_callbacks(hub: Hub, make_workers
         f.add_done_callback(lambda f: seen.append(float(f.result()[0])))
     for f in futures:
         f.result(timeout=20)
+    # Done-callbacks run in the thread that set the result, maybe after
+    # result() returned here.
+    assert wait_until(lambda: len(seen) == 4, timeout=5)
     assert seen == [2.0] * 4
     del f, futures
     gc.collect()
@@ -252,7 +256,7 @@ def test_answers_outlive_the_hub_and_the_worker(make_hub: Callable[..., Hub], ma
     out[0] = 1.0
     del out
     gc.collect()
-    assert shm_files() == []
+    assert shm_files(f"gibbs-w{pid}-") == [] and shm_files(f"gibbs-h{os.getpid()}-") == []
 
 
 def test_many_callers_with_large_arrays(hub: Hub, make_workers: Any) -> None:
@@ -272,3 +276,24 @@ def test_many_callers_with_large_arrays(hub: Hub, make_workers: Any) -> None:
     assert lent(hub)["answers_lent"] == 80
     req = lent(hub)["requests"]
     assert req["leased"] == 0 and req["free_bytes"] <= 256 * MiB
+
+
+def test_an_answer_that_fails_to_unpickle_gives_its_segment_back(hub: Hub, make_workers: Any) -> None:
+    """The caller keeps the error (and so its traceback, whose frames held
+    the answer's buffers): the segment goes back anyway."""
+    served(hub, make_workers, ArrayThenUnpicklable)
+
+    async def main() -> list[BaseException]:
+        errors = []
+        for _ in range(3):
+            with pytest.raises(SerializationError) as info:
+                await hub.request(MiB)
+            errors.append(info.value)
+        return errors
+
+    errors = run(main())
+    assert "could not be unpickled in the hub" in str(errors[0])
+    gc.collect()
+    assert wait_until(lambda: lent(hub)["lent"] == 0, timeout=5), lent(hub)
+    assert lent(hub)["answers_lent"] == 3
+    assert len(errors) == 3  # still held

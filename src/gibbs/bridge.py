@@ -339,18 +339,18 @@ class Bridge:
         self._deliver_async = deliver_async
         self._deliver_sync = deliver_sync
         self._local_workers = local_workers
-        self._maps = mappings or protocol.MappingCache()  # bridge thread only
+        self._maps = mappings or protocol.MappingCache()  # whichever thread reads the workers (own lock)
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
         # Answers' shared memory lent to callers (read in place, given back
         # when freed), up to _max_lent bytes; beyond that, answers are copied.
         self._max_lent = max_lent_bytes
         self._request_pool = request_pool
-        self._loan_lock = threading.RLock()  # owns the four below (RLock: a finalizer may run under it)
+        self._loan_lock = threading.RLock()  # owns the six below (RLock: a finalizer may run under it)
         self._lent_bytes = 0
         self._lent_segments = 0
         self._loans_back: list[tuple[Peer, str]] = []
         self._loans_open = True
-        self._answers_lent = 0  # counters: one thread at a time reads a peer
+        self._answers_lent = 0  # counters
         self._answers_copied = 0
         self._rview = memoryview(self._rbuf)
 
@@ -1348,11 +1348,12 @@ class Bridge:
                             if lend:
                                 self._lent_bytes += size
                                 self._lent_segments += 1
+                                self._answers_lent += 1
+                            else:
+                                self._answers_copied += 1
                         if lend:
-                            self._answers_lent += 1
                             buffers: list[Any] = _lend(self, peer, name, size, views)
                         else:
-                            self._answers_copied += 1
                             buffers = [bytearray(v) for v in views]
                         del views
                     except (OSError, ValueError, ProtocolError) as exc:
@@ -1782,7 +1783,10 @@ class Bridge:
     def forget_after_fork(self) -> None:
         """In a forked child: close the inherited descriptors without touching
         the parent's connections (no shutdown, no messages). The lock may have
-        been held by a thread that does not exist here: do not take it."""
+        been held by a thread that does not exist here: do not take it (nor
+        the loans' lock: a thread of the parent may have held it at the fork,
+        a finalizer giving an answer back; this process gets a fresh one)."""
+        self._loan_lock = threading.RLock()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         socks += list(self._handshaking) + [entry[0] for entry in self._new_peers]
         if self._upstream is not None:

@@ -1080,9 +1080,9 @@ def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
 
 
 def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> None:
-    """Runs on the caller's loop. An outcome nobody waits for holds nothing
-    to free: answers in shared memory were copied out (and their segment
-    released) by the bridge on arrival."""
+    """Runs on the caller's loop. An outcome nobody waits for (the caller
+    was cancelled) is dropped here: an answer lent on a worker's shared
+    memory goes back to its worker when its buffers are freed, now."""
     for fut, outcome in batch:
         if not fut.done():  # else cancelled meanwhile
             fut.set_result(outcome)
@@ -1227,6 +1227,11 @@ def _unwrap(outcome: Outcome) -> Any:
         try:
             return pickle.loads(pickled, buffers=buffers)
         except Exception as exc:
+            # The error's traceback keeps this frame and the caller's (and
+            # their locals) alive as long as the caller keeps the error: let
+            # go of the buffers so that a lent segment goes back now.
+            buffers.clear()
+            exc.__traceback__ = None
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind is OutcomeKind.ERROR:
         raise _error_from_record(value)

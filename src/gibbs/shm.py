@@ -144,31 +144,68 @@ class SegmentPool:
 
 class MappingCache:
     """The receiving side: mappings of a peer's segments, kept open (up to
-    ``size`` of them) so that reading a reused segment maps nothing anew.
-    Buffers are copied out, so the peer may reuse the segment at once."""
+    ``size`` of them and ``max_bytes`` in all, plus those still read in
+    place) so that reading a reused segment maps nothing anew. Thread-safe.
 
-    def __init__(self, size: int = 8) -> None:
+    A cached mapping keeps its memory alive after the peer removes the file
+    (until evicted, or :meth:`forget` when the peer goes): hence the bound
+    in bytes."""
+
+    def __init__(self, size: int = 64, max_bytes: int = 256 << 20) -> None:
         self._size = size
-        self._lock = threading.Lock()  # owns: _maps
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # owns: _maps, mapped
         self._maps: "collections.OrderedDict[str, mmap.mmap]" = collections.OrderedDict()
+        #: How many times a segment was mapped (a reused segment still cached is not).
+        self.mapped = 0
 
-    def get(self, name: str) -> mmap.mmap:
+    def view(self, name: str) -> memoryview:
+        """A view of the whole of segment ``name``. While it (or a slice of
+        it) lives, its mapping stays open and cached."""
         with self._lock:
             mm = self._maps.get(name)
             if mm is not None:
                 self._maps.move_to_end(name)
-                return mm
+                return memoryview(mm)  # under the lock: no eviction closes it first
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:
             mm = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         with self._lock:
+            self.mapped += 1
+            old = self._maps.get(name)
+            if old is not None:  # mapped meanwhile by another thread: keep one
+                _close_map(mm)
+                mm = old
             self._maps[name] = mm
-            while len(self._maps) > self._size:
-                _, old = self._maps.popitem(last=False)
-                _close_map(old)
-        return mm
+            self._maps.move_to_end(name)
+            whole = memoryview(mm)
+            self._evict_locked()
+            return whole
+
+    def _evict_locked(self) -> None:
+        """Close the oldest mappings beyond ``size``, skipping those still read
+        in place (views of answers lent to callers): closing them would fail,
+        and dropping them would map their segment anew on its next use."""
+        total = sum(len(mm) for mm in self._maps.values())
+        if len(self._maps) <= self._size and total <= self._max_bytes:
+            return
+        for n in list(self._maps)[:-1]:  # oldest first; never the one just read
+            if len(self._maps) <= self._size and total <= self._max_bytes:
+                return
+            mm = self._maps[n]
+            size = len(mm)
+            try:
+                mm.close()
+            except BufferError:
+                continue
+            total -= size
+            del self._maps[n]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._maps)
 
     def forget(self, prefix: str) -> None:
         """Drop the mappings of segments whose names start with ``prefix``."""
@@ -194,12 +231,11 @@ def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray]
     segment name). After this the writer may reuse the segment."""
     mv = memoryview(body)
     name, bufs, pos = _parse_shm_head(mv)
-    mm = cache.get(name)
-    whole = memoryview(mm)
+    whole = cache.view(name)
     try:
         copies = []
         for off, length in bufs:
-            if off + length > len(mm):
+            if off + length > whole.nbytes:
                 raise ProtocolError("shared-memory buffer out of range")
             copies.append(bytearray(whole[off : off + length]))
     finally:
@@ -213,16 +249,16 @@ def read_views(body: Buffer, cache: MappingCache, readonly: bool) -> tuple[bytes
     the peer must not reuse the segment while a view is alive."""
     mv = memoryview(body)
     name, bufs, pos = _parse_shm_head(mv)
-    mm = cache.get(name)
-    whole = memoryview(mm)
+    whole = cache.view(name)
+    size = whole.nbytes
     if readonly:
         whole = whole.toreadonly()
     views = []
     for off, length in bufs:
-        if off + length > len(mm):
+        if off + length > size:
             raise ProtocolError("shared-memory buffer out of range")
         views.append(whole[off : off + length])
-    return bytes(mv[pos:]), views, name, len(mm)
+    return bytes(mv[pos:]), views, name, size
 
 
 def _parse_shm_head(mv: memoryview) -> tuple[str, list[tuple[int, int]], int]:
