@@ -14,8 +14,10 @@ Modes:
                  in a list allocated before the baseline, so the list is not
                  counted; the concurrent.futures.Future each request returns
                  is counted (the hub makes it).
-``mem-sync N future``  the same for a bare concurrent.futures.Future: the
-                 Future's own share, for the breakdown.
+``mem-sync N future``  the same for the future ``hub.submit`` returns, made
+                 alone (its share, for the breakdown; its Condition is made
+                 on first use, so a queued one has none);
+                 ``mem-sync N bare``: a plain concurrent.futures.Future.
 ``mem-async N hub|bare``  N asyncio tasks awaiting ``hub.request(i)``, or
                  awaiting a bare loop future (what a task itself costs); the
                  difference is what the hub adds per awaiting caller.
@@ -69,12 +71,18 @@ def _measure(make: Callable[[int], Any], n: int, traced: bool) -> float:
 
 
 def _bare_future(i: int) -> concurrent.futures.Future:
-    return concurrent.futures.Future()  # what hub.submit returns, bare
+    return concurrent.futures.Future()
+
+
+def _submit_future(i: int) -> concurrent.futures.Future:
+    from gibbs.hub import _SubmitFuture
+
+    return _SubmitFuture()  # what hub.submit returns, alone
 
 
 def mem_sync(n: int, traced: bool, variant: str) -> dict[str, Any]:
-    """variant "submit": hub.submit(i) with no worker; "future": a bare
-    concurrent.futures.Future (its share)."""
+    """variant "submit": hub.submit(i) with no worker; "future": the future
+    submit returns, alone (its share); "bare": a concurrent.futures.Future."""
     hub = Hub(port=0)
     hub.start()
     try:
@@ -83,7 +91,7 @@ def mem_sync(n: int, traced: bool, variant: str) -> dict[str, Any]:
             per = _measure(hub.submit, n, traced)
             queued = hub.statistics()["queued"]
         else:
-            per = _measure(_bare_future, n, traced)
+            per = _measure(_submit_future if variant == "future" else _bare_future, n, traced)
             queued = 0
     finally:
         hub.close(grace=0)

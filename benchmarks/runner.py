@@ -204,6 +204,7 @@ def section_queue(cfg: Config, res: dict[str, Any]) -> None:
     log(f"queue: memory with {n} queued (tracemalloc)")
     res["mem_submit"] = run_child("mem-sync", n, "submit", "--traced")["per_request"]
     res["mem_future"] = run_child("mem-sync", n, "future", "--traced")["per_request"]
+    res["mem_bare_future"] = run_child("mem-sync", n, "bare", "--traced")["per_request"]
     log(f"queue: memory with {n} queued (RSS)")
     res["rss_submit"] = run_child("mem-sync", n, "submit")["per_request"]
     log(f"queue: memory with {n} queued through asyncio tasks (tracemalloc)")
@@ -356,8 +357,9 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
     rows.append(Row(
         "6a", f"Hub memory per queued request, {n:,} queued via hub.submit (tracemalloc)",
         fmt_bytes(m["mem_submit"]), "", "", "≤ 2 KiB", m["mem_submit"] <= 2048,
-        note=f"of which the concurrent.futures.Future returned by submit, "
-        f"measured alone: {fmt_bytes(m['mem_future'])}; the hub's own structures: "
+        note=f"of which the future submit returns (a concurrent.futures.Future whose Condition is made "
+        f"on first use), measured alone: {fmt_bytes(m['mem_future'])} (a plain concurrent.futures.Future: "
+        f"{fmt_bytes(m['mem_bare_future'])}); the hub's own structures: "
         f"{fmt_bytes(m['mem_submit'] - m['mem_future'])}.",
     ))
     rows.append(Row(

@@ -104,6 +104,34 @@ def test_several_loops_in_turn_and_plain_threads(hub, make_workers) -> None:
     assert outs == [i * i for i in range(8)]
 
 
+def test_submit_futures_behave_as_concurrent_futures(hub, make_workers) -> None:
+    """submit's future makes its Condition on first use (a queued request
+    costs no Condition): it has every field of a Future, and waiting on it
+    from many threads at once, wait(), as_completed() and timeouts work."""
+    from gibbs.hub import _SubmitFuture
+
+    plain = set(vars(concurrent.futures.Future())) - {"_condition"}
+    assert plain <= set(vars(_SubmitFuture())), "concurrent.futures.Future has new fields"
+    queued = hub.submit(1)  # no worker yet
+    assert not {"_cond", "_condition"} & set(vars(queued))  # nobody waited on it: no Condition
+    with pytest.raises(concurrent.futures.TimeoutError):
+        queued.result(timeout=0.05)
+    make_workers(hub, Square, 2)
+    hub.wait_for_workers_sync(2, timeout=30)
+    futures = [hub.submit(i) for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # eight threads wait on each future at once: one Condition per future
+        got = list(pool.map(lambda f: [f.result(timeout=30) for _ in range(3)], futures * 8))
+    assert got == [[i * i] * 3 for i in range(50)] * 8
+    more = [hub.submit(i) for i in range(20)]
+    done, _ = concurrent.futures.wait(more, timeout=30)
+    assert len(done) == 20
+    assert sorted(f.result() for f in concurrent.futures.as_completed([hub.submit(i) for i in range(10)], timeout=30)) == [
+        i * i for i in range(10)
+    ]
+    assert queued.result(timeout=30) == 1
+
+
 def test_workers_started_before_the_hub_exists(make_hub, make_workers) -> None:
     import socket
 

@@ -1035,6 +1035,10 @@ class _Place:
 # ---------------------------------------------------------------- delivery
 
 
+_PENDING = concurrent.futures._base.PENDING
+_CONDITION_LOCK = threading.Lock()
+
+
 class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """The future ``submit`` returns: cancelling it while the request is
     queued removes the request (it never runs). No done-callback per
@@ -1042,6 +1046,26 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     _gibbs_bridge: Optional[Bridge] = None
     _gibbs_call: Optional[Call] = None
+
+    def __init__(self) -> None:  # noqa: D107 - Future.__init__ but its Condition
+        # A Condition (with its lock, deque and bound methods) is most of a
+        # Future's 2 KiB; a queued request needs none until someone waits on
+        # it or it is done: made on first use, below.
+        self._state = _PENDING
+        self._result = None
+        self._exception: Optional[BaseException] = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            with _CONDITION_LOCK:
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self.__dict__["_cond"] = threading.Condition()
+        return cond
 
     def cancel(self) -> bool:
         if not super().cancel():
