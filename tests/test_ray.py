@@ -306,7 +306,9 @@ def test_scale_up_and_down(cluster: Cluster, make_hub: Callable[..., Hub]) -> No
     assert [x for x, _ in answers] == [5 * i for i in range(9)]
     wait_for(lambda: serving(hub) == 1 and not pool._draining, 30, "scale(1) to drain two workers")
     assert pool.size == 1 and len(pool.workers()) == 1
-    assert hub.statistics()["resent"] == 0, "a drained worker finishes what it holds: nothing is re-sent"
+    stats = hub.statistics()
+    assert stats["retried"] == 0 and stats["resent"] == 0, f"a drained worker finishes what it holds: {stats}"
+    assert stats["worker_deaths"] == 0, f"a drained worker says goodbye: {stats}"
     assert pool.restarts == 0, "a drained worker is not replaced"
     assert run(hub.request(7))[0] == 35
 

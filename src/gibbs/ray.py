@@ -135,7 +135,7 @@ class ActorHandle:
 
     @property
     def name(self) -> str:
-        return self._worker.name
+        return str(self._worker.name)
 
     def start(self) -> None:
         with self._lock:
@@ -159,8 +159,11 @@ class ActorHandle:
         self._done.wait(timeout)
 
     def terminate(self) -> None:
-        """Ask the worker to stop gracefully (it finishes what it holds)."""
-        if self.is_alive():
+        """Ask the worker to stop gracefully (it finishes what it holds); an
+        actor Ray has not placed yet holds nothing: it is killed."""
+        if self.is_alive() and not self._info:
+            self.kill()
+        elif self.is_alive():
             try:
                 self._actor.stop.remote()
             except Exception as exc:  # noqa: BLE001 - a dead actor: the watcher will see it
