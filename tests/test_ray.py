@@ -116,12 +116,17 @@ class Cluster:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Our own cluster, whatever ~/.ray holds (a token there, left by a
+        # local ray.init, would turn token authentication on for some of
+        # its processes only).
+        env["RAY_AUTH_MODE"] = "disabled"
         # A lost node is noticed in about a second rather than thirty.
         env["RAY_health_check_initial_delay_ms"] = "0"
         env["RAY_health_check_period_ms"] = "300"
         env["RAY_health_check_timeout_ms"] = "300"
         env["RAY_health_check_failure_threshold"] = "3"
         self.env = env
+        self._saved_auth_mode: Optional[str] = None
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(os.path.join(self.temp, f"{name}.log"), "wb")
@@ -145,6 +150,8 @@ class Cluster:
             f"--address={self.address}", "--node-ip-address=127.0.0.1", '--resources={"node_b": 4}',
         ])
         self._wait_log("node_b", "block forever", deadline)
+        self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         ray.init(address=self.address, logging_level="WARNING", log_to_driver=False)
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             if time.monotonic() > deadline:
@@ -178,6 +185,10 @@ class Cluster:
         try:
             ray.shutdown()
         finally:
+            if self._saved_auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
             self.remember()
             for p in self.procs.values():
                 if p.poll() is None:
@@ -328,6 +339,37 @@ def test_constructor_failure_is_no_workers_error_not_a_restart_loop(
     assert pool.restarts == restarts <= 1, "the pool must not restart a failing constructor in a loop"
     assert all(not w.is_alive() for w in pool.workers())
     assert all(w.exitcode == gibbs.ray.EXIT_RAISED for w in pool.workers())
+
+
+@pytest.mark.timeout(60)
+def test_a_loopback_hub_is_refused_when_nodes_are_elsewhere(
+    cluster: Cluster, make_hub: Callable[..., Hub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ray.nodes()
+    far = [dict(real[0], NodeManagerAddress="203.0.113.9", Alive=True)]
+    monkeypatch.setattr(ray, "nodes", lambda: real + far)
+    hub = make_hub()
+    with pytest.raises(ValueError, match="loopback.*203.0.113.9"):
+        hub.serve(NodeModel, gibbs_workers=1, gibbs_launcher=launcher())
+    assert not hub.pools()
+    pool = hub.serve(NodeModel, gibbs_workers=0, gibbs_launcher=launcher(hub_host="127.0.0.1"))
+    assert pool.launcher.hub_address == "127.0.0.1"  # told where to dial: no refusal
+    with pytest.raises(ValueError, match="gibbs_devices"):
+        hub.serve(NodeModel, gibbs_devices=["cuda:0"], gibbs_launcher=launcher())
+    with pytest.raises(ValueError, match="max_restarts"):
+        gibbs.ray.Launcher(max_restarts=3)
+
+
+@pytest.mark.timeout(90)
+def test_the_example_runs_on_the_cluster(cluster: Cluster) -> None:
+    env = dict(cluster.env, RAY_ADDRESS=cluster.address)
+    example = os.path.join(os.path.dirname(HERE), "examples", "ray_app.py")
+    out = subprocess.run(
+        [sys.executable, example, "--workers", "2", "--requests", "20"],
+        capture_output=True, text=True, timeout=80, env=env,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "20 requests in" in out.stdout and "scaled to 1 worker; (144," in out.stdout, out.stdout
 
 
 # Last: it takes the second node away from the module's cluster.
