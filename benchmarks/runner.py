@@ -19,6 +19,7 @@ from .common import fmt_bytes, fmt_rate, fmt_time, machine_info, median, percent
 from .gibbs_bench import cluster
 from .models import Echo, Sleeper
 from .queue_bench import run_child
+from .ray_bench import ray_rows, section_ray_actors
 from .report import RESULTS_PATH, Row, results_markdown, summary, table, write_results
 
 CONCURRENCY = 64
@@ -382,6 +383,8 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
 
     # 7. adaptive batching (and LitServe, Ray Serve where installed)
     rows += batching_rows(cfg, res)
+    # 8. gibbs over Ray actors beside Ray Serve (where Ray is installed)
+    rows += ray_rows(res)
     if cfg.quick:
         for r in rows:
             r.note = (r.note + " " if r.note else "") + "(quick run: reduced sizes)"
@@ -433,6 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # gibbs is measured.
     asyncio.run(section_litserve(cfg, res))
     section_ray(cfg, res)
+    section_ray_actors(cfg, res)
 
     info["load"] = f"{load_before} / {_load()}"
     info["elapsed"] = f"{perf() - t0:.0f} s"

@@ -205,13 +205,14 @@ async def litserve_server(
 # ---------------------------------------------------------------- Ray Serve
 
 
-def run_ray(args: list[str], timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``python -m benchmarks.ray_app ARGS`` (in its own process group,
-    reaped whatever happens); returns its JSON result. Raises Unavailable."""
+def run_ray(args: list[str], timeout: float = 600.0, module: str = "benchmarks.ray_app") -> dict[str, Any]:
+    """Run ``python -m MODULE ARGS`` (``benchmarks.ray_app`` by default; in
+    its own process group, reaped whatever happens); returns its JSON
+    result. Raises Unavailable."""
     why = missing("ray")
     if why:
         raise Unavailable(f"{why} (pip install 'ray[serve]')")
-    cmd = [sys.executable, "-m", "benchmarks.ray_app", *args]
+    cmd = [sys.executable, "-m", module, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err,

@@ -29,6 +29,17 @@ from .worker import Worker
 
 __version__ = "1.0.0"
 
+
+
+def __getattr__(name: str) -> object:
+    # ``gibbs.ray`` on first use: ``import gibbs`` never imports Ray.
+    if name == "ray":
+        import importlib
+
+        return importlib.import_module(".ray", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Silent by default: applications choose whether to show gibbs's logs.
 _logging.getLogger("gibbs").addHandler(_logging.NullHandler())
 

@@ -52,7 +52,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import errors, protocol
 from .core import (
@@ -367,6 +367,7 @@ class Bridge:
         self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
         self._n_handshake_failures = 0
         self._joined_pids: set[int] = set()
+        self._joined_tokens: set[str] = set()  # the HELLO's "token" (optional: older workers send none)
         self._check_locals = False  # a report came in: look at local workers now
         self._waiters: dict[int, Callable[[], None]] = {}
         self._next_waiter = 0
@@ -1214,10 +1215,13 @@ class Bridge:
                 self._loading.pop(sock, None)
         sock.close()
 
-    def has_joined(self, pid: int) -> bool:
-        """Whether a worker process with this pid ever joined this hub."""
+    def has_joined(self, who: Union[int, str]) -> bool:
+        """Whether a worker ever joined this hub: ``who`` is its token (a
+        str, unique across machines) or its pid (an int, unique on one)."""
         with self._lock:
-            return pid in self._joined_pids
+            if isinstance(who, str):
+                return who in self._joined_tokens
+            return who in self._joined_pids
 
     def give_up_model(self, model: str, why: str) -> None:
         """A pool stopped restarting the workers of ``model``: its queued and
@@ -1290,6 +1294,9 @@ class Bridge:
                 del self._peers[peer.fd]
             else:
                 self._joined_pids.add(peer.pid)
+                token = hello.get("token")
+                if isinstance(token, str) and token:
+                    self._joined_tokens.add(token)
                 self._refresh_batched_locked(model)
                 self._broadcast_pool_locked()
         if peer.gone:

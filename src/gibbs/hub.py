@@ -83,7 +83,7 @@ from .errors import (
     UserCodeException,
 )
 from .metrics import CONTENT_TYPE, prometheus_text
-from .pool import DeviceSpec, Pool, resolve_devices
+from .pool import DeviceSpec, Launcher, LocalLauncher, Pool, WorkerFactory, resolve_devices
 from .transport import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -739,6 +739,7 @@ class Hub:
         gibbs_concurrency: int = 1,
         gibbs_name: Optional[str] = None,
         gibbs_copy_args: bool = False,
+        gibbs_launcher: Optional[Launcher] = None,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -753,7 +754,13 @@ class Hub:
         spread over them, each seeing only its own GPU;
         ``gibbs_workers_per_device`` sets the default count. Workers with a
         device start with ``spawn`` unless told otherwise (CUDA needs it).
+
+        ``gibbs_launcher``: where the workers run; default
+        :class:`~gibbs.pool.LocalLauncher` (processes on this machine);
+        ``gibbs.ray.Launcher(...)`` makes each worker a Ray actor placed by
+        a Ray cluster (the pool still supervises them).
         """
+        launcher: Launcher = gibbs_launcher if gibbs_launcher is not None else LocalLauncher()
         devices = resolve_devices(gibbs_devices)
         if not isinstance(gibbs_workers_per_device, int) or gibbs_workers_per_device < 1:
             raise ValueError("gibbs_workers_per_device must be an int >= 1")
@@ -767,19 +774,23 @@ class Hub:
         port = self.port
         key = self._authkey if self._explicit else None
 
-        def make(device: Optional[str]) -> Worker:
-            return Worker(
-                cls, *args,
+        def build(device: Optional[str], **overrides: Any) -> Worker:
+            options: dict[str, Any] = dict(
                 gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
                 gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
                 gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
-                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args, **kwargs,
+                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args,
             )
+            options.update(overrides)
+            return Worker(cls, *args, **options, **kwargs)
 
+        make = WorkerFactory(build, bind_host=self._host, port=port, authkey=self._authkey, devices=devices)
         make(None)  # check the options here, at the call site, before any process starts
+        launcher.prepare(make)
         pool = Pool(
             self, make, gibbs_workers, gibbs_model, devices,
             joined=bridge.has_joined, on_give_up=lambda why: bridge.give_up_model(gibbs_model, why),
+            launcher=launcher,
         )
         with self._state_lock:
             closed = self._closed

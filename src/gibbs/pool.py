@@ -12,6 +12,12 @@ One supervisor thread per pool waits on its workers' process sentinels:
   finishes what it holds (SIGTERM), nothing is re-sent;
 * ``close()`` (also done by ``hub.close()`` and at exit) stops them all.
 
+Where workers run is a :class:`Launcher`'s business: :class:`LocalLauncher`
+(the default) starts processes on this machine; ``gibbs.ray.Launcher`` starts
+Ray actors on a cluster. The supervisor needs only a :class:`WorkerHandle`
+(start, a sentinel to wait on, is_alive, join, terminate, kill, exitcode,
+pid, and a token the hub records when the worker joins).
+
 Devices: ``devices=["cuda:0", "cuda:1"]`` (or ints, or ``"auto"``) spreads the
 workers over the devices, slot ``i`` on ``devices[i % len(devices)]``; each
 worker process sees only its own GPU (``CUDA_VISIBLE_DEVICES``).
@@ -26,14 +32,14 @@ import shutil
 import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union
 
 from .worker import Worker, device_name
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["Pool", "resolve_devices"]
+__all__ = ["Pool", "resolve_devices", "Launcher", "LocalLauncher", "WorkerHandle", "WorkerFactory"]
 
 logger = logging.getLogger("gibbs")
 
@@ -69,39 +75,121 @@ def resolve_devices(devices: Union[None, str, Sequence[DeviceSpec]]) -> list[str
     return [device_name(d) for d in devices]
 
 
+class WorkerHandle(Protocol):
+    """What a pool's supervisor needs of one worker, wherever it runs
+    (:class:`~gibbs.Worker` is one: a local process)."""
+
+    def start(self) -> None: ...
+
+    @property
+    def sentinel(self) -> Any:
+        """Something ``multiprocessing.connection.wait`` accepts, ready once
+        the worker has ended."""
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: Optional[float] = None) -> None: ...
+
+    def terminate(self) -> None:
+        """Ask it to stop gracefully: it finishes what it holds."""
+
+    def kill(self) -> None:
+        """Stop it at once (the hub re-sends what it held)."""
+
+    @property
+    def exitcode(self) -> Optional[int]: ...
+
+    @property
+    def pid(self) -> Optional[int]: ...
+
+    @property
+    def token(self) -> str:
+        """The worker's identity in its HELLO (``Bridge.has_joined(token)``)."""
+
+
+class WorkerFactory:
+    """Builds the (unstarted) :class:`~gibbs.Worker` of one slot, for a
+    launcher: ``make(device, **overrides)``, where ``overrides`` are Worker
+    keywords (``gibbs_host``, ``gibbs_authkey``...) a launcher may change.
+    Also says where the hub listens (``bind_host``, ``port``) and its key."""
+
+    def __init__(
+        self,
+        build: Callable[..., Worker],
+        *,
+        bind_host: str,
+        port: int,
+        authkey: bytes,
+        devices: Sequence[str] = (),
+    ) -> None:
+        self._build = build
+        self.bind_host = bind_host
+        self.port = port
+        self.authkey = authkey
+        self.devices = list(devices)
+
+    def __call__(self, device: Optional[str], **overrides: Any) -> Worker:
+        return self._build(device, **overrides)
+
+
+class Launcher(Protocol):
+    """Starts a pool's workers somewhere. ``prepare`` runs once, in
+    ``hub.serve``, before any worker starts (a place to fail early);
+    ``launch`` returns an unstarted handle (the pool calls ``start()``)."""
+
+    def prepare(self, make: WorkerFactory) -> None: ...
+
+    def launch(self, make: WorkerFactory, device: Optional[str]) -> WorkerHandle: ...
+
+
+class LocalLauncher:
+    """Worker processes on this machine (``Worker.start()``): the default."""
+
+    def prepare(self, make: WorkerFactory) -> None:
+        pass
+
+    def launch(self, make: WorkerFactory, device: Optional[str]) -> WorkerHandle:
+        return make(device)
+
+    def __repr__(self) -> str:
+        return "LocalLauncher()"
+
+
 class _Slot:
     __slots__ = ("device", "worker", "backoff", "not_before", "draining")
 
     def __init__(self, device: Optional[str]) -> None:
         self.device = device
-        self.worker: Optional[Worker] = None
+        self.worker: Optional[WorkerHandle] = None
         self.backoff = _BACKOFF_FIRST
         self.not_before = 0.0
         self.draining = False
 
 
 class Pool:
-    """Local workers of one model, started and kept at size by the hub.
-    Made by :meth:`Hub.serve`; thread-safe."""
+    """Workers of one model, started (by a :class:`Launcher`) and kept at
+    size by the hub. Made by :meth:`Hub.serve`; thread-safe."""
 
     def __init__(
         self,
         hub: "Hub",
-        make: Callable[[Optional[str]], Worker],
+        make: WorkerFactory,
         n: int,
         model: str,
         devices: list[str],
-        joined: Callable[[int], bool],
+        joined: Callable[[Union[int, str]], bool],
         on_give_up: Callable[[str], None],
+        launcher: Optional[Launcher] = None,
     ) -> None:
         self._make = make
+        self._launcher: Launcher = launcher if launcher is not None else LocalLauncher()
         self._model = model
         self._devices = devices
-        self._joined = joined  # pid -> has it joined the hub (ever)
+        self._joined = joined  # token (or pid) -> has it joined the hub (ever)
         self._on_give_up = on_give_up
         self._lock = threading.Lock()  # owns every field below
         self._slots: list[_Slot] = []
-        self._draining: list[Worker] = []
+        self._draining: list[WorkerHandle] = []
         self._closed = False
         self._failed: Optional[str] = None
         self._ever_joined = False
@@ -130,7 +218,11 @@ class Pool:
         """Why the pool stopped restarting workers, if it did."""
         return self._failed
 
-    def workers(self) -> list[Worker]:
+    @property
+    def launcher(self) -> Launcher:
+        return self._launcher
+
+    def workers(self) -> list[WorkerHandle]:
         with self._lock:
             return [s.worker for s in self._slots if s.worker is not None]
 
@@ -188,8 +280,8 @@ class Pool:
             if self._failed is None:
                 slot.worker = self._start(slot)
 
-    def _start(self, slot: _Slot) -> Worker:
-        w = self._make(slot.device)
+    def _start(self, slot: _Slot) -> WorkerHandle:
+        w = self._launcher.launch(self._make, slot.device)
         w.start()
         return w
 
@@ -230,12 +322,12 @@ class Pool:
                     self._draining.remove(leaving)
             for slot in self._slots:
                 w = slot.worker
-                if w is not None and w.pid is not None and not self._ever_joined and self._joined(w.pid):
+                if w is not None and not self._ever_joined and self._joined(w.token):
                     self._ever_joined = True
                 if w is not None and not w.is_alive():
                     w.join()
                     code = w.exitcode
-                    joined = w.pid is not None and self._joined(w.pid)
+                    joined = self._joined(w.token)
                     slot.worker = None
                     if joined:
                         self._ever_joined = True

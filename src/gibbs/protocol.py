@@ -49,7 +49,7 @@ from .shm import (  # noqa: F401 - re-exported: the wire format names them
 Buffer = Union[bytes, bytearray, memoryview]
 
 # Message kinds (one byte).
-HELLO = 1  # worker -> hub: JSON {pid, host, name, heartbeat_interval, shm}
+HELLO = 1  # worker -> hub: JSON {pid, host, name, heartbeat_interval, shm, token (optional)}
 WELCOME = 2  # hub -> worker: JSON {heartbeat_interval, shm_probe}
 REQUEST = 3  # hub -> worker: payload of (args, kwargs)
 RESULT = 4  # worker -> hub: payload of the return value

@@ -35,6 +35,7 @@ import multiprocessing
 import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its joins)
 import os
 import pickle
+import secrets
 import signal
 import socket
 import struct
@@ -43,7 +44,7 @@ import threading
 import time
 import traceback
 from types import FrameType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import protocol
 from .core import DEFAULT_MODEL
@@ -129,6 +130,10 @@ class Worker:
             the call (the hub reuses the memory after the answer), so a
             model that keeps an argument past its call, or writes into one,
             needs a copy (``np.array(x)``) or this option.
+        gibbs_token: this worker's identity, sent in its HELLO (default: a
+            random hex string per ``Worker``): the hub records it, so a
+            pool knows its worker joined even when pids of workers on
+            several machines collide (``bridge.has_joined(token)``).
         worker_cls: gibbs 0.2's name for ``cls``.
     """
 
@@ -149,6 +154,7 @@ class Worker:
         gibbs_concurrency: int = 1,
         gibbs_device: Union[str, int, None] = None,
         gibbs_copy_args: bool = False,
+        gibbs_token: Optional[str] = None,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -187,6 +193,9 @@ class Worker:
         self.concurrency = gibbs_concurrency
         self.device = None if gibbs_device is None else device_name(gibbs_device)
         self.copy_args = bool(gibbs_copy_args)
+        if gibbs_token is not None and (not isinstance(gibbs_token, str) or not gibbs_token):
+            raise ValueError(f"gibbs_token must be a non-empty str, got {gibbs_token!r}")
+        self.token: str = gibbs_token or secrets.token_hex(8)
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
@@ -401,7 +410,7 @@ def local_workers() -> list[Worker]:
     return [w for w in _local_workers if w._owner_pid == pid]
 
 
-def stop_workers(workers: list[Worker], grace: float) -> None:
+def stop_workers(workers: Sequence[Any], grace: float) -> None:
     """SIGTERM every live worker (each finishes the request in hand), wait up
     to ``grace`` seconds in all, then SIGKILL what is left."""
     workers = [w for w in workers if w.is_alive()]
@@ -578,6 +587,7 @@ class _Runtime:
             "batch_wait": self.spec.batch_wait,
             "concurrency": self.spec.concurrency if self.is_async else 1,
             "device": self.spec.device,
+            "token": self.spec.token,
         }
 
     def _serve_forever(self) -> None:
