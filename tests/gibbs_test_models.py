@@ -437,3 +437,18 @@ class ArrayThenUnpicklable:
         import numpy as np
 
         return (np.ones(nbytes // 8), _UnpicklableElsewhere())
+
+
+class DiesSoon:
+    """Joins, then its process exits ``after`` seconds later (a model that
+    crashes on its first batch, a node that keeps failing)."""
+
+    def __init__(self, after: float) -> None:
+        def die() -> None:
+            time.sleep(after)
+            os._exit(3)
+
+        threading.Thread(target=die, daemon=True).start()
+
+    def __call__(self, x: Any) -> Any:
+        return x

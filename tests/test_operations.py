@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gibbs import Hub, NoWorkersError, UserCodeException
 from gibbs import protocol as p
 from gibbs import transport as t
-from gibbs.pool import resolve_devices
+from gibbs.pool import LocalLauncher, resolve_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -85,6 +85,57 @@ def test_a_killed_pool_worker_is_replaced_and_no_caller_sees_it(served: Callable
     assert pool.restarts == 1 and pool.size == 3
     assert hub.statistics()["models"]["default"]["restarts"] == 1
     assert back < 5, f"the pool took {back:.2f} s to be back to size"
+
+
+class _SamePid:
+    """A worker handle that reports the pid every other one reports, as Ray
+    actors on different nodes may: the pool must tell them apart by token."""
+
+    def __init__(self, worker: Any) -> None:
+        self._w = worker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._w, name)
+
+    @property
+    def pid(self) -> int:
+        return 4242
+
+
+class _SamePidLauncher(LocalLauncher):
+    def launch(self, make: Any, device: Any) -> Any:
+        return _SamePid(make(device))
+
+
+@pytest.mark.timeout(60)
+def test_workers_with_the_same_pid_are_told_apart_by_token(served: Callable[..., Hub]) -> None:
+    from gibbs_test_models import Square
+
+    hub = served()
+    pool = hub.serve(Square, gibbs_workers=2, gibbs_launcher=_SamePidLauncher())
+    hub.wait_for_workers_sync(2, timeout=30)
+    before = live_pids(hub)
+    pool.workers()[0]._w.kill()
+    assert wait_until(lambda: len(live_pids(hub) - before) == 1 and len(live_pids(hub)) == 2, timeout=20)
+    assert pool.failed is None and pool.restarts == 1  # it had joined: replaced, not a failed start
+    assert run(hub.request(5)) == 25
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_keeps_dying_after_joining_is_restarted_with_a_growing_delay(
+    served: Callable[..., Hub]
+) -> None:
+    """Replaced at once the first time; then after 0.5 s, 1 s, 2 s...: not a
+    restart loop (each restart may cost a whole model load)."""
+    from gibbs_test_models import DiesSoon
+
+    hub = served()
+    pool = hub.serve(DiesSoon, 0.8, gibbs_workers=1, gibbs_model="dies")
+    time.sleep(7.0)
+    restarts = pool.restarts
+    assert pool.failed is None  # it served each time: not a broken constructor
+    # At once each time: about 7 restarts; with the delays: 3 or 4.
+    assert 2 <= restarts <= 4, f"{restarts} restarts in 7 s"
 
 
 def test_a_constructor_that_raises_is_not_restarted_in_a_loop(served: Callable[..., Hub]) -> None:

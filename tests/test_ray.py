@@ -59,6 +59,16 @@ class NodeModel:
         return x * self.k, ray.get_runtime_context().get_node_id()
 
 
+class SlowStart:
+    """A constructor that takes a while (a model loading its weights)."""
+
+    def __init__(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+
 class BrokenModel:
     def __init__(self) -> None:
         raise RuntimeError("no weights here (constructor failure on purpose)")
@@ -342,6 +352,44 @@ def test_constructor_failure_is_no_workers_error_not_a_restart_loop(
 
 
 @pytest.mark.timeout(60)
+def test_an_actor_lost_while_loading_is_replaced_not_a_failed_model(
+    cluster: Cluster, make_hub: Callable[..., Hub]
+) -> None:
+    """The actor is killed (its node lost) while the model loads, before it
+    joined: no sign of a broken model; the pool starts another."""
+    hub = make_hub()
+    pool = hub.serve(SlowStart, 3.0, gibbs_workers=1, gibbs_launcher=launcher(), gibbs_model="slow")
+    first = pool.workers()[0]
+    wait_for(lambda: first.placed_at is not None, 30, "the actor to be placed")
+    ray.kill(first.actor, no_restart=True)
+    wait_for(lambda: not first.is_alive(), 20, "the actor to die")
+    assert first.lost
+    assert run(hub.request(1, gibbs_model="slow"), timeout=40) == 2
+    assert pool.failed is None and pool.restarts >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_reach_the_hub_is_stopped_and_reported(
+    cluster: Cluster, make_hub: Callable[..., Hub]
+) -> None:
+    """A wrong address to dial (the hub listens on loopback only; the workers
+    dial this machine's other address): the actor is killed after
+    ``join_timeout`` and the model's requests fail, saying why."""
+    hub = make_hub()
+    ip = ray.util.get_node_ip_address()
+    assert not ip.startswith("127."), f"this test needs a non-loopback address, Ray gave {ip}"
+    pool = hub.serve(
+        SlowStart, 0.0, gibbs_workers=1, gibbs_model="astray",
+        gibbs_launcher=launcher(hub_host=ip, join_timeout=2.0),
+    )
+    with pytest.raises(NoWorkersError) as info:
+        run(hub.request(1, gibbs_model="astray"), timeout=40)
+    assert "did not join the hub in time" in str(info.value)
+    assert pool.failed is not None
+    assert all(not w.is_alive() for w in pool.workers())
+
+
+@pytest.mark.timeout(60)
 def test_a_loopback_hub_is_refused_when_nodes_are_elsewhere(
     cluster: Cluster, make_hub: Callable[..., Hub], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -358,6 +406,23 @@ def test_a_loopback_hub_is_refused_when_nodes_are_elsewhere(
         hub.serve(NodeModel, gibbs_devices=["cuda:0"], gibbs_launcher=launcher())
     with pytest.raises(ValueError, match="max_restarts"):
         gibbs.ray.Launcher(max_restarts=3)
+    with pytest.raises(ValueError, match="detached"):
+        gibbs.ray.Launcher(lifetime="detached")
+    with pytest.raises(ValueError, match="join_timeout"):
+        gibbs.ray.Launcher(join_timeout=0)
+
+
+def test_one_launcher_for_two_hubs_dials_each_its_own(cluster: Cluster, make_hub: Callable[..., Hub]) -> None:
+    shared = launcher()
+    a = make_hub()
+    b = make_hub(host="0.0.0.0", authkey="a key for the nodes")
+    pa = a.serve(NodeModel, gibbs_workers=1, gibbs_launcher=shared)
+    pb = b.serve(NodeModel, gibbs_workers=1, gibbs_launcher=shared)
+    pa.scale(2)  # a's second worker starts after b's serve: it must still dial a
+    ka, kb = pa.workers()[1], pb.workers()[0]
+    assert ka._worker.host == "127.0.0.1" and ka._worker.port == a.port
+    assert kb._worker.host == ray.util.get_node_ip_address() and kb._worker.port == b.port
+    assert run(a.request(3), timeout=40)[0] == 6 and run(b.request(4), timeout=40)[0] == 8
 
 
 @pytest.mark.timeout(90)

@@ -11,6 +11,8 @@
 """
 
 import logging as _logging
+from types import ModuleType as _ModuleType
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import (
     AuthenticationError,
@@ -31,7 +33,11 @@ __version__ = "1.0.0"
 
 
 
-def __getattr__(name: str) -> object:
+if _TYPE_CHECKING:
+    from . import ray as ray
+
+
+def __getattr__(name: str) -> _ModuleType:
     # ``gibbs.ray`` on first use: ``import gibbs`` never imports Ray.
     if name == "ray":
         import importlib

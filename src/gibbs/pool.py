@@ -3,7 +3,12 @@
 One supervisor thread per pool waits on its workers' process sentinels:
 
 * a worker that dies is replaced at once if it had joined the hub (its calls
-  are re-sent by the hub meanwhile), else after a backoff;
+  are re-sent by the hub meanwhile), else after a backoff; one that keeps
+  dying within ``_SERVED_WELL`` seconds of joining, after a delay that
+  doubles each time; one lost before joining (its handle says ``lost``: a
+  Ray actor whose node went) after a backoff, without counting as a failed
+  constructor; one that a launcher with a ``join_timeout`` placed but that
+  did not join in time is killed and counts as a failed start;
 * a worker that fails in its constructor is not restarted in a loop: if no
   worker of the pool ever joined, the pool stops at the first failure; after
   that, after ``MAX_INIT_FAILURES`` failures in a row. The hub then fails the
@@ -48,6 +53,9 @@ MAX_INIT_FAILURES = 3
 #: A restarted worker that had not joined waits this long, doubling, up to the cap.
 _BACKOFF_FIRST = 0.5
 _BACKOFF_CAP = 10.0
+#: A worker that served this long before dying is replaced at once; one that
+#: died sooner after joining, after a delay that doubles each time (0.5 s up to the cap).
+_SERVED_WELL = 10.0
 
 DeviceSpec = Union[str, int]
 
@@ -156,14 +164,19 @@ class LocalLauncher:
 
 
 class _Slot:
-    __slots__ = ("device", "worker", "backoff", "not_before", "draining")
+    __slots__ = ("device", "worker", "backoff", "not_before", "draining", "started", "joined_at", "quick",
+                 "timed_out")
 
     def __init__(self, device: Optional[str]) -> None:
         self.device = device
         self.worker: Optional[WorkerHandle] = None
-        self.backoff = _BACKOFF_FIRST
+        self.backoff = _BACKOFF_FIRST  # for workers that never joined
+        self.quick = 0.0  # for workers that joined and died soon after: 0 (at once), then doubling
         self.not_before = 0.0
         self.draining = False
+        self.started = 0.0
+        self.joined_at: Optional[float] = None
+        self.timed_out = False
 
 
 class Pool:
@@ -283,6 +296,9 @@ class Pool:
     def _start(self, slot: _Slot) -> WorkerHandle:
         w = self._launcher.launch(self._make, slot.device)
         w.start()
+        slot.started = time.monotonic()
+        slot.joined_at = None
+        slot.timed_out = False
         return w
 
     def _wake(self) -> None:
@@ -320,35 +336,81 @@ class Pool:
                 if not leaving.is_alive():
                     leaving.join()
                     self._draining.remove(leaving)
+            join_timeout: Optional[float] = getattr(self._launcher, "join_timeout", None)
             for slot in self._slots:
                 w = slot.worker
-                if w is not None and not self._ever_joined and self._joined(w.token):
+                if w is not None and slot.joined_at is None and self._joined(w.token):
+                    slot.joined_at = now
                     self._ever_joined = True
+                if (
+                    w is not None and join_timeout is not None and slot.joined_at is None and not slot.timed_out
+                    and w.is_alive()
+                ):
+                    # Placed (a Ray actor may wait for resources: that is no
+                    # failure) but not joined in time: it cannot reach the hub.
+                    placed: Optional[float] = getattr(w, "placed_at", slot.started)
+                    if placed is not None and now - placed > join_timeout:
+                        logger.error(
+                            "gibbs pool %r: worker %s did not join the hub within %.0f s of starting "
+                            "(can it reach the hub's address, with its key?); stopping it",
+                            self._model, w, join_timeout,
+                        )
+                        slot.timed_out = True
+                        w.kill()
                 if w is not None and not w.is_alive():
                     w.join()
                     code = w.exitcode
-                    joined = self._joined(w.token)
+                    joined = slot.joined_at is not None or self._joined(w.token)
+                    # Lost (its node or process killed from outside) before
+                    # joining: no sign of a broken model; retried after a backoff.
+                    lost = bool(getattr(w, "lost", False)) and not slot.timed_out
                     slot.worker = None
                     if joined:
                         self._ever_joined = True
                         self._init_failures = 0
                         slot.backoff = _BACKOFF_FIRST
-                        slot.not_before = now  # it served: replace it at once
-                        logger.warning("gibbs pool %r: worker pid %s exited (%s); replacing it", self._model, w.pid, code)
+                        lived = now - (slot.joined_at if slot.joined_at is not None else now)
+                        if lived >= _SERVED_WELL:
+                            slot.quick = 0.0
+                        # It served: replaced at once, unless it keeps dying
+                        # soon after joining (then after a growing delay).
+                        slot.not_before = now + slot.quick
+                        slot.quick = min(max(_BACKOFF_FIRST, slot.quick * 2), _BACKOFF_CAP)
+                        logger.warning("gibbs pool %r: worker %s exited (%s); replacing it", self._model, w, code)
+                    elif lost:
+                        logger.warning("gibbs pool %r: worker %s was lost before it joined (%s); replacing it",
+                                       self._model, w, code)
+                        slot.not_before = now + slot.backoff
+                        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
                     else:
                         self._init_failures += 1
                         limit = MAX_INIT_FAILURES if self._ever_joined else 1
                         if self._init_failures >= limit and self._failed is None:
+                            why = "did not join the hub in time" if slot.timed_out else "exited before serving"
                             give_up = (
                                 f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row "
-                                f"exited before serving (last: pid {w.pid}, exit code {code})"
+                                f"{why} (last: {w}, exit code {code})"
                             )
                             self._failed = give_up
                         slot.not_before = now + slot.backoff
                         slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
                 if slot.worker is None and self._failed is None and now >= slot.not_before:
-                    slot.worker = self._start(slot)
-                    self.restarts += 1
+                    try:
+                        slot.worker = self._start(slot)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the cluster is gone: retried, then given up
+                        self._init_failures += 1
+                        logger.error("gibbs pool %r: could not start a worker: %r", self._model, exc)
+                        limit = MAX_INIT_FAILURES if self._ever_joined else 1
+                        if self._init_failures >= limit and self._failed is None:
+                            give_up = (
+                                f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row "
+                                f"could not start (last: {exc!r})"
+                            )
+                            self._failed = give_up
+                        slot.not_before = now + slot.backoff
+                        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
+                    else:
+                        self.restarts += 1
         if give_up is not None:
             logger.error("gibbs: %s", give_up)
             self._on_give_up(give_up)

@@ -27,6 +27,8 @@ import multiprocessing.connection
 import os
 import socket
 import threading
+import time
+import weakref
 from typing import Any, Optional
 
 from .pool import WorkerFactory
@@ -41,6 +43,26 @@ logger = logging.getLogger("gibbs")
 EXIT_OK = 0
 EXIT_RAISED = 1  # the worker's run raised (e.g. its model's constructor)
 EXIT_LOST = -9  # the actor died: killed, its process or node lost
+
+
+#: Set at interpreter exit, before Ray's own exit hook shuts it down: from
+#: then on no actor is started (``ray.remote`` would start a new Ray instance).
+_exiting = False
+
+
+def _mark_exiting() -> None:
+    global _exiting
+    _exiting = True
+
+
+def _ray_ready() -> Any:
+    """Ray, if this process is connected to it (and not exiting), else None:
+    Ray's calls start a new local instance when it is not initialised,
+    which a hub that lost its cluster must not do."""
+    if _exiting:
+        return None
+    ray = _import_ray()
+    return ray if ray.is_initialized() else None
 
 
 def _import_ray() -> Any:
@@ -126,6 +148,8 @@ class ActorHandle:
         self._sentinel_r, self._sentinel_w = multiprocessing.Pipe(duplex=False)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._placed_at: Optional[float] = None
+        self._killed = False  # by us: its end is no news
 
     # ---------------------------------------------------------- WorkerHandle
 
@@ -141,6 +165,8 @@ class ActorHandle:
         with self._lock:
             if self._actor is not None:
                 raise RuntimeError("this actor was already started")
+            if _ray_ready() is None:
+                raise RuntimeError("Ray is not initialised (shut down, or the process is exiting): no actor started")
             cls = _remote_actor_class()
             self._actor = cls.options(**self._options).remote()
         self._thread = threading.Thread(target=self._watch, name=f"gibbs-ray-{self._worker.name}", daemon=True)
@@ -153,6 +179,18 @@ class ActorHandle:
     def is_alive(self) -> bool:
         return self._actor is not None and not self._done.is_set()
 
+    @property
+    def lost(self) -> bool:
+        """The actor died (killed, its process or node lost), as opposed to
+        a worker that stopped or raised."""
+        return self._done.is_set() and self._exitcode == EXIT_LOST
+
+    @property
+    def placed_at(self) -> Optional[float]:
+        """When Ray placed the actor and it began (monotonic clock), or None
+        while it waits for resources."""
+        return self._placed_at
+
     def join(self, timeout: Optional[float] = None) -> None:
         if self._actor is None:
             raise RuntimeError("this actor was not started")
@@ -163,7 +201,7 @@ class ActorHandle:
         actor Ray has not placed yet holds nothing: it is killed."""
         if self.is_alive() and not self._info:
             self.kill()
-        elif self.is_alive():
+        elif self.is_alive() and _ray_ready() is not None:
             try:
                 self._actor.stop.remote()
             except Exception as exc:  # noqa: BLE001 - a dead actor: the watcher will see it
@@ -172,7 +210,10 @@ class ActorHandle:
     def kill(self) -> None:
         """``ray.kill`` the actor (the hub re-sends what it held)."""
         if self._actor is not None and not self._done.is_set():
-            ray = _import_ray()
+            ray = _ray_ready()
+            if ray is None:  # Ray shut down: its actors went with it (or with this driver)
+                return
+            self._killed = True
             try:
                 ray.kill(self._actor, no_restart=True)
             except Exception as exc:  # noqa: BLE001
@@ -218,6 +259,7 @@ class ActorHandle:
             run = self._actor.run.remote(self._worker)
             try:
                 self._info = dict(ray.get(self._actor.info.remote()))
+                self._placed_at = time.monotonic()
             except RayActorError:
                 pass  # run's outcome says more
             ray.get(run)
@@ -228,7 +270,7 @@ class ActorHandle:
         except Exception as exc:  # noqa: BLE001 - e.g. Ray shut down under us
             code, self._error = EXIT_LOST, f"{type(exc).__name__}: {exc}"
         finally:
-            if code != EXIT_LOST:
+            if code != EXIT_LOST and _ray_ready() is not None:
                 # run returned (or raised): the actor is idle; free its resources.
                 try:
                     ray.kill(self._actor, no_restart=True)
@@ -238,7 +280,8 @@ class ActorHandle:
             self._done.set()
             self._sentinel_w.close()  # the read end becomes ready
             if code != EXIT_OK:
-                logger.warning("gibbs ray: worker %s (token %s) ended: %s", self.name, self.token, self._error)
+                level = logging.INFO if self._killed else logging.WARNING
+                logger.log(level, "gibbs ray: worker %s (token %s) ended: %s", self.name, self.token, self._error)
 
     def __repr__(self) -> str:
         where = f"node {self.node_id[:8]}" if self.node_id else "not placed yet"
@@ -264,6 +307,10 @@ class Launcher:
             ``127.0.0.1`` when every node of the cluster is this machine,
             else ``serve`` raises (the other nodes could not reach it).
         init_kwargs: more keywords for ``ray.init``.
+        join_timeout: seconds an actor, once placed, has to join the hub
+            (its model built and the hub reached); past them the pool kills
+            it and counts a failed start (default 300; None: no limit). An
+            actor waiting for resources is not counted.
         **actor_options: more ``.options()`` for each actor
             (``scheduling_strategy``, ``memory``, ...). ``max_restarts`` is
             refused: the pool restarts workers.
@@ -279,10 +326,18 @@ class Launcher:
         runtime_env: Optional[dict[str, Any]] = None,
         hub_host: Optional[str] = None,
         init_kwargs: Optional[dict[str, Any]] = None,
+        join_timeout: Optional[float] = 300.0,
         **actor_options: Any,
     ) -> None:
         if num_cpus < 0 or num_gpus < 0:
             raise ValueError("num_cpus and num_gpus must be >= 0")
+        if join_timeout is not None and not join_timeout > 0:
+            raise ValueError(f"join_timeout must be > 0 or None, got {join_timeout!r}")
+        if actor_options.get("lifetime") == "detached":
+            raise ValueError(
+                "gibbs.ray.Launcher: detached actors are not supported: a worker lives and dies with its "
+                "hub's pool (a detached one would outlive the hub, dialling it forever)"
+            )
         if "max_restarts" in actor_options or "max_task_retries" in actor_options:
             raise ValueError(
                 "gibbs.ray.Launcher: max_restarts/max_task_retries are not supported: the hub's pool "
@@ -296,7 +351,10 @@ class Launcher:
         self.hub_host = hub_host
         self.init_kwargs = dict(init_kwargs or {})
         self.actor_options = actor_options
-        self._dial: Optional[str] = None
+        self.join_timeout = join_timeout
+        self._dial: Optional[str] = None  # the last pool's
+        # One launcher may serve several pools (hubs): each its own address.
+        self._dials: "weakref.WeakKeyDictionary[WorkerFactory, str]" = weakref.WeakKeyDictionary()
 
     def _options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
@@ -340,15 +398,16 @@ class Launcher:
             kwargs = dict(self.init_kwargs)
             kwargs.setdefault("address", self.address)
             ray.init(**kwargs)
-        self._dial = self._resolve_host(make.bind_host)
+        _register_exit_hook()
+        self._dial = self._dials[make] = self._resolve_host(make.bind_host)
 
     def launch(self, make: WorkerFactory, device: Optional[str]) -> ActorHandle:
-        if self._dial is None:
-            self.prepare(make)
-        assert self._dial is not None
+        dial = self._dials.get(make)
+        if dial is None:
+            raise RuntimeError("gibbs.ray.Launcher.launch before prepare (hub.serve calls prepare)")
         # The hub's key goes with the worker, explicitly: on another node no
         # key is inherited. (Ray carries it to the actor: trust the cluster.)
-        worker = make(None, gibbs_host=self._dial, gibbs_authkey=make.authkey, gibbs_start_method=None)
+        worker = make(None, gibbs_host=dial, gibbs_authkey=make.authkey, gibbs_start_method=None)
         return ActorHandle(worker, self._options())
 
     @property
@@ -361,6 +420,20 @@ class Launcher:
             f"gibbs.ray.Launcher(num_cpus={self.num_cpus}, num_gpus={self.num_gpus}, "
             f"resources={self.resources}, address={self.address!r}, hub_host={self.hub_host!r})"
         )
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """After ``ray.init``: hooks run last-registered first, so this one runs
+    before Ray's own shutdown, and pools stop starting actors from then on."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+
+        atexit.register(_mark_exiting)
+        _exit_hook_registered = True
 
 
 def _is_loopback_ip(address: str) -> bool:
