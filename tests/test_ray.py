@@ -425,6 +425,37 @@ def test_one_launcher_for_two_hubs_dials_each_its_own(cluster: Cluster, make_hub
     assert run(a.request(3), timeout=40)[0] == 6 and run(b.request(4), timeout=40)[0] == 8
 
 
+_AFTER_SHUTDOWN = """
+import time, ray, gibbs, gibbs.ray
+
+class Plus:
+    def __call__(self, x):
+        return x + 1
+
+ray.init(address="auto")
+hub = gibbs.Hub(port=0, heartbeat_interval=0.2)
+pool = hub.serve(Plus, gibbs_workers=1, gibbs_launcher=gibbs.ray.Launcher(num_cpus=0.5))
+hub.wait_for_workers_sync(1, timeout=40)
+ray.shutdown()  # the user's, or Ray's own at exit
+time.sleep(5)   # the actor's end is seen; the pool tries to replace it
+print("initialized:", ray.is_initialized(), "failed:", pool.failed is not None, flush=True)
+hub.close(grace=0)
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_no_new_ray_instance_after_ray_shuts_down(cluster: Cluster) -> None:
+    """Ray shut down under a pool: its actor is seen lost, and the pool's
+    attempts to replace it start no local Ray instance (Ray's calls would),
+    nor kill the supervisor; the hub closes cleanly."""
+    env = dict(cluster.env, RAY_ADDRESS=cluster.address)
+    out = subprocess.run([sys.executable, "-c", _AFTER_SHUTDOWN], capture_output=True, text=True, timeout=80, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "initialized: False failed: True" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "closed" in out.stdout
+
+
 @pytest.mark.timeout(90)
 def test_the_example_runs_on_the_cluster(cluster: Cluster) -> None:
     env = dict(cluster.env, RAY_ADDRESS=cluster.address)
