@@ -301,6 +301,19 @@ class Pool:
         slot.timed_out = False
         return w
 
+    def _failed_start(self, slot: _Slot, now: float, what: str) -> Optional[str]:
+        """Under the lock: one more worker in a row that did not come up; the
+        slot retries after its backoff. Returns why the pool gives up, when
+        this failure is the one too many."""
+        self._init_failures += 1
+        slot.not_before = now + slot.backoff
+        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
+        limit = MAX_INIT_FAILURES if self._ever_joined else 1
+        if self._init_failures < limit or self._failed is not None:
+            return None
+        self._failed = f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row {what}"
+        return self._failed
+
     def _wake(self) -> None:
         try:
             self._wake_w.send_bytes(b"\0")
@@ -383,32 +396,14 @@ class Pool:
                         slot.not_before = now + slot.backoff
                         slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
                     else:
-                        self._init_failures += 1
-                        limit = MAX_INIT_FAILURES if self._ever_joined else 1
-                        if self._init_failures >= limit and self._failed is None:
-                            why = "did not join the hub in time" if slot.timed_out else "exited before serving"
-                            give_up = (
-                                f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row "
-                                f"{why} (last: {w}, exit code {code})"
-                            )
-                            self._failed = give_up
-                        slot.not_before = now + slot.backoff
-                        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
+                        why = "did not join the hub in time" if slot.timed_out else "exited before serving"
+                        give_up = self._failed_start(slot, now, f"{why} (last: {w}, exit code {code})") or give_up
                 if slot.worker is None and self._failed is None and now >= slot.not_before:
                     try:
                         slot.worker = self._start(slot)
                     except Exception as exc:  # noqa: BLE001 - e.g. the cluster is gone: retried, then given up
-                        self._init_failures += 1
                         logger.error("gibbs pool %r: could not start a worker: %r", self._model, exc)
-                        limit = MAX_INIT_FAILURES if self._ever_joined else 1
-                        if self._init_failures >= limit and self._failed is None:
-                            give_up = (
-                                f"the pool of model {self._model!r} stopped: {self._init_failures} worker(s) in a row "
-                                f"could not start (last: {exc!r})"
-                            )
-                            self._failed = give_up
-                        slot.not_before = now + slot.backoff
-                        slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
+                        give_up = self._failed_start(slot, now, f"could not start (last: {exc!r})") or give_up
                     else:
                         self.restarts += 1
         if give_up is not None:
