@@ -229,14 +229,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def make_hub() -> Iterator[Callable[..., Hub]]:
+def make_hub(make_hub: Callable[..., Hub]) -> Iterator[Callable[..., Hub]]:
+    """conftest's hubs; closing each must close its pools (its actors)."""
     hubs: list[Hub] = []
 
     def factory(**kwargs: Any) -> Hub:
-        kwargs.setdefault("port", 0)
-        kwargs.setdefault("heartbeat_interval", 0.2)
-        hub = Hub(**kwargs)
-        hub.start()
+        hub = make_hub(**kwargs)
         hubs.append(hub)
         return hub
 
