@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 from .baselines import drive_concurrent, drive_sequential
 from .common import median, percentile
 from .models import FakeGPU
+from .serving import ray_unavailable, start_ray_serve
 
 BATCH_SIZE = 32
 REPLICAS = 2
@@ -105,27 +105,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tp-batched", type=int, default=5000)
     p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args(argv)
-    # Ray Serve's documented throughput mode (user code on the replica's main
-    # loop, router in the caller's loop, gRPC between them): without it, on
-    # this 2-core machine, even an identity deployment answers 64 concurrent
-    # callers at < 100 req/s (queue-length probes time out); with it, ~500.
-    # Set here, before Ray starts, so the replicas inherit it.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-        from ray import serve
-    except ImportError as exc:
-        print(json.dumps({"unavailable": f"ray[serve] does not import: {exc} (pip install 'ray[serve]')"}), flush=True)
-        return 0
     t0 = time.perf_counter()
     log("starting Ray and Serve")
-    ray.init(
-        include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-        configure_logging=False,
-    )
     try:
-        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        ray, serve = start_ray_serve()
+    except ImportError as exc:
+        return ray_unavailable(exc)
+    try:
         Batched, Unbatched = deployments()
         batched = serve.run(Batched.bind(), name="batched", route_prefix=None)
         unbatched = serve.run(Unbatched.bind(), name="unbatched", route_prefix=None)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import sys
 import time
 from typing import Any
@@ -32,6 +30,7 @@ from .baselines import drive_alternating, drive_concurrent
 from .common import fmt_rate, fmt_time, median, percentile
 from .models import Echo
 from .report import Row
+from .serving import ray_unavailable, start_ray_serve
 
 REPLICAS = 2
 CONCURRENCY = 64
@@ -81,32 +80,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--total-serve", type=int, default=2000, help="calls by the 64 callers to Serve, per repetition")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    t0 = time.perf_counter()
+    log("starting Ray, Serve and the gibbs actors")
     try:
-        import ray
-        from ray import serve
+        ray, serve = start_ray_serve()
     except ImportError as exc:
-        print(json.dumps({"unavailable": f"ray[serve] does not import: {exc} (pip install 'ray[serve]')"}), flush=True)
-        return 0
+        return ray_unavailable(exc)
     import gibbs
     import gibbs.ray
 
-    t0 = time.perf_counter()
-    log("starting Ray, Serve and the gibbs actors")
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
     hub = gibbs.Hub(port=0)
     try:
         hub.start()
-        pool = hub.serve(Echo, gibbs_workers=REPLICAS, gibbs_launcher=gibbs.ray.Launcher(num_cpus=0))
-        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        hub.serve(Echo, gibbs_workers=REPLICAS, gibbs_launcher=gibbs.ray.Launcher(num_cpus=0))
         deployment = serve.deployment(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 0})(EchoDeployment)
         handle = serve.run(deployment.bind(), name="echo", route_prefix=None)
-        deadline = time.monotonic() + 120
-        while sum(1 for w in hub.workers() if w["state"] in ("ready", "busy")) < REPLICAS:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the gibbs actors did not join: {pool.workers()}")
-            time.sleep(0.05)
+        hub.wait_for_workers_sync(REPLICAS, timeout=120)
         started = time.perf_counter() - t0
         log(f"started in {started:.1f} s")
         res: dict[str, Any] = asyncio.run(measure(args, hub, handle))

@@ -52,7 +52,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
 from .core import (
@@ -1215,13 +1215,11 @@ class Bridge:
                 self._loading.pop(sock, None)
         sock.close()
 
-    def has_joined(self, who: Union[int, str]) -> bool:
-        """Whether a worker ever joined this hub: ``who`` is its token (a
-        str, unique across machines) or its pid (an int, unique on one)."""
+    def has_joined(self, token: str) -> bool:
+        """Whether the worker whose HELLO carried ``token`` ever joined this
+        hub (a token, unlike a pid, is unique across machines)."""
         with self._lock:
-            if isinstance(who, str):
-                return who in self._joined_tokens
-            return who in self._joined_pids
+            return token in self._joined_tokens
 
     def give_up_model(self, model: str, why: str) -> None:
         """A pool stopped restarting the workers of ``model``: its queued and

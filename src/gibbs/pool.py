@@ -190,7 +190,7 @@ class Pool:
         n: int,
         model: str,
         devices: list[str],
-        joined: Callable[[Union[int, str]], bool],
+        joined: Callable[[str], bool],
         on_give_up: Callable[[str], None],
         launcher: Optional[Launcher] = None,
     ) -> None:
@@ -198,7 +198,7 @@ class Pool:
         self._launcher: Launcher = launcher if launcher is not None else LocalLauncher()
         self._model = model
         self._devices = devices
-        self._joined = joined  # token (or pid) -> has it joined the hub (ever)
+        self._joined = joined  # token -> has it joined the hub (ever)
         self._on_give_up = on_give_up
         self._lock = threading.Lock()  # owns every field below
         self._slots: list[_Slot] = []
