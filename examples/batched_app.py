@@ -43,4 +43,4 @@ if __name__ == "__main__":
         w.start()
 
     # Run the app
-    uvicorn.run(app, host="0.0.0.0", port=APP_PORT)
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=APP_PORT)

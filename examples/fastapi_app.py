@@ -1,3 +1,4 @@
+import os
 import time
 
 import uvicorn
@@ -33,5 +34,5 @@ if __name__=="__main__":
     for w in workers:
         w.start()
 
-    # Run the app
-    uvicorn.run(app, host="0.0.0.0", port=8000)
+    # Run the app (on loopback unless HOST says otherwise; the walkthrough binds 0.0.0.0)
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=8000)

@@ -69,4 +69,4 @@ async def metrics():
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="0.0.0.0", port=APP_PORT)
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=APP_PORT)

@@ -10,7 +10,7 @@ Run it with ``python examples/streaming_app.py``, then::
 
     curl -N 'http://localhost:8000/stream?prompt=hello'
 
-Settings (environment): ``PORT`` (default 8000), ``HOST`` (default 0.0.0.0),
+Settings (environment): ``PORT`` (default 8000), ``HOST`` (default 127.0.0.1),
 ``GIBBS_PORT`` (the hub's port, default 5019), ``WORKERS`` (default 2),
 ``TOKEN_DELAY`` (seconds per token, default 0.05), and ``STREAM_LOG``: a file
 where each stream's end is logged, one line per stream (``done <n>`` or
@@ -94,4 +94,4 @@ if __name__ == "__main__":
     for w in workers:
         w.start()
 
-    uvicorn.run(app, host=os.environ.get("HOST", "0.0.0.0"), port=int(os.environ.get("PORT", "8000")))
+    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=int(os.environ.get("PORT", "8000")))

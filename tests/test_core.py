@@ -38,9 +38,13 @@ MODELS = ["a", "b"]
 class CoreMachine(RuleBasedStateMachine):
     """Random callers, workers and a clock against one Core."""
 
-    @initialize(max_attempts=st.integers(1, 3), max_queued=st.one_of(st.none(), st.integers(0, 6)))
-    def setup(self, max_attempts: int, max_queued: Any) -> None:
-        self.core = Core(max_attempts=max_attempts, max_queued=max_queued)
+    @initialize(
+        max_attempts=st.integers(1, 3),
+        max_queued=st.one_of(st.none(), st.integers(0, 6)),
+        no_worker_timeout=st.one_of(st.none(), st.sampled_from([0.005, 0.02])),
+    )
+    def setup(self, max_attempts: int, max_queued: Any, no_worker_timeout: Any) -> None:
+        self.core = Core(max_attempts=max_attempts, max_queued=max_queued, no_worker_timeout=no_worker_timeout)
         self.now = 0.0
         self.next_call = 1
         self.next_worker = 1
@@ -72,6 +76,10 @@ class CoreMachine(RuleBasedStateMachine):
             elif isinstance(a, Resolve):
                 assert a.call.id not in self.outcomes, "a call resolved twice"
                 self.outcomes[a.call.id] = a.outcome
+                if a.outcome.kind is OutcomeKind.EXCEPTION and getattr(a.outcome.value, "model", None):
+                    # Failed for want of workers: only after waiting the whole timeout.
+                    timeout = self.core.no_worker_timeout
+                    assert timeout is not None and self.now - a.call.t0 >= timeout - 1e-9, "failed before its wait was up"
             elif isinstance(a, Release):
                 assert a.call.id not in self.released, "released twice"
                 assert a.call.id in self.outcomes, "released before its outcome"
@@ -204,15 +212,26 @@ class CoreMachine(RuleBasedStateMachine):
         streams = [c for c in self.calls.values() if c.stream and c.id not in self.outcomes]
         self.apply(self.core.consumed(data.draw(st.sampled_from(streams)), 1))
 
+    @rule(model=st.sampled_from(MODELS), n=st.integers(0, 2))
+    def loading(self, model: str, n: int) -> None:
+        self.apply(self.core.workers_loading(model, n, self.now))
+
     @rule(model=st.sampled_from(MODELS))
     def unavailable(self, model: str) -> None:
         self.apply(self.core.model_unavailable(model, NoWorkersError("constructor raised")))
 
     # ------------------------------------------------------------ time
 
-    @rule(dt=st.floats(0, 0.01))
+    @rule(dt=st.floats(0, 0.025))
     def tick(self, dt: float) -> None:
         self.now += dt
+        self.apply(self.core.tick(self.now))
+
+    @precondition(lambda self: self.core.no_worker_timeout is not None and self.core.n_queued)
+    @rule()
+    def wait_out_the_no_worker_timeout(self) -> None:
+        assert self.core.no_worker_timeout is not None
+        self.now += self.core.no_worker_timeout
         self.apply(self.core.tick(self.now))
 
     @rule(grace=st.sampled_from([0.0, 0.005, 1.0]))
@@ -261,6 +280,21 @@ class CoreMachine(RuleBasedStateMachine):
             self.apply(core.tick(self.now))
             assert not core.calls, "calls open after the close deadline"
             assert all(c.id in self.outcomes for c in self.calls.values())
+
+    @invariant()
+    def no_wait_past_the_no_worker_timeout(self) -> None:
+        """A call never waits longer than no_worker_timeout with no worker of
+        its model there (the tick at that time has failed it)."""
+        timeout = self.core.no_worker_timeout
+        if timeout is None or self.core.closing:
+            return
+        for model in self.core.models.values():
+            if not model.absent():
+                continue
+            for call in model.queue.values():
+                if not call.holders:
+                    assert model.absent_since is not None
+                    assert max(call.t0, model.absent_since) + timeout > self.now, f"{call} waits past the timeout"
 
     @invariant()
     def streams_are_never_run_twice_once_delivered(self) -> None:

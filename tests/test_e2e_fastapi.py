@@ -2,7 +2,7 @@
 real uvicorn server, queried by a real HTTP client and by the walkthrough's
 own timing script.
 
-``examples/fastapi_app.py`` listens on 0.0.0.0:8000 and its hub on the default
+``examples/fastapi_app.py`` listens on 127.0.0.1:8000 and its hub on the default
 127.0.0.1:5019, so these tests need both ports free; they wait a little for
 them, then skip (saying which port) rather than test something else.
 
@@ -233,8 +233,16 @@ def test_examples_are_the_walkthrough_code() -> None:
     with open(WALKTHROUGH) as f:
         blocks = _python_blocks(f.read())
     assert len(blocks) == 4, f"{WALKTHROUGH}: expected 4 python blocks, found {len(blocks)}"
+    # One documented change: the example binds loopback unless HOST says
+    # otherwise (the walkthrough's 0.0.0.0 would expose the app to the network).
+    expected = blocks[3].replace("import time\n", "import os\nimport time\n", 1).replace(
+        '    # Run the app\n    uvicorn.run(app, host="0.0.0.0", port=8000)',
+        "    # Run the app (on loopback unless HOST says otherwise; the walkthrough binds 0.0.0.0)\n"
+        '    uvicorn.run(app, host=os.environ.get("HOST", "127.0.0.1"), port=8000)',
+    )
+    assert expected != blocks[3]
     with open(APP) as f:
-        assert f.read() == blocks[3], f"{APP} is not the walkthrough's scaled-up app"
+        assert f.read() == expected, f"{APP} is not the walkthrough's scaled-up app"
     with open(CLIENT) as f:
         assert f.read() == blocks[2], f"{CLIENT} is not the walkthrough's timing script"
 

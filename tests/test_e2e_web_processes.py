@@ -332,7 +332,7 @@ def start_stack(
 
 def wait_ready(stack: Stack, timeout: float = 60.0) -> None:
     """Until the server answers HTTP (on /whoami, which starts no hub), has
-    its 2 web processes, and the worker command says it serves."""
+    its 2 web processes, and the worker command says it started."""
     deadline = time.monotonic() + timeout
     http_ok = False
     while time.monotonic() < deadline:
@@ -344,7 +344,7 @@ def wait_ready(stack: Stack, timeout: float = 60.0) -> None:
                 http_ok = httpx.get(f"{stack.base}/whoami", timeout=2).status_code == 200
             except httpx.HTTPError:
                 pass
-        if http_ok and "serving the hub" in stack.workers.log() and len(web_processes(stack.server.pid)) == 2:
+        if http_ok and "worker(s) for the hub" in stack.workers.log() and len(web_processes(stack.server.pid)) == 2:
             return
         time.sleep(0.1)
     pytest.fail(f"not ready within {timeout} s\n{stack.logs()}")

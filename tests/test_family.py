@@ -90,8 +90,16 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
         p.wait(10)
 
 
+@pytest.fixture(autouse=True)
+def one_application(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hubs of these tests come from several programs (this one, and
+    scripts run with ``python -c``): one application by name."""
+    monkeypatch.setenv("GIBBS_APP", "family-tests")
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
+    e["GIBBS_APP"] = "family-tests"
     e["PYTHONPATH"] = os.pathsep.join([SRC, HERE, e.get("PYTHONPATH", "")])
     e.pop("GIBBS_HUB", None)
     e.pop("GIBBS_AUTHKEY", None)

@@ -15,6 +15,7 @@ from types import ModuleType as _ModuleType
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import (
+    AddressInUseError,
     AuthenticationError,
     GibbsError,
     HubClosedError,
@@ -64,5 +65,6 @@ __all__ = [
     "AuthenticationError",
     "ProtocolError",
     "WorkerRefusedError",
+    "AddressInUseError",
     "__version__",
 ]

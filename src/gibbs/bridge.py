@@ -74,11 +74,15 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
-from .transport import describe, server_handshake, tune
+from .transport import ANY_APP, describe, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
 
 _MAX_HANDSHAKES = 64
+#: Requests waiting this long with no worker of their model make a warning,
+#: repeated at most this often per model.
+_ABSENT_WARN_AFTER = 1.0
+_ABSENT_WARN_EVERY = 30.0
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5
@@ -326,6 +330,8 @@ class Bridge:
         on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
         max_lent_bytes: int = 512 << 20,
         request_pool: Optional[protocol.SegmentPool] = None,
+        app: Optional[str] = None,
+        no_worker_timeout: Optional[float] = None,
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
@@ -356,7 +362,8 @@ class Bridge:
 
         self._lock = threading.Lock()
         # --- owned by _lock
-        self._core = Core(max_attempts=max_attempts, max_queued=max_queued)
+        self._core = Core(max_attempts=max_attempts, max_queued=max_queued, no_worker_timeout=no_worker_timeout)
+        self._app = app  # the application we route for (None or "*": any)
         self._peers: dict[int, Peer] = {}  # fd -> peer, connected and not yet lost
         self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
         # (socket, HELLO, frames that came after HELLO in the same read,
@@ -409,6 +416,12 @@ class Bridge:
         self._detaching: list[_Attachment] = []  # bridge thread only: not yet closed by their loop
         # The hub's statistics() (with its pools' restarts), weakly: for observers.
         self.stats_source: Optional[Callable[[], Optional[Callable[[], dict[str, Any]]]]] = None
+        # The hub's account of why no worker of a model is there, weakly.
+        self.explain_source: Optional[Callable[[], Optional[Callable[[str], str]]]] = None
+        # Requests waiting with no worker of their model (written by the bridge
+        # thread only; the text is read by whichever thread hands outcomes over).
+        self._absent_warned: dict[str, float] = {}  # model -> when we last warned
+        self._absence_text: dict[str, str] = {}  # model -> the hub's explanation, kept fresh
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -883,6 +896,17 @@ class Bridge:
             items, self._outcomes = self._outcomes, []
         if not items:
             return
+        for call, outcome in items:
+            err = outcome.value
+            if isinstance(err, NoWorkersError) and getattr(err, "model", None) and not getattr(err, "explained", False):
+                # The core failed it for want of workers: add what we saw.
+                err.explained = True  # type: ignore[attr-defined]
+                text = self._absence_text.get(call.model)
+                source = self.explain_source() if text is None and self.explain_source is not None else None
+                if source is not None:
+                    text = source(call.model)
+                if text:
+                    err.args = (f"{err.args[0]}: {text}",)
         sync = [it for it in items if not hasattr(it[0].sink, "get_loop")]
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
@@ -1063,6 +1087,7 @@ class Bridge:
             if self._losing:
                 self._check_losses(now)
             if now >= next_check:
+                self._check_absent(now)
                 self._check_home(now)
                 self._check_heartbeats(now)
                 self._check_handshakes(now)
@@ -1072,6 +1097,32 @@ class Bridge:
                 self._hand_over()
             if self._core.closing and self._close_step():
                 return
+
+    def _check_absent(self, now: float) -> None:
+        """Requests wait and no worker of their model is there: say so, in
+        the log, once per model and interval (the error that ends the wait
+        says it again). Bridge thread, outside the lock."""
+        with self._lock:
+            waiting = {
+                name: self._core.oldest_queued(now, name)
+                for name, m in self._core.models.items()
+                if m.queue and m.absent_since is not None
+            }
+        for name in list(self._absent_warned):
+            if name not in waiting:
+                del self._absent_warned[name]
+                self._absence_text.pop(name, None)
+        source = self.explain_source() if self.explain_source is not None else None
+        for name, waited in waiting.items():
+            text = source(name) if source is not None else f"no worker of model {name!r} is connected"
+            self._absence_text[name] = text
+            last = self._absent_warned.get(name)
+            if waited >= _ABSENT_WARN_AFTER and (last is None or now - last >= _ABSENT_WARN_EVERY):
+                self._absent_warned[name] = now
+                logger.warning(
+                    "gibbs hub: requests of model %r have waited %.0f s and %s",
+                    name, waited, text.replace("\n", "\n  "),
+                )
 
     def _drain_wake(self) -> None:
         # Empty the pipe first, then clear the flag: the other way round, a
@@ -1131,6 +1182,7 @@ class Bridge:
                 "shm_probe": self._shm_probe,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "app": self._app,
             }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)
@@ -1145,6 +1197,16 @@ class Bridge:
             info = protocol.unpack_json(body)
             if kind == protocol.LOADING:
                 self._hold_loading(sock, info)
+                return
+            if kind == protocol.INIT_FAILED and info.get("final") is True:
+                model = str(info.get("model") or DEFAULT_MODEL)
+                why = (
+                    f"the supervisor {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) stopped "
+                    f"starting workers of model {model!r}: {info.get('message')}"
+                )
+                logger.error("gibbs hub: %s", why)
+                sock.close()
+                self.give_up_model(model, why)
                 return
             if kind == protocol.INIT_FAILED:
                 line = (
@@ -1161,6 +1223,16 @@ class Bridge:
                 return
             if kind != protocol.HELLO:
                 raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
+            theirs = info.get("app")
+            if info.get("role") == "client" and isinstance(theirs, str) and self._app not in (None, ANY_APP, theirs):
+                # A hub of another program found our address: never route
+                # its calls to our models (it is told why, and raises).
+                reason = (
+                    f"this address is held by the hub of another application ({self._app}); "
+                    f"the client hub's application is {theirs}"
+                )
+                sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": reason, "app": self._app}))
+                raise ProtocolError(f"refused a client hub of another application ({theirs})")
             if (early or reader.pending) and info.get("role", "worker") == "worker":
                 # A worker speaks only when spoken to.
                 raise ProtocolError("unexpected bytes after HELLO")
@@ -1203,6 +1275,7 @@ class Bridge:
             closing = self._core.closing
             if not closing:
                 self._loading[sock] = entry
+                self._count_loading_locked(str(entry["model"]))
         if not closing:
             self._notify_waiters()
             try:
@@ -1213,7 +1286,13 @@ class Bridge:
                 pass
             with self._lock:
                 self._loading.pop(sock, None)
+                self._count_loading_locked(str(entry["model"]))
+                self._wake_locked()  # a deadline of the core may have moved
         sock.close()
+
+    def _count_loading_locked(self, model: str) -> None:
+        n = sum(1 for e in self._loading.values() if e["model"] == model)
+        self._apply_locked(self._core.workers_loading(model, n, time.monotonic()))
 
     def has_joined(self, token: str) -> bool:
         """Whether the worker whose HELLO carried ``token`` ever joined this

@@ -21,7 +21,7 @@ import time
 from types import FrameType
 from typing import Any, Optional, Sequence
 
-from .transport import AUTHKEY_ENV, DEFAULT_PORT, is_loopback, parse_address
+from .transport import ANY_APP, AUTHKEY_ENV, PORT_ENV, default_port, is_loopback, parse_address
 
 logger = logging.getLogger("gibbs")
 
@@ -115,6 +115,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    try:
+        port = default_port()  # GIBBS_PORT, else 5019
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
     demo = sub.add_parser(
         "demo",
@@ -145,9 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--hub",
-        default=f"127.0.0.1:{DEFAULT_PORT}",
+        default=f"127.0.0.1:{port}",
         metavar="HOST:PORT",
-        help=f"the hub's address (default 127.0.0.1:{DEFAULT_PORT})",
+        help=f"the hub's address (default 127.0.0.1:{port}; {PORT_ENV} sets the port)",
     )
     worker.add_argument("-n", "--workers", type=int, default=None, help="worker processes to run (default 1, or one per device)")
     worker.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
@@ -227,9 +231,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     hub.add_argument(
         "--bind",
-        default=f"127.0.0.1:{DEFAULT_PORT}",
+        default=f"127.0.0.1:{port}",
         metavar="HOST:PORT",
-        help=f"the address to listen on (default 127.0.0.1:{DEFAULT_PORT}; 0.0.0.0:{DEFAULT_PORT} for other machines)",
+        help=f"the address to listen on (default 127.0.0.1:{port}; 0.0.0.0:{port} for other machines)",
     )
     hub.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
     hub.add_argument(
@@ -247,8 +251,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "the key as for a worker) and show its models, workers and queues, refreshed every --interval "
         "seconds until Ctrl-C; --once prints one snapshot and exits; --json prints the raw statistics.",
     )
-    status.add_argument("--hub", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
-                        help=f"the hub's address (default 127.0.0.1:{DEFAULT_PORT})")
+    status.add_argument("--hub", default=f"127.0.0.1:{port}", metavar="HOST:PORT",
+                        help=f"the hub's address (default 127.0.0.1:{port})")
     status.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
     status.add_argument("--json", action="store_true", help="print the statistics as JSON (with --once: one line)")
@@ -257,7 +261,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _build_parser()
+    try:
+        parser = _build_parser()
+    except CliError as exc:
+        print(f"gibbs: error: {exc}", file=sys.stderr)
+        return 2
     # Constructor arguments may follow the options ("app:Model --hub H:P 0.25"):
     # argparse leaves positionals after an option unparsed, so collect them here.
     ns, extra = parser.parse_known_args(argv)
@@ -284,6 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _hub_command(ns: argparse.Namespace) -> int:
+    from .errors import AddressInUseError
     from .hub import HUB_ENV, Hub
 
     level = logging.WARNING - 10 * min(ns.verbose, 2)
@@ -309,8 +318,10 @@ def _hub_command(ns: argparse.Namespace) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            hub = Hub(port, ns.heartbeat_interval, host=host, authkey=key)
+            hub = Hub(port, ns.heartbeat_interval, host=host, authkey=key, app=ANY_APP)
             hub.start()
+        except AddressInUseError:
+            raise CliError(f"{host}:{port} is already held by another gibbs hub") from None
         except (OSError, ValueError) as exc:
             raise CliError(str(exc)) from None
         if hub.role != "router":
@@ -377,7 +388,8 @@ def render_status(where: str, snap: Any) -> str:
         f"gibbs hub {where}  role {s.get('role', '?')}  clients {s.get('clients', 0)}  "
         f"workers {s.get('workers', 0)} ({s.get('busy', 0)} busy, {s.get('loading', 0)} loading)  "
         f"queued {s.get('queued', 0)}  oldest {s.get('oldest_queued_seconds', 0.0):.1f} s  "
-        f"completed {s.get('completed', 0)}  failed {s.get('failed', 0)}  restarts {s.get('restarts', 0)}",
+        f"completed {s.get('completed', 0)}  failed {s.get('failed', 0)}  restarts {s.get('restarts', 0)}  "
+        f"init failures {s.get('init_failures', 0)}",
         "",
         f"{'MODEL':16} {'CLASS':32} {'WORKERS':>7} {'BUSY':>5} {'QUEUED':>6} {'REQUESTS':>9} {'ERRORS':>6} "
         f"{'P50 MS':>8} {'P99 MS':>8} {'WAIT P99':>8}",
@@ -430,10 +442,18 @@ def _status_command(ns: argparse.Namespace) -> int:
         while True:
             snap = fetch()
             if ns.json:
-                print(json.dumps(snap, indent=None if ns.once else 2), flush=True)
+                text = json.dumps(snap, indent=None if ns.once else 2)
             else:
-                text = render_status(where, snap)
-                print(("\x1b[H\x1b[2J" if tty else "") + text, flush=True)
+                text = ("\x1b[H\x1b[2J" if tty else "") + render_status(where, snap)
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:
+                # Our own reader went (``gibbs status --json | head``): not
+                # the hub's doing. Quiet, as other commands are on a closed pipe.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+                return 0
             if ns.once:
                 return 0
             time.sleep(ns.interval)
@@ -486,7 +506,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
     cls = load_target(ns.target)
     args, kwargs = parse_model_args(ns.model_args)
 
-    def make(device: Optional[str]) -> Worker:
+    def make(device: Optional[str], **overrides: Any) -> Worker:
         return Worker(
             cls,
             *args,
@@ -506,54 +526,63 @@ def _worker_command(ns: argparse.Namespace) -> int:
             **kwargs,
         )
 
+    make.model = ns.model  # type: ignore[attr-defined]
     slot_devices = [devices[i % len(devices)] if devices else None for i in range(ns.workers)]
     return _supervise(make, ns.workers, f"{host}:{port}", slot_devices)
 
 
 def _supervise(make: Any, n: int, where: str, devices: Optional[list[Optional[str]]] = None) -> int:
-    """Keep n workers running until SIGTERM/SIGINT, then stop them gracefully."""
-    from .worker import REFUSED_EXIT, stop_workers
+    """Keep n workers running until SIGTERM/SIGINT, then stop them
+    gracefully. The supervisor is the one ``hub.serve`` uses (``Pool``): a
+    model whose constructor raises is not restarted in a loop (at the first
+    failure if no worker ever built it, else after a few in a row); the
+    command then tells the hub (its requests fail with the traceback) and
+    exits non-zero."""
+    from .pool import Pool, WorkerFactory
+    from .worker import REFUSED_EXIT, report_given_up
 
-    stopping = False
+    stopping: list[str] = []  # set from a signal handler or the pool's thread: no lock
     status = 0
+    built: dict[str, Any] = {}  # token -> Worker: has its model been built?
+    given_up: list[str] = []
+
+    def build(device: Optional[str], **overrides: Any) -> Any:
+        w = make(device, **overrides)
+        built[w.token] = w
+        return w
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.append("signal")
 
+    def on_give_up(why: str) -> None:
+        given_up.append(why)
+        stopping.append("given up")
+
+    host, _, port = where.rpartition(":")
+    factory = WorkerFactory(build, bind_host=host, port=int(port), authkey=b"")
+    slot_devices = [d for d in (devices or []) if d is not None]
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    slots: list[Any] = [None] * n
-    backoff = [0.5] * n
-    not_before = [0.0] * n
-    print(f"gibbs worker: {n} worker(s) serving the hub at {where} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    print(f"gibbs worker: starting {n} worker(s) for the hub at {where} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    pool = Pool(
+        where, factory, n, getattr(make, "model", "default"), slot_devices,
+        joined=lambda token: token in built and built[token].built(), on_give_up=on_give_up,
+    )
     try:
         while not stopping:
-            now = time.monotonic()
-            for i in range(n):
-                w = slots[i]
-                if w is not None and not w.is_alive():
-                    w.join()
-                    code = w.exitcode
-                    if code == REFUSED_EXIT:
-                        # The hub will refuse every restart alike (its message is above).
-                        print("gibbs worker: the hub refused the worker; stopping", file=sys.stderr, flush=True)
-                        stopping = True
-                        status = 1
-                        slots[i] = None
-                        break
-                    logger.warning("gibbs worker: worker pid %s exited with %s; restarting in %.1f s", w.pid, code, backoff[i])
-                    print(f"gibbs worker: worker pid {w.pid} exited ({code}); restarting in {backoff[i]:.1f} s",
-                          file=sys.stderr, flush=True)
-                    not_before[i] = now + backoff[i]
-                    backoff[i] = min(backoff[i] * 2, 30.0)
-                    slots[i] = None
-                if slots[i] is None and now >= not_before[i]:
-                    w = make(devices[i] if devices else None)
-                    w.start()
-                    slots[i] = w
             time.sleep(0.1)
+            if any(w.exitcode == REFUSED_EXIT for w in built.values()):
+                # The hub will refuse every restart alike (its message is above).
+                print("gibbs worker: the hub refused the worker; stopping", file=sys.stderr, flush=True)
+                status = 1
+                break
     finally:
-        stop_workers([w for w in slots if w is not None], grace=60.0)
+        pool.close(grace=60.0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if given_up:
+        print(f"gibbs worker: {given_up[0]}; not restarting it (the traceback is above)", file=sys.stderr, flush=True)
+        spec = next(iter(built.values()), None)
+        if spec is not None:
+            report_given_up(spec, given_up[0])
+        status = 1
     return status

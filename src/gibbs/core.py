@@ -15,6 +15,7 @@ worker_joined(w) / worker_leaving(w)     Refuse(worker, why)       at join
 worker_lost(w, why)                      Drop(worker, why)
 answered(w, call_id, outcome, now)
 model_unavailable(model, error)
+workers_loading(model, n, now)
 close(now, grace) / tick(now)
 
 A call is in exactly one of these states:
@@ -42,6 +43,12 @@ batch of up to ``batch_size`` calls); a busy worker may be sent a unit ahead
 than ``depth`` units. Batching is work-conserving: a free worker takes what
 is queued for its model, up to its batch size, at once, unless the model asks
 to wait ``batch_wait`` seconds to fill a batch.
+
+No endless wait for absent workers: with ``no_worker_timeout``, a queued call
+that has waited that long while no worker of its model was there (none
+joined, none loading, or every one leaving) fails with ``NoWorkersError``;
+the wait counts from the later of its submit and the moment the model's last
+worker went.
 """
 
 from __future__ import annotations
@@ -173,6 +180,7 @@ class WorkerInfo:
 class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
+        "loading", "absent_since",
     )
 
     def __init__(self, name: str) -> None:
@@ -188,6 +196,13 @@ class _Model:
         self.stats: collections.Counter[str] = collections.Counter()
         self.latency = Window()  # submit -> answer, answered calls
         self.queue_wait = Window()  # submit -> first sent to a worker
+        self.loading = 0  # workers building this model (announced, not joined yet)
+        # Since when no worker of the model is there (none joined and none
+        # loading, or all leaving); None while one is.
+        self.absent_since: Optional[float] = None
+
+    def absent(self) -> bool:
+        return not self.loading and not any(not w.leaving for w in self.workers.values())
 
 
 def _without(holders: tuple[Hashable, ...], worker_id: Hashable) -> tuple[Hashable, ...]:
@@ -264,11 +279,16 @@ class Core:
     """The call lifecycle and the scheduler of one hub. Not thread-safe: the
     driver serialises every call (the bridge's lock)."""
 
-    def __init__(self, *, max_attempts: int = 3, max_queued: Optional[int] = None) -> None:
+    def __init__(
+        self, *, max_attempts: int = 3, max_queued: Optional[int] = None, no_worker_timeout: Optional[float] = None
+    ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if no_worker_timeout is not None and not no_worker_timeout > 0:
+            raise ValueError("no_worker_timeout must be > 0 or None")
         self.max_attempts = max_attempts
         self.max_queued = max_queued
+        self.no_worker_timeout = no_worker_timeout
         self.models: dict[str, _Model] = {}
         self.workers: dict[Hashable, WorkerInfo] = {}
         self.calls: dict[int, Call] = {}  # every call not yet done
@@ -284,6 +304,13 @@ class Core:
         if m is None:
             m = self.models[name] = _Model(name)
         return m
+
+    def _absence(self, model: _Model, now: float) -> None:
+        """After any change to the model's workers: note since when none is there."""
+        if not model.absent():
+            model.absent_since = None
+        elif model.absent_since is None:
+            model.absent_since = now
 
     def _resolve(self, call: Call, outcome: Outcome, out: list[Action]) -> None:
         m = self.models.get(call.model)
@@ -345,6 +372,7 @@ class Core:
         out: list[Action] = []
         if model.workers:
             self._dispatch(model, now, out)
+        self._absence(model, now)
         return out
 
     def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
@@ -432,6 +460,7 @@ class Core:
         model.workers[worker.id] = worker
         self.workers[worker.id] = worker
         worker.last_done = now
+        model.absent_since = None
         self._dispatch(model, now, out)
         return out
 
@@ -445,6 +474,7 @@ class Core:
         w.leaving = True
         self._take_back(w, penalty=None, out=out)
         self._dispatch(self.models[w.model], now, out)
+        self._absence(self.models[w.model], now)
         return out
 
     def worker_lost(self, worker_id: Hashable, reason: str, now: float = 0.0) -> list[Action]:
@@ -461,6 +491,7 @@ class Core:
             self.stats["deaths"] += 1
         self._take_back(w, penalty=None if w.leaving else reason, out=out)
         self._dispatch(model, now, out)
+        self._absence(model, now)
         return out
 
     def _take_back(self, w: WorkerInfo, penalty: Optional[str], out: list[Action]) -> None:
@@ -569,6 +600,39 @@ class Core:
             self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
         return out
 
+    def workers_loading(self, model_name: str, n: int, now: float) -> list[Action]:
+        """``n`` workers announced they are building this model (they count
+        as there: calls wait for them however long they load)."""
+        if n < 0:
+            raise ValueError("a count of loading workers is >= 0")
+        model = self._model(model_name)
+        model.loading = n
+        self._absence(model, now)
+        return []
+
+    def _no_worker_deadline(self, model: _Model) -> Optional[float]:
+        """When the oldest queued call of an absent model has waited too long."""
+        if self.no_worker_timeout is None or model.absent_since is None:
+            return None
+        for call in model.queue.values():
+            if not call.holders:
+                return max(call.t0, model.absent_since) + self.no_worker_timeout
+        return None
+
+    def _fail_absent(self, model: _Model, now: float, out: list[Action]) -> None:
+        assert self.no_worker_timeout is not None and model.absent_since is not None
+        for call in list(model.queue.values()):
+            if call.holders:
+                continue  # a running attempt may still answer
+            if max(call.t0, model.absent_since) + self.no_worker_timeout > now:
+                break  # FIFO: the rest came later
+            err = NoWorkersError(
+                f"no worker of model {model.name!r} was connected or loading for the "
+                f"{self.no_worker_timeout:g} s this request waited (no_worker_timeout)"
+            )
+            err.model = model.name  # type: ignore[attr-defined]
+            self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+
     # ------------------------------------------------------------ time
 
     def close(self, now: float, grace: float) -> list[Action]:
@@ -602,6 +666,10 @@ class Core:
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 self._dispatch(model, now, out)
+            if model.queue and model.absent_since is not None and self.no_worker_timeout is not None:
+                t = self._no_worker_deadline(model)
+                if t is not None and now >= t:
+                    self._fail_absent(model, now, out)
         return out
 
     def next_deadline(self) -> Optional[float]:
@@ -613,6 +681,10 @@ class Core:
             if model.batch_wait and model.queue and model.workers:
                 t = next(iter(model.queue.values())).queued_at + model.batch_wait
                 best = t if best is None else min(best, t)
+            if model.queue and model.absent_since is not None:
+                t2 = self._no_worker_deadline(model)
+                if t2 is not None:
+                    best = t2 if best is None else min(best, t2)
         return best
 
     def abort(self, error: BaseException) -> list[Action]:
@@ -728,6 +800,10 @@ class Core:
             n += len(model.queue)
             for wid, w in model.workers.items():
                 assert self.workers[wid] is w and w.model == name
+            if model.absent_since is not None:
+                assert model.absent(), f"model {name!r} has a worker but is marked absent"
+            elif any(not c.holders for c in model.queue.values()):
+                assert not model.absent(), f"calls of {name!r} wait with no worker, and no clock runs for them"
         assert n == self.n_queued
         if self.closing:
             assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"

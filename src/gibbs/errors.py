@@ -21,6 +21,7 @@ __all__ = [
     "AuthenticationError",
     "ProtocolError",
     "WorkerRefusedError",
+    "AddressInUseError",
 ]
 
 
@@ -92,11 +93,18 @@ class QueueFullError(GibbsError):
 
 
 class NoWorkersError(GibbsError):
-    """Raised by ``hub.wait_for_workers`` when the workers did not come in time.
+    """No worker of the model is there to take the request.
+
+    Raised by ``hub.wait_for_workers`` when the workers did not come in time;
+    by ``hub.request`` (and ``submit``, ``stream``) at once when no worker of
+    the model can come (every worker started for it failed to build the
+    model), and for a request that waited ``Hub(no_worker_timeout=...)``
+    seconds while no worker of its model was connected or loading.
 
     The message says why when gibbs knows: a worker whose model constructor
-    raised reports its traceback to the hub, and local worker processes that
-    exited are listed with their exit codes.
+    raised reports its traceback to the hub, local worker processes that
+    exited are listed with their exit codes, and refused handshakes with
+    their reason.
     """
 
 
@@ -122,3 +130,18 @@ class WorkerRefusedError(GibbsError):
     """Raised in a worker the hub refused: another class already serves the
     model name it asked for (``gibbs_model``), or the hub is closing. The
     worker stops (the worker command exits non-zero) instead of retrying."""
+
+
+class AddressInUseError(GibbsError, OSError):
+    """The hub cannot take its address: another program holds it (something
+    that is not a gibbs hub, or the hub of another application).
+
+    Two processes are one application when their hubs were made by the same
+    program (the same command line in the same directory, as the web
+    processes of ``gunicorn -w N`` are) or name the same application
+    (``Hub(app=...)`` or ``GIBBS_APP``). A hub never joins, as a client, the
+    hub of another application: its calls would be answered by that
+    application's models. Give each application its own address
+    (``Hub(port=...)`` or ``GIBBS_PORT``, and the same port for its workers).
+    An ``OSError`` (``errno.EADDRINUSE``) too, as a failed bind is.
+    """

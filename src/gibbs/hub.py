@@ -74,6 +74,7 @@ from . import protocol
 from .bridge import Bridge, LocalWorker, describe_exit
 from .core import DEFAULT_MODEL, Call, Outcome, OutcomeKind
 from .errors import (
+    AddressInUseError,
     AuthenticationError,
     GibbsError,
     HubClosedError,
@@ -85,11 +86,16 @@ from .errors import (
 from .metrics import CONTENT_TYPE, prometheus_text
 from .pool import DeviceSpec, Launcher, LocalLauncher, Pool, WorkerFactory, resolve_devices
 from .transport import (
+    ANY_APP,
+    APP_ENV,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    PORT_ENV,
     KeyLike,
     client_handshake,
     connect,
+    default_app,
+    default_port,
     is_loopback,
     listen,
     listen_local,
@@ -113,6 +119,7 @@ class Hub:
 
     Args:
         port: TCP port to listen on (0: any free port; see :attr:`port`).
+            Default: ``GIBBS_PORT``, else 5019.
         heartbeat_interval: seconds between the hub's heartbeats to workers.
         host: address to bind. The default is loopback; binding any other
             address needs an explicit key (``authkey`` or ``GIBBS_AUTHKEY``).
@@ -157,13 +164,27 @@ class Hub:
             start takes ``host:port`` and routes; the others find it there
             and send their calls through it, and one of them takes the
             address over if it goes.
+        app: the application this hub serves (default ``GIBBS_APP``, else
+            the program: its command line and working directory). A hub
+            finding its address held by the hub of another application
+            never joins it (its calls would be answered by another
+            application's models): it raises :class:`~gibbs.AddressInUseError`.
+            The web processes of one ``gunicorn``/``uvicorn --workers`` share
+            their program, so they need nothing; ``"*"`` routes for client
+            hubs of any application (as ``python -m gibbs hub`` does).
+        no_worker_timeout: seconds a request may wait while no worker of its
+            model is connected or loading (none started, all gone, or every
+            handshake refused); then it fails with
+            :class:`~gibbs.NoWorkersError` saying what the hub saw. The hub
+            also logs a warning, once per model and interval, while requests
+            wait with no worker. ``None``: wait for workers forever.
         resp_buffer_size: accepted for gibbs 0.2 code and unused: gibbs keeps
             every pending request's answer (0.2 dropped the oldest ones).
     """
 
     def __init__(
         self,
-        port: int = DEFAULT_PORT,
+        port: Optional[int] = None,
         heartbeat_interval: float = 1.0,
         resp_buffer_size: Optional[int] = None,
         *,
@@ -179,10 +200,14 @@ class Hub:
         close_grace: float = 10.0,
         address: Optional[str] = None,
         max_lent_bytes: int = 512 << 20,
+        app: Optional[str] = None,
+        no_worker_timeout: Optional[float] = 30.0,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
         del resp_buffer_size
+        if port is None:
+            port = default_port()
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"port must be a TCP port number (0 for any), got {port!r}")
         if heartbeat_interval <= 0:
@@ -197,6 +222,10 @@ class Hub:
             raise ValueError("max_frame_bytes must be at least 1024")
         if pipeline_depth < 1:
             raise ValueError("pipeline_depth must be >= 1")
+        if no_worker_timeout is not None and not no_worker_timeout > 0:
+            raise ValueError(f"no_worker_timeout must be > 0 or None, got {no_worker_timeout!r}")
+        if app is not None and (not isinstance(app, str) or not app):
+            raise ValueError(f"app must be a non-empty str, got {app!r}")
         key, explicit = resolve_authkey(authkey)
         if address is None:
             address = os.environ.get(HUB_ENV) or None
@@ -232,10 +261,13 @@ class Hub:
             raise ValueError(f"max_lent_bytes must be an int >= 0, got {max_lent_bytes!r}")
         self._max_lent_bytes = max_lent_bytes
         self._close_grace = float(close_grace)
+        self._no_worker_timeout = None if no_worker_timeout is None else float(no_worker_timeout)
+        self._app = app if app is not None else default_app()
         self._authkey = key
         self._explicit = explicit
         self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
         self._place.max_frame = int(max_frame_bytes)
+        self._place.app = self._app
         self._state_lock = threading.Lock()  # owns: _bridge, _closed, _probe_path
         self._bridge: Optional[Bridge] = None
         self._closed = False
@@ -318,8 +350,11 @@ class Hub:
                 local_workers=lambda: _local_workers_of(port, created),
                 max_lent_bytes=self._max_lent_bytes,
                 request_pool=self._pool,
+                app=self._app,
+                no_worker_timeout=self._no_worker_timeout,
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
+            bridge.explain_source = weakref.WeakMethod(self._explain_absence)
             bridge.start()
             self._bridge = bridge
             # A hub dropped without close() still releases its port, threads
@@ -526,10 +561,7 @@ class Hub:
                         outcome = fut.result()
                         break
                     if gibbs_retries != -1 and tries >= gibbs_retries:
-                        raise asyncio.TimeoutError(
-                            f"no answer from model {model!r} within {gibbs_timeout} s"
-                            + (f" ({tries + 1} attempts)" if tries else "")
-                        )
+                        raise asyncio.TimeoutError(self._timeout_message(bridge, model, gibbs_timeout, tries))
                     tries += 1
                     logger.info("gibbs: request timed out after %s s; retry %d", gibbs_timeout, tries)
                     bridge.resend(call)
@@ -539,6 +571,12 @@ class Hub:
                 fut.cancel()
             raise
         return _unwrap(outcome)
+
+    def _timeout_message(self, bridge: Bridge, model: str, timeout: float, tries: int) -> str:
+        text = f"no answer from model {model!r} within {timeout} s" + (f" ({tries + 1} attempts)" if tries else "")
+        if bridge.worker_count(model) == 0:
+            text += ": " + self._explain_absence(model)
+        return text
 
     def submit(self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
@@ -691,6 +729,25 @@ class Hub:
         have = bridge.worker_count(model) if bridge else 0
         of = f" of model {model!r}" if model is not None else ""
         lines = [f"{have} of {n} workers{of} connected to {self._host}:{self.port} within {timeout} s"]
+        return "\n".join(lines + self._diagnosis(model))
+
+    def _explain_absence(self, model: str) -> str:
+        """What the hub saw, for a request of ``model`` waiting with no worker
+        of it connected (the bridge's warnings and errors carry it)."""
+        bridge = self._bridge
+        lines = [f"no worker of model {model!r} is connected to {self._host}:{self.port}"]
+        if bridge is not None:
+            others = sorted(m for m in bridge.models() if m != model and bridge.worker_count(m))
+            if others:
+                lines.append(
+                    f"workers of other models are connected: {', '.join(map(repr, others))} "
+                    "(a worker started with another --model / gibbs_model?)"
+                )
+        return "\n".join(lines + self._diagnosis(model))
+
+    def _diagnosis(self, model: Optional[str]) -> list[str]:
+        bridge = self._bridge
+        lines: list[str] = []
         seen = bridge.failures() if bridge else []
         locals_ = _local_workers_of(self.port, self._created_at)
         alive = [w for w in locals_ if w.exitcode() is None]  # peeks, never reaps
@@ -721,7 +778,7 @@ class Hub:
                 "no worker reported a failure: are workers started, pointed at this address "
                 "(gibbs_host/gibbs_port), and sharing this hub's key?"
             )
-        return "\n".join(lines)
+        return lines
 
     # ------------------------------------------------------------ a pool of local workers
 
@@ -787,15 +844,22 @@ class Hub:
         make = WorkerFactory(build, bind_host=self._host, port=port, authkey=self._authkey, devices=devices)
         make(None)  # check the options here, at the call site, before any process starts
         launcher.prepare(make)
+        # In a client hub (another web process of the family holds the
+        # address), the family's workers are the router's: this pool waits,
+        # and starts its workers only if this hub takes the address over.
         pool = Pool(
             self, make, gibbs_workers, gibbs_model, devices,
             joined=bridge.has_joined, on_give_up=lambda why: bridge.give_up_model(gibbs_model, why),
-            launcher=launcher,
+            launcher=launcher, standby=bridge.role == "client" and self._router is None,
         )
         with self._state_lock:
             closed = self._closed
             if not closed:
                 self._pools.append(pool)
+                if pool.standby:
+                    self._place.standby.append(pool)
+                    if bridge.role == "router":  # took the address over meanwhile
+                        pool.activate()
         if closed:
             pool.close(0)
             raise HubClosedError("the hub is closed")
@@ -923,6 +987,8 @@ class _Place:
         self.heartbeat_interval = heartbeat_interval
         self.bound: Optional[tuple[str, int]] = None  # once listening
         self.max_frame = protocol.DEFAULT_MAX_FRAME  # the hub sets its own
+        self.app = default_app()  # the hub sets its own
+        self.standby: list[Pool] = []  # pools started if this hub takes the address over
 
     def listen(self) -> list[socket.socket]:
         """The TCP listener, and on loopback the local (unix) one. With a
@@ -968,8 +1034,15 @@ class _Place:
                         welcome = protocol.unpack_json(body)
                     elif kind == protocol.REFUSED:
                         raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
+            # Found at our own address (not named by GIBBS_HUB/address=): the
+            # hub there must be of this application, or we would answer our
+            # callers with another application's models.
+            theirs = welcome.get("app")
+            if self.router is None and isinstance(theirs, str) and theirs not in (ANY_APP, self.app):
+                raise AddressInUseError(errno.EADDRINUSE, self.mismatch(theirs))
             hello = {
                 "role": "client",
+                "app": None if self.router is not None else self.app,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "name": f"hub-{os.getpid()}",
@@ -977,6 +1050,12 @@ class _Place:
             }
             sock.sendall(protocol.pack_json(protocol.HELLO, hello))
             while not any(kind == protocol.POOL for kind, _, _ in frames):
+                for kind, _, body in frames:
+                    if kind == protocol.REFUSED:
+                        refusal = protocol.unpack_json(body)
+                        if refusal.get("app"):
+                            raise AddressInUseError(errno.EADDRINUSE, self.mismatch(str(refusal["app"])))
+                        raise ConnectionRefusedError(refusal.get("reason", "refused"))
                 data = sock.recv(65536)
                 if not data:
                     raise ConnectionResetError("the hub closed the connection after our HELLO")
@@ -986,6 +1065,16 @@ class _Place:
         except BaseException:
             sock.close()
             raise
+
+    def mismatch(self, theirs: str) -> str:
+        where = f"{self.host}:{self.port}"
+        return (
+            f"{where} is held by the hub of another application ({theirs}); this hub's application is "
+            f"{self.app}. A hub never sends its calls to another application's hub. Give each application "
+            f"its own address: Hub(port=...) or {PORT_ENV}=... here, and the same port for its workers "
+            f"(gibbs_port=..., python -m gibbs worker --hub 127.0.0.1:PORT); or, if the two are one "
+            f"application, give both the same name: Hub(app=...) or {APP_ENV}=..."
+        )
 
     def __call__(self) -> Optional[tuple[str, Any]]:
         """Where this hub stands (the bridge calls it again when its router
@@ -1020,6 +1109,9 @@ class _Place:
                     raise OSError(exc.errno, f"gibbs hub cannot listen on {where}: {exc.strerror}") from exc
             try:
                 return [], self.join(max(0.1, deadline - time.monotonic()))
+            except AddressInUseError as exc:
+                logger.error("gibbs hub: %s", exc.strerror)
+                raise
             except AuthenticationError as exc:
                 raise AuthenticationError(
                     f"{where} is held by a gibbs hub that refused this hub's key (another user's, or "
@@ -1038,9 +1130,12 @@ class _Place:
                 time.sleep(0.02)
 
     def took_over(self, role: str, listeners: list[socket.socket]) -> None:
-        """Bridge thread: the router went away and this hub took the address."""
+        """Bridge thread: the router went away and this hub took the address:
+        its standby pools start the family's workers now."""
         if listeners:
             self.bound = listeners[0].getsockname()[:2]
+            for pool in self.standby:
+                pool.activate()
 
 
 # ---------------------------------------------------------------- delivery

@@ -37,12 +37,9 @@ import shutil
 import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 from .worker import Worker, device_name
-
-if TYPE_CHECKING:
-    from .hub import Hub
 
 __all__ = ["Pool", "resolve_devices", "Launcher", "LocalLauncher", "WorkerHandle", "WorkerFactory"]
 
@@ -185,7 +182,7 @@ class Pool:
 
     def __init__(
         self,
-        hub: "Hub",
+        hub: object,  # whose pool this is (for its repr only)
         make: WorkerFactory,
         n: int,
         model: str,
@@ -193,6 +190,7 @@ class Pool:
         joined: Callable[[str], bool],
         on_give_up: Callable[[str], None],
         launcher: Optional[Launcher] = None,
+        standby: bool = False,
     ) -> None:
         self._make = make
         self._launcher: Launcher = launcher if launcher is not None else LocalLauncher()
@@ -204,6 +202,9 @@ class Pool:
         self._slots: list[_Slot] = []
         self._draining: list[WorkerHandle] = []
         self._closed = False
+        # A standby pool (made in a client hub of a family) starts no worker
+        # until activate(): when its hub takes the address over.
+        self._standby = standby
         self._failed: Optional[str] = None
         self._ever_joined = False
         self._init_failures = 0  # in a row
@@ -225,6 +226,23 @@ class Pool:
         """Workers the pool keeps running (not counting those draining)."""
         with self._lock:
             return len(self._slots)
+
+    @property
+    def standby(self) -> bool:
+        """Whether the pool waits to start its workers (see :meth:`activate`)."""
+        return self._standby
+
+    def activate(self) -> None:
+        """Start the workers of a standby pool (idempotent). A client hub's
+        pool is one: the family's workers are the router's; the pool starts
+        them only if its hub takes the address over."""
+        with self._lock:
+            if self._closed or not self._standby:
+                return
+            self._standby = False
+            for slot in self._slots:
+                slot.not_before = 0.0
+        self._wake()
 
     @property
     def failed(self) -> Optional[str]:
@@ -278,7 +296,10 @@ class Pool:
         self._wake_w.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"failed: {self._failed.splitlines()[0]}" if self._failed else "running"
+        state = (
+            "closed" if self._closed else f"failed: {self._failed.splitlines()[0]}" if self._failed
+            else "standby" if self._standby else "running"
+        )
         return f"<Pool {self._model!r} {self.size} workers, {self.restarts} restarts [{state}]>"
 
     # ------------------------------------------------------------ supervisor
@@ -290,7 +311,7 @@ class Pool:
             device = self._devices[i % len(self._devices)] if self._devices else None
             slot = _Slot(device)
             self._slots.append(slot)
-            if self._failed is None:
+            if self._failed is None and not self._standby:
                 slot.worker = self._start(slot)
 
     def _start(self, slot: _Slot) -> WorkerHandle:
@@ -398,7 +419,7 @@ class Pool:
                     else:
                         why = "did not join the hub in time" if slot.timed_out else "exited before serving"
                         give_up = self._failed_start(slot, now, f"{why} (last: {w}, exit code {code})") or give_up
-                if slot.worker is None and self._failed is None and now >= slot.not_before:
+                if slot.worker is None and self._failed is None and not self._standby and now >= slot.not_before:
                     try:
                         slot.worker = self._start(slot)
                     except Exception as exc:  # noqa: BLE001 - e.g. the cluster is gone: retried, then given up

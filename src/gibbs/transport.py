@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import multiprocessing
 import os
+import shlex
 import socket
 import struct
 import sys
@@ -25,6 +26,11 @@ from .errors import AuthenticationError, ProtocolError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5019
 AUTHKEY_ENV = "GIBBS_AUTHKEY"
+PORT_ENV = "GIBBS_PORT"
+APP_ENV = "GIBBS_APP"
+#: The application name of a hub that routes for client hubs of any
+#: application (``python -m gibbs hub``).
+ANY_APP = "*"
 
 _CHALLENGE = b"#GIBBS-CHALLENGE#"
 _SAME_USER = b"#GIBBS-SAME-USER#"  # server: "the kernel says you are my user; keys needed?"
@@ -55,6 +61,45 @@ def resolve_authkey(authkey: KeyLike) -> tuple[bytes, bool]:
     if env:
         return env.encode(), True
     return bytes(multiprocessing.current_process().authkey), False
+
+
+def default_port() -> int:
+    """The port hubs and workers use when none is given: ``GIBBS_PORT``, else 5019."""
+    text = os.environ.get(PORT_ENV)
+    if not text:
+        return DEFAULT_PORT
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ValueError(f"{PORT_ENV}={text!r} is not a TCP port number")
+    return port
+
+
+def default_app() -> str:
+    """What makes the processes of one application one: ``GIBBS_APP`` when
+    set, else the program (its command line and working directory).
+
+    The web processes of ``gunicorn -w N`` or ``uvicorn --workers N`` share
+    their command line and directory (forked, or spawned with the parent's
+    ``sys.argv``): they find each other's hub and form one family. Two
+    different programs of one user on one machine do not: the second cannot
+    join the first's hub by accident, and is told to use another address.
+    """
+    name = os.environ.get(APP_ENV)
+    if name:
+        return name[:200]
+    argv = list(sys.argv) or [""]
+    prog = argv[0]
+    if prog and prog not in ("-c", "-m") and os.path.exists(prog):
+        prog = os.path.abspath(prog)
+    try:
+        where = os.getcwd()
+    except OSError:
+        where = "?"
+    text = f"{shlex.join([prog, *argv[1:]])} (in {where})"
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def is_loopback(host: str) -> bool:

@@ -50,15 +50,15 @@ from . import protocol
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .transport import (
-    DEFAULT_PORT,
     KeyLike,
     client_handshake,
     connect,
+    default_port,
     is_loopback,
     resolve_authkey,
 )
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT"]
 
 logger = logging.getLogger("gibbs")
 
@@ -77,6 +77,9 @@ COALESCE_WINDOW = 0.0005
 REFUSED_EXIT = 78
 #: How long a worker whose model failed to build tries to tell the hub.
 INIT_REPORT_WINDOW = 3.0
+#: Exit status of a worker process whose model's constructor raised (its
+#: traceback is printed once, and reported to the hub).
+INIT_FAILED_EXIT = 77
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -98,7 +101,8 @@ class Worker:
     Args:
         cls: the model class (any callable class); built once per worker.
         *args, **kwargs: the model constructor's arguments.
-        gibbs_host, gibbs_port: the hub's address (default localhost:5019).
+        gibbs_host, gibbs_port: the hub's address (default localhost, and
+            ``GIBBS_PORT`` or 5019).
         gibbs_heartbeat_interval: seconds between heartbeats to the hub.
         gibbs_reset_after_n_miss: reconnect after the hub has been silent for
             this many of the hub's heartbeat intervals.
@@ -142,7 +146,7 @@ class Worker:
         cls: Optional[Callable[..., Any]] = None,
         *args: Any,
         gibbs_host: str = "localhost",
-        gibbs_port: int = DEFAULT_PORT,
+        gibbs_port: Optional[int] = None,
         gibbs_heartbeat_interval: float = 1.0,
         gibbs_reset_after_n_miss: int = 2,
         gibbs_authkey: KeyLike = None,
@@ -176,6 +180,8 @@ class Worker:
             raise ValueError("gibbs_heartbeat_interval must be > 0")
         if gibbs_reset_after_n_miss < 1:
             raise ValueError("gibbs_reset_after_n_miss must be >= 1")
+        if gibbs_port is None:
+            gibbs_port = default_port()  # GIBBS_PORT, else 5019
         if not isinstance(gibbs_port, int) or not 0 < gibbs_port < 65536:
             raise ValueError(f"gibbs_port must be a TCP port number, got {gibbs_port!r}")
         self.cls = cls
@@ -203,6 +209,7 @@ class Worker:
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self.start_method_used: Optional[str] = None
         self.started_at: Optional[float] = None  # time.monotonic() at start()
+        self._built: Any = None  # a shared byte once started (see built())
 
     # ------------------------------------------------------------ process API
 
@@ -213,18 +220,19 @@ class Worker:
         ctx = multiprocessing.get_context(self.start_method)
         self.start_method_used = ctx.get_start_method()
         _prune_local_workers()
+        self._built = ctx.RawValue("b", 0)  # set by the child once the model is built
         if self.device is not None:
             # The spec travels pickled, so that the child sets its device's
             # environment before unpickling it imports the model's module.
             self._process = ctx.Process(  # type: ignore[attr-defined]
                 target=_process_main_on_device,
-                args=(device_env(self.device), pickle.dumps(self), os.getpid()),
+                args=(device_env(self.device), pickle.dumps(self), os.getpid(), self._built),
                 name=f"gibbs-worker-{self.name}",
             )
         else:
             self._process = ctx.Process(  # type: ignore[attr-defined]
                 target=_process_main,
-                args=(self, os.getpid()),
+                args=(self, os.getpid(), self._built),
                 name=f"gibbs-worker-{self.name}",
             )
         # Blocked across the fork (the child unblocks them once its handler is
@@ -295,9 +303,16 @@ class Worker:
             raise RuntimeError("this Worker was not started")
         return self._process.sentinel
 
+    def built(self) -> bool:
+        """Whether the started worker's model was built (its constructor
+        returned): a supervisor tells a broken model from a later crash."""
+        flag = self._built
+        return flag is not None and bool(flag.value)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_process"] = None
+        state["_built"] = None  # travels as its own argument (shared memory)
         return state
 
     def __repr__(self) -> str:
@@ -372,21 +387,46 @@ def device_env(device: str) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": visible, "GIBBS_DEVICE": device}
 
 
-def _process_main_on_device(env: dict[str, str], spec: bytes, parent_pid: int) -> None:
+def report_given_up(spec: Worker, why: str) -> None:
+    """Tell the hub at ``spec``'s address that no more workers of its model
+    will come from this supervisor (they kept failing in the constructor):
+    the hub then fails the model's requests at once with ``NoWorkersError``
+    (carrying the constructor's traceback it was sent) until a worker of the
+    model joins. Best effort, for a few seconds."""
+    _Runtime(spec)._report_init_failure(None, why, final=True)
+
+
+def _process_main_on_device(env: dict[str, str], spec: bytes, parent_pid: int, built: Any = None) -> None:
     os.environ.update(env)
-    _process_main(pickle.loads(spec), parent_pid)
+    _process_main(pickle.loads(spec), parent_pid, built)
 
 
-def _process_main(worker: Worker, parent_pid: int) -> None:
+def _process_main(worker: Worker, parent_pid: int, built: Any = None) -> None:
     # A worker started by an app does not stop on the terminal's Ctrl-C on
     # its own (the whole process group gets it): it keeps serving until the
     # app that started it stops it (close, exit or death), so that the app's
     # graceful shutdown can finish its in-flight and queued requests.
+    runtime = _Runtime(worker, stop_signals={signal.SIGTERM})
+    runtime.built_flag = built
     try:
-        _Runtime(worker, stop_signals={signal.SIGTERM}).run(parent_pid=parent_pid)
+        runtime.run(parent_pid=parent_pid)
     except WorkerRefusedError as exc:
         print(f"gibbs worker (pid {os.getpid()}): {exc}", file=sys.stderr, flush=True)
         sys.exit(REFUSED_EXIT)
+    except Exception:
+        if runtime.model is not None:
+            raise
+        # The constructor raised: say it once (not a log line and
+        # multiprocessing's traceback both), and exit with a status that
+        # tells a supervisor not to expect a restart to do better.
+        print(
+            f"gibbs worker {worker.name} (pid {os.getpid()}): the model's constructor raised:\n"
+            + traceback.format_exc(),
+            file=sys.stderr,
+            end="",
+            flush=True,
+        )
+        sys.exit(INIT_FAILED_EXIT)
 
 
 # Workers started from this process, stopped at interpreter exit (before
@@ -477,6 +517,8 @@ class _Runtime:
         self._hb_stop = threading.Event()
         self._in_main_thread = threading.current_thread() is threading.main_thread()
         self._initial_ppid = os.getppid()
+        self.built_flag: Any = None  # the parent's shared byte (Worker.built), when started by one
+        self._said_refused_key = False
 
     # -------------------------------------------------------------- signals
 
@@ -508,12 +550,14 @@ class _Runtime:
             except Exception as exc:
                 built.set()
                 tb = traceback.format_exc()
-                logger.error("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
+                logger.debug("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
                 self._report_init_failure(exc, tb)
                 raise
             finally:
                 built.set()
                 loading.join(2.0)
+            if self.built_flag is not None:
+                self.built_flag.value = 1
             call = self.model if inspect.isfunction(self.model) else type(self.model).__call__
             self.is_async = inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
             if self.is_async:
@@ -599,6 +643,16 @@ class _Runtime:
                 sock = self._connect(timeout=max(5.0, self.spec.heartbeat_interval * 2))
             except AuthenticationError as exc:
                 logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF)
+                if not self._said_refused_key:
+                    # Said on this side too, once, whatever the logging setup:
+                    # this worker serves nothing until the keys agree.
+                    self._said_refused_key = True
+                    print(
+                        f"gibbs worker {self.spec.name} (pid {os.getpid()}): the hub at {where} refused this "
+                        f"worker's key ({exc}); not serving, retrying every {AUTH_BACKOFF:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 time.sleep(AUTH_BACKOFF)
                 continue
             except (OSError, ProtocolError) as exc:
@@ -1156,15 +1210,16 @@ class _Runtime:
 
     # -------------------------------------------------------------- init failure
 
-    def _report_init_failure(self, exc: BaseException, tb: str) -> None:
+    def _report_init_failure(self, exc: Optional[BaseException], tb: str, final: bool = False) -> None:
         report = {
             "model": self.spec.model,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "name": self.spec.name,
-            "exc_type": type(exc).__qualname__,
-            "message": str(exc),
-            "traceback": tb,
+            "exc_type": type(exc).__qualname__ if exc is not None else "",
+            "message": str(exc) if exc is not None else tb,
+            "traceback": tb if exc is not None else "",
+            "final": final,  # a supervisor gave up: no worker of the model comes from there
         }
         deadline = time.monotonic() + INIT_REPORT_WINDOW
         while time.monotonic() < deadline:
