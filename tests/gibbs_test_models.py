@@ -452,3 +452,50 @@ class DiesSoon:
 
     def __call__(self, x: Any) -> Any:
         return x
+
+
+class Versioned:
+    """Answers (its version, x, its pid): which version answered is visible."""
+
+    def __init__(self, version: str = "v1", delay: float = 0.005) -> None:
+        self.version = version
+        self.delay = delay
+
+    def __call__(self, x: Any) -> Any:
+        if self.delay:
+            time.sleep(self.delay)
+        return (self.version, x, os.getpid())
+
+
+class VersionedOther(Versioned):
+    """Another class for the same model name (allowed during a rollout only)."""
+
+
+class Warm:
+    """warmup() takes a while; calls before it would see a cold model."""
+
+    def __init__(self, warm_seconds: float = 0.5) -> None:
+        self.warm_seconds = warm_seconds
+        self.warmed = False
+        self.calls: list[Any] = []
+
+    def warmup(self) -> None:
+        time.sleep(self.warm_seconds)
+        self.warmed = True
+
+    def __call__(self, x: Any) -> Any:
+        self.calls.append(x)
+        return {"warmed": self.warmed, "calls": list(self.calls)}
+
+
+class Leaky:
+    """Keeps 8 MiB per call: its resident memory grows until recycled."""
+
+    def __init__(self) -> None:
+        self.kept: list[bytearray] = []
+
+    def __call__(self, x: Any) -> Any:
+        self.kept.append(bytearray(8 << 20))
+        for i in range(0, 8 << 20, 4096):
+            self.kept[-1][i] = 1  # touched: resident
+        return (x, os.getpid())

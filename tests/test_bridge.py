@@ -145,3 +145,32 @@ def test_a_wake_up_during_a_drain_is_never_lost(monkeypatch) -> None:
         assert readable or not fake._wake_pending, f"wake-up lost (injected at read {inject_at})"
         os.close(r)
         os.close(w)
+
+
+def test_close_while_a_hand_over_is_still_putting_outcomes_strands_none(make_hub, monkeypatch) -> None:
+    """close() fails 300 queued submit() futures on the closing thread's
+    hand-over, slowed here, while the bridge thread finishes: the delivery
+    thread must neither stop before the last of them nor wait forever (the
+    closing hub once either stranded the rest, or hung in join)."""
+    import concurrent.futures
+    import queue as queue_module
+    import time
+
+    import gibbs.bridge
+
+    class SlowQueue(queue_module.SimpleQueue):  # type: ignore[type-arg]
+        def put(self, item, block=True, timeout=None):  # type: ignore[no-untyped-def]
+            if item is not None and threading.current_thread().name != "gibbs-bridge":
+                time.sleep(0.002)  # the bridge thread ends meanwhile
+            super().put(item)
+
+    monkeypatch.setattr(gibbs.bridge.queue, "SimpleQueue", SlowQueue)
+    hub = make_hub(no_worker_timeout=None)
+    futs = [hub.submit(i) for i in range(300)]
+    closer = threading.Thread(target=hub.close, kwargs={"grace": 0})
+    closer.start()
+    done, pending = concurrent.futures.wait(futs, timeout=30)
+    closer.join(30)
+    assert not pending, f"{len(pending)} futures never resolved"
+    assert not closer.is_alive(), "close() hung waiting for the delivery thread"
+    assert all(type(f.exception()).__name__ == "HubClosedError" for f in done)

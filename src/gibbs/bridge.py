@@ -79,6 +79,8 @@ from .transport import ANY_APP, describe, server_handshake, tune
 logger = logging.getLogger("gibbs")
 
 _MAX_HANDSHAKES = 64
+#: How long a pool asking why a worker failed waits for its report.
+INIT_REPORT_WAIT = 2.0
 #: Requests waiting this long with no worker of their model make a warning,
 #: repeated at most this often per model.
 _ABSENT_WARN_AFTER = 1.0
@@ -179,7 +181,7 @@ class Peer:
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
-        "owner", "rlock",
+        "owner", "rlock", "token", "version",
     )
 
     def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
@@ -210,6 +212,9 @@ class Peer:
         self.batched = int(hello.get("batch_size", 1)) > 1
         device = hello.get("device")
         self.device: Optional[str] = str(device) if device else None
+        token, version = hello.get("token"), hello.get("version")
+        self.token: Optional[str] = token if isinstance(token, str) else None
+        self.version: Optional[str] = version[:64] if isinstance(version, str) else None
         self.gone = False  # closed; its loss may still wait for an exit status
         self.role = str(hello.get("role", "worker"))  # "worker", "client" (routes through us), "router" (we route through it)
         # A client's open calls: its call id -> our call (owned by _lock).
@@ -432,6 +437,8 @@ class Bridge:
         os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
         self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
+        self._handing = 0  # hand-overs putting outcomes on _sync_queue now (owned by _lock)
+        self._sync_stopped = False  # the delivery thread was told to stop (owned by _lock)
         self._sync_thread: Optional[threading.Thread] = None
 
     # ================================================================ callers
@@ -654,6 +661,7 @@ class Bridge:
                         "leaving": sum(1 for w in m.workers.values() if w.leaving),
                     },
                     "oldest_queued_seconds": core.oldest_queued(now, name),
+                    "versions": _versions(ws),
                     "latency": m.latency.snapshot(),
                     "queue_wait": m.queue_wait.snapshot(),
                 }
@@ -714,6 +722,8 @@ class Bridge:
                     "served": p.info.served,
                     "batch_size": p.info.batch_size,
                     "shared_memory": p.shm,
+                    "version": p.version,
+                    "token": p.token,
                 }
                 for p in self._peers.values()
             ]
@@ -911,18 +921,30 @@ class Bridge:
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
         if sync:
-            q = self._sync_queue
-            if q is None:
+            with self._lock:
+                q = self._sync_queue
+                if q is None:
+                    q = self._sync_queue = queue.SimpleQueue()
+                    self._sync_thread = threading.Thread(
+                        target=self._sync_loop, args=(q,), name="gibbs-deliver", daemon=True
+                    )
+                    self._sync_thread.start()
+                self._handing += 1
+            try:
+                for it in sync:
+                    q.put(it)
+            finally:
+                # The delivery thread stops after the last outcome: whoever
+                # is last, this hand-over or the bridge thread closing, says
+                # so (a stop put while another thread still puts outcomes
+                # would strand them; none put would leave it waiting).
                 with self._lock:
-                    if self._sync_queue is None:
-                        self._sync_queue = queue.SimpleQueue()
-                        self._sync_thread = threading.Thread(
-                            target=self._sync_loop, args=(self._sync_queue,), name="gibbs-deliver", daemon=True
-                        )
-                        self._sync_thread.start()
-                    q = self._sync_queue
-            for it in sync:
-                q.put(it)
+                    self._handing -= 1
+                    last = self._closed and not self._handing and not self._sync_stopped
+                    if last:
+                        self._sync_stopped = True
+                if last:
+                    q.put(None)
 
     def _sync_loop(self, q: "queue.SimpleQueue[Optional[tuple[Call, Outcome]]]") -> None:
         """Resolves ``concurrent.futures`` callers: their done-callbacks (user
@@ -1005,7 +1027,11 @@ class Bridge:
                 self._closed = True
                 callbacks, self._on_closed = self._on_closed, []
                 sync_q = self._sync_queue
-            if sync_q is not None:
+                stop = sync_q is not None and not self._handing and not self._sync_stopped
+                if stop:
+                    self._sync_stopped = True
+            if stop:
+                assert sync_q is not None
                 sync_q.put(None)
             self._notify_waiters()
             for cb in callbacks:
@@ -1293,6 +1319,44 @@ class Bridge:
     def _count_loading_locked(self, model: str) -> None:
         n = sum(1 for e in self._loading.values() if e["model"] == model)
         self._apply_locked(self._core.workers_loading(model, n, time.monotonic()))
+
+    def roll_out(self, model: str, cls: Optional[str]) -> None:
+        """A pool's rolling update begins (the new class may serve the model
+        beside the old) or ends (None)."""
+        with self._lock:
+            self._apply_locked(self._core.roll_out(model, cls))
+
+    def init_failure_of(self, pid: Optional[int]) -> Optional[str]:
+        """The constructor failure a local worker (by pid) reported, waiting
+        a moment for its report (sent as the process exits)."""
+        deadline = time.monotonic() + INIT_REPORT_WAIT
+        while True:
+            with self._lock:
+                text = next((t for p, t in reversed(self._init_failures) if pid is not None and p == pid), None)
+            if text is not None or time.monotonic() >= deadline:
+                return text
+            time.sleep(0.05)
+
+    def observe(self, model: str) -> dict[str, Any]:
+        """What a pool supervising ``model`` needs: calls queued, the oldest
+        one's wait, busy workers, and each worker's state and calls served
+        by the token in its HELLO."""
+        now = time.monotonic()
+        with self._lock:
+            m = self._core.models.get(model)
+            if m is None:
+                return {"queued": 0, "oldest": 0.0, "busy": 0, "workers": {}}
+            workers = {
+                token: {"served": w.served, "state": "leaving" if w.leaving else "busy" if w.units else "ready"}
+                for w in m.workers.values()
+                if (token := getattr(w.id, "token", None))
+            }
+            return {
+                "queued": len(m.queue),
+                "oldest": self._core.oldest_queued(now, model),
+                "busy": sum(1 for w in m.workers.values() if w.units and not w.leaving),
+                "workers": workers,
+            }
 
     def has_joined(self, token: str) -> bool:
         """Whether the worker whose HELLO carried ``token`` ever joined this
@@ -2247,6 +2311,16 @@ class Bridge:
         logger.warning("gibbs hub: took the address over; this process now routes the family's calls")
         self._on_role("router", listeners)
         self._notify_waiters()
+
+
+def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
+    """Workers by version (a rolling update shows two): version -> class, count."""
+    out: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        version = getattr(w.id, "version", None) or ""
+        entry = out.setdefault(version, {"class": w.cls, "workers": 0})
+        entry["workers"] += 1
+    return out
 
 
 def describe_exit(code: int) -> str:

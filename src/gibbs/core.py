@@ -16,6 +16,7 @@ worker_lost(w, why)                      Drop(worker, why)
 answered(w, call_id, outcome, now)
 model_unavailable(model, error)
 workers_loading(model, n, now)
+roll_out(model, cls)                     (a rolling update: two classes)
 close(now, grace) / tick(now)
 
 A call is in exactly one of these states:
@@ -180,7 +181,7 @@ class WorkerInfo:
 class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
-        "loading", "absent_since",
+        "loading", "absent_since", "next_cls",
     )
 
     def __init__(self, name: str) -> None:
@@ -200,6 +201,7 @@ class _Model:
         # Since when no worker of the model is there (none joined and none
         # loading, or all leaving); None while one is.
         self.absent_since: Optional[float] = None
+        self.next_cls: Optional[str] = None  # during a rolling update: the new version's class
 
     def absent(self) -> bool:
         return not self.loading and not any(not w.leaving for w in self.workers.values())
@@ -433,7 +435,8 @@ class Core:
             out.append(Refuse(worker.id, "the hub is closing"))
             return out
         model = self._model(worker.model)
-        if model.workers and not same_class(worker.cls, model.cls):
+        rolling = model.next_cls is not None and same_class(worker.cls, model.next_cls)
+        if model.workers and not same_class(worker.cls, model.cls) and not rolling:
             out.append(
                 Refuse(
                     worker.id,
@@ -608,6 +611,20 @@ class Core:
         model = self._model(model_name)
         model.loading = n
         self._absence(model, now)
+        return []
+
+    def roll_out(self, model_name: str, cls: Optional[str]) -> list[Action]:
+        """A rolling update of the model begins (``cls``: the new version's
+        class, which may then serve beside the current one) or ends
+        (``None``: the model's class is the new one if only it is left)."""
+        model = self._model(model_name)
+        if cls is not None:
+            model.next_cls = cls
+            return []
+        new, model.next_cls = model.next_cls, None
+        live = [w for w in model.workers.values() if not w.leaving]
+        if new is not None and live and all(same_class(w.cls, new) for w in live):
+            model.cls = new
         return []
 
     def _no_worker_deadline(self, model: _Model) -> Optional[float]:

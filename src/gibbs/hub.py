@@ -85,6 +85,7 @@ from .errors import (
 )
 from .metrics import CONTENT_TYPE, prometheus_text
 from .pool import DeviceSpec, Launcher, LocalLauncher, Pool, WorkerFactory, resolve_devices
+from .scaling import Autoscaler
 from .transport import (
     ANY_APP,
     APP_ENV,
@@ -786,7 +787,7 @@ class Hub:
         self,
         cls: Callable[..., Any],
         *args: Any,
-        gibbs_workers: Optional[int] = None,
+        gibbs_workers: Union[None, int, tuple[int, int]] = None,
         gibbs_model: str = DEFAULT_MODEL,
         gibbs_devices: Union[None, str, Sequence[DeviceSpec]] = None,
         gibbs_workers_per_device: int = 1,
@@ -797,6 +798,11 @@ class Hub:
         gibbs_name: Optional[str] = None,
         gibbs_copy_args: bool = False,
         gibbs_launcher: Optional[Launcher] = None,
+        gibbs_scale_down_after: float = 30.0,
+        gibbs_max_requests: Optional[int] = None,
+        gibbs_max_requests_jitter: Optional[int] = None,
+        gibbs_max_memory: Optional[int] = None,
+        gibbs_warmup: Optional[Sequence[Any]] = None,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -812,6 +818,19 @@ class Hub:
         ``gibbs_workers_per_device`` sets the default count. Workers with a
         device start with ``spawn`` unless told otherwise (CUDA needs it).
 
+        ``gibbs_workers=(min, max)``: autoscaling (see :mod:`gibbs.scaling`):
+        the pool grows while calls wait (the oldest for 0.1 s) up to ``max``
+        and shrinks after ``gibbs_scale_down_after`` seconds in which it
+        never needed every worker, never below ``min`` (0: the first call
+        starts a worker). ``gibbs_max_requests=N``: a worker that served
+        about N calls (plus up to ``gibbs_max_requests_jitter``, default
+        N/10, at random) is replaced, the new one joined before the old
+        one drains; ``gibbs_max_memory`` (bytes): the same for a local
+        worker whose resident memory passes it. ``gibbs_warmup``: sample
+        inputs each worker runs (after the model's ``warmup()`` method, if
+        any) before it joins. ``pool.update(...)`` rolls the workers onto a
+        new version.
+
         ``gibbs_launcher``: where the workers run; default
         :class:`~gibbs.pool.LocalLauncher` (processes on this machine);
         ``gibbs.ray.Launcher(...)`` makes each worker a Ray actor placed by
@@ -823,25 +842,39 @@ class Hub:
             raise ValueError("gibbs_workers_per_device must be an int >= 1")
         if gibbs_workers is None:
             gibbs_workers = len(devices) * gibbs_workers_per_device if devices else 1
+        autoscale: Optional[tuple[int, int]] = None
+        if isinstance(gibbs_workers, tuple):
+            if len(gibbs_workers) != 2:
+                raise ValueError(f"gibbs_workers=(min, max) takes two ints, got {gibbs_workers!r}")
+            autoscale = (gibbs_workers[0], gibbs_workers[1])
+            Autoscaler(*autoscale, down_after=gibbs_scale_down_after)  # checks them here
+            gibbs_workers = autoscale[0]
         if not isinstance(gibbs_workers, int) or gibbs_workers < 0:
-            raise ValueError(f"gibbs_workers must be an int >= 0, got {gibbs_workers!r}")
+            raise ValueError(f"gibbs_workers must be an int >= 0 or (min, max), got {gibbs_workers!r}")
         start_method = gibbs_start_method or ("spawn" if devices else None)
         bridge = self._ensure_started()
         host = "127.0.0.1" if is_loopback(self._host) or self._host in ("0.0.0.0", "::") else self._host
         port = self.port
         key = self._authkey if self._explicit else None
 
-        def build(device: Optional[str], **overrides: Any) -> Worker:
-            options: dict[str, Any] = dict(
-                gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
-                gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
-                gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
-                gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args,
-            )
-            options.update(overrides)
-            return Worker(cls, *args, **options, **kwargs)
+        def builder(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Worker]:
+            def build(device: Optional[str], **overrides: Any) -> Worker:
+                options: dict[str, Any] = dict(
+                    gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
+                    gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
+                    gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
+                    gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args,
+                    gibbs_warmup=gibbs_warmup,
+                )
+                options.update(overrides)
+                return Worker(cls, *args, **options, **kwargs)
 
-        make = WorkerFactory(build, bind_host=self._host, port=port, authkey=self._authkey, devices=devices)
+            return build
+
+        make = WorkerFactory(
+            builder(cls, args, kwargs), bind_host=self._host, port=port, authkey=self._authkey, devices=devices,
+            rebuild=builder, model=(cls, args, kwargs), version="1",
+        )
         make(None)  # check the options here, at the call site, before any process starts
         launcher.prepare(make)
         # In a client hub (another web process of the family holds the
@@ -851,6 +884,10 @@ class Hub:
             self, make, gibbs_workers, gibbs_model, devices,
             joined=bridge.has_joined, on_give_up=lambda why: bridge.give_up_model(gibbs_model, why),
             launcher=launcher, standby=bridge.role == "client" and self._router is None,
+            observe=lambda: bridge.observe(gibbs_model), on_rollout=lambda c: bridge.roll_out(gibbs_model, c),
+            failure_of=bridge.init_failure_of, autoscale=autoscale, scale_down_after=gibbs_scale_down_after,
+            max_requests=gibbs_max_requests, max_requests_jitter=gibbs_max_requests_jitter,
+            max_memory=gibbs_max_memory,
         )
         with self._state_lock:
             closed = self._closed

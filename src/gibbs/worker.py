@@ -134,6 +134,15 @@ class Worker:
             the call (the hub reuses the memory after the answer), so a
             model that keeps an argument past its call, or writes into one,
             needs a copy (``np.array(x)``) or this option.
+        gibbs_warmup: sample inputs run through the model before the worker
+            joins (``model(x)`` for each; ``model(xs)`` at once for a
+            batched model), after its own ``warmup()`` method if it has one:
+            the first real request then meets a warm model, and readiness
+            (``hub.health()``, ``wait_for_workers``) counts only warm workers.
+            A warm-up that raises fails the worker as its constructor would.
+        gibbs_version: a label of this worker's version of the model, shown
+            in ``hub.workers()`` and ``statistics()`` (a pool's rolling
+            update sets it).
         gibbs_token: this worker's identity, sent in its HELLO (default: a
             random hex string per ``Worker``): the hub records it, so a
             pool knows its worker joined even when pids of workers on
@@ -159,6 +168,8 @@ class Worker:
         gibbs_device: Union[str, int, None] = None,
         gibbs_copy_args: bool = False,
         gibbs_token: Optional[str] = None,
+        gibbs_warmup: Optional[Sequence[Any]] = None,
+        gibbs_version: Optional[str] = None,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -199,6 +210,12 @@ class Worker:
         self.concurrency = gibbs_concurrency
         self.device = None if gibbs_device is None else device_name(gibbs_device)
         self.copy_args = bool(gibbs_copy_args)
+        if gibbs_warmup is not None and (isinstance(gibbs_warmup, (str, bytes)) or not hasattr(gibbs_warmup, "__iter__")):
+            raise TypeError(f"gibbs_warmup must be a list of sample inputs, got {gibbs_warmup!r}")
+        self.warmup = list(gibbs_warmup) if gibbs_warmup is not None else []
+        if gibbs_version is not None and not isinstance(gibbs_version, str):
+            raise TypeError(f"gibbs_version must be a str, got {gibbs_version!r}")
+        self.version = gibbs_version
         if gibbs_token is not None and (not isinstance(gibbs_token, str) or not gibbs_token):
             raise ValueError(f"gibbs_token must be a non-empty str, got {gibbs_token!r}")
         self.token: str = gibbs_token or secrets.token_hex(8)
@@ -331,6 +348,11 @@ class Worker:
         the hub when one can be reached.
         """
         _Runtime(self).run(parent_pid=None)
+
+
+async def _drain_agen(agen: Any) -> None:
+    async for _ in agen:
+        pass
 
 
 async def _identity(aw: Any) -> Any:
@@ -546,7 +568,9 @@ class _Runtime:
             loading = threading.Thread(target=self._announce_loading, args=(built,), name="gibbs-loading", daemon=True)
             loading.start()
             try:
-                self.model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
+                model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
+                self._warm_up(model)
+                self.model = model
             except Exception as exc:
                 built.set()
                 tb = traceback.format_exc()
@@ -579,6 +603,27 @@ class _Runtime:
             self.maps.clear()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+    def _warm_up(self, model: Any) -> None:
+        """The model's own ``warmup()``, then the sample inputs, before the
+        worker joins (it is still announced as loading meanwhile)."""
+        own = getattr(model, "warmup", None)
+        if callable(own) and not inspect.isclass(model):
+            result = own()
+            if inspect.isawaitable(result):
+                asyncio.run(_identity(result))
+        if not self.spec.warmup:
+            return
+        samples = [list(self.spec.warmup)] if self.spec.batch_size > 1 else list(self.spec.warmup)
+        for sample in samples:
+            result = model(sample)
+            if inspect.isawaitable(result):
+                asyncio.run(_identity(result))
+            elif inspect.isgenerator(result):
+                for _ in result:
+                    pass
+            elif inspect.isasyncgen(result):
+                asyncio.run(_drain_agen(result))
 
     # -------------------------------------------------------------- connecting
 
@@ -632,6 +677,7 @@ class _Runtime:
             "concurrency": self.spec.concurrency if self.is_async else 1,
             "device": self.spec.device,
             "token": self.spec.token,
+            "version": self.spec.version,
         }
 
     def _serve_forever(self) -> None:
