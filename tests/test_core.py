@@ -441,3 +441,29 @@ def test_batched_and_unbatched_workers_do_not_share_a_name() -> None:
     acts = core.worker_joined(WorkerInfo(2, "m", "mod:M"))
     assert len(acts) == 1 and isinstance(acts[0], Refuse) and "batching" in acts[0].reason
     assert core.worker_joined(WorkerInfo(3, "m", "mod:M", batch_size=8)) == []
+
+
+def test_a_rollout_lets_a_second_class_serve_one_name_until_it_ends() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo("old", "m", "app:V1"), 0.0)
+    refused = core.worker_joined(WorkerInfo("x", "m", "app:V2"), 0.0)
+    assert any(isinstance(a, Refuse) for a in refused), "another class under a taken name before any rollout"
+    core.roll_out("m", "app:V2")
+    assert not any(isinstance(a, Refuse) for a in core.worker_joined(WorkerInfo("new", "m", "app:V2"), 0.0))
+    assert any(isinstance(a, Refuse) for a in core.worker_joined(WorkerInfo("y", "m", "app:V3"), 0.0))
+    core.worker_leaving("old", 0.0)
+    core.worker_lost("old", "left", 0.0)
+    core.roll_out("m", None)
+    assert core.models["m"].cls == "app:V2"  # the new class is the model's now
+    assert any(isinstance(a, Refuse) for a in core.worker_joined(WorkerInfo("late", "m", "app:V1"), 0.0))
+
+
+def test_a_rolled_back_rollout_keeps_the_old_class() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo("old", "m", "app:V1"), 0.0)
+    core.roll_out("m", "app:V2")
+    core.worker_joined(WorkerInfo("new", "m", "app:V2"), 0.0)
+    core.roll_out("m", None)  # ended with the old one still there: rolled back
+    assert core.models["m"].cls == "app:V1"
+    core.worker_lost("new", "killed", 0.0)
+    assert any(isinstance(a, Refuse) for a in core.worker_joined(WorkerInfo("again", "m", "app:V2"), 0.0))

@@ -20,7 +20,7 @@ EXAMPLES = REPO / "examples"
 K8S = EXAMPLES / "kubernetes"
 SYSTEMD = EXAMPLES / "systemd"
 
-K8S_FILES = {"secret.yaml", "hub.yaml", "worker.yaml", "web.yaml"}
+K8S_FILES = {"secret.yaml", "hub.yaml", "worker.yaml", "web.yaml", "worker-hpa.yaml"}
 UNITS = {"hub": "gibbs-hub.service", "worker": "gibbs-worker@.service", "web": "gibbs-web.service"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ANY_ADDRESS = {"0.0.0.0", "::", ""}
@@ -397,3 +397,32 @@ def test_env_example_names_the_hub_unit_bind() -> None:
 
 def test_worker_unit_model_class_exists() -> None:
     assert_target_exists(worker_target(exec_start("worker")))
+
+
+def test_worker_unit_reloads_with_sighup() -> None:
+    service = read_unit("worker")["Service"]
+    assert service["ExecReload"].split()[-2:] == ["-HUP", "$MAINPID"]
+
+
+def test_worker_hpa_scales_the_worker_deployment_on_an_exposed_metric(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    from gibbs import Hub
+
+    (hpa,) = [doc for _, doc in k8s if doc["kind"] == "HorizontalPodAutoscaler"]
+    deployments = of_kind(k8s, "Deployment")
+    assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "gibbs-worker"
+    names = {m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    hub = Hub(port=0)
+    try:
+        hub.start()
+        exposed = hub.prometheus()
+    finally:
+        hub.close()
+    for name in names:
+        assert f"# TYPE {name} " in exposed, f"{name} is not a metric the hub exposes"
+
+
+def test_worker_pods_drain_in_pre_stop(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    (worker,) = [doc for _, doc in k8s if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "gibbs-worker"]
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert "kill -TERM 1" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])

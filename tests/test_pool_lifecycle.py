@@ -238,3 +238,94 @@ def test_autoscaler_decisions() -> None:
     assert zero.decide(0.0, Load(1, 0.0, 0), running=0, starting=0)[0] == 1  # a call, no worker: at once
     with pytest.raises(ValueError):
         Autoscaler(2, 1, down_after=1.0)
+
+
+# ---------------------------------------------------------------- the worker command
+
+
+def _env(*paths: str) -> dict[str, str]:
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    e = {k: v for k, v in os.environ.items() if k not in ("GIBBS_HUB", "GIBBS_AUTHKEY", "GIBBS_PORT")}
+    e["PYTHONPATH"] = os.pathsep.join([*paths, os.path.join(os.path.dirname(here), "src"), here, e.get("PYTHONPATH", "")])
+    return e
+
+
+@pytest.fixture
+def command() -> Iterator[Callable[..., Any]]:
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-m", "gibbs", "worker", *args], env=env, text=True,
+                             stderr=subprocess.PIPE)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_sighup_rolls_the_worker_command_onto_the_edited_module(
+    served: Callable[..., Hub], command: Callable[..., Any], tmp_path: Any
+) -> None:
+    import signal
+
+    (tmp_path / "hupmodel.py").write_text("class Model:\n    def __call__(self, x):\n        return ('v1', x)\n")
+    hub = served()
+    proc = command(["hupmodel:Model", "-n", "2", "--hub", f"127.0.0.1:{hub.port}"], _env(str(tmp_path)))
+    hub.wait_for_workers_sync(2, timeout=60)
+    assert tuple(run(hub.request(1), timeout=30)) == ("v1", 1)
+    (tmp_path / "hupmodel.py").write_text("class Model:\n    def __call__(self, x):\n        return ('v2', x)\n")
+
+    async def during() -> list[Any]:
+        answers = []
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answers += await asyncio.gather(*(hub.request(i) for i in range(8)))
+            if answers[-1][0] == "v2" and all(a[0] == "v2" for a in answers[-16:]):
+                break
+            await asyncio.sleep(0.05)
+        return answers
+
+    answers = run(during(), timeout=90)
+    assert answers[-1][0] == "v2", answers[-5:]
+    assert {a[0] for a in answers} <= {"v1", "v2"}
+    assert wait_until(lambda: len(hub.workers()) == 2 and {w["version"] for w in hub.workers()} == {"2"}, 30), \
+        hub.workers()
+    assert proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_worker_command_recycles_and_autoscales(
+    served: Callable[..., Hub], command: Callable[..., Any]
+) -> None:
+    hub = served()
+    command(["gibbs_test_models:Versioned", "v1", "0.01", "--min", "0", "--max", "2", "--scale-down-after", "1",
+             "--max-requests", "10", "--max-requests-jitter", "0", "--hub", f"127.0.0.1:{hub.port}"], _env())
+    time.sleep(1.0)
+    assert hub.workers() == []  # scaled to zero: nothing runs before a call
+
+    async def main() -> list[Any]:
+        out = []
+        for _ in range(10):
+            out += await asyncio.gather(*(hub.request(i) for i in range(10)))
+            await asyncio.sleep(0.3)
+        return out
+
+    answers = run(main(), timeout=110)
+    assert len(answers) == 100
+    assert len({pid for _, _, pid in answers}) >= 3  # recycled (10 calls each) at least once
+    assert wait_until(lambda: hub.workers() == [], timeout=30)  # and back to zero when idle

@@ -30,6 +30,18 @@ class CliError(Exception):
     """A one-line error for the user; exit status 2."""
 
 
+def _size(text: str) -> int:
+    """``4G``, ``512M``, ``1048576``: bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 4G, 512M)") from None
+
+
 def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -196,6 +208,18 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="calls at once per worker for an async model (default 1)",
     )
+    worker.add_argument("--min", type=int, default=None, metavar="N",
+                        help="autoscale: never fewer than N workers (with --max; 0: none until a call comes)")
+    worker.add_argument("--max", type=int, default=None, metavar="N",
+                        help="autoscale: more workers while calls wait, up to N (with --min)")
+    worker.add_argument("--scale-down-after", type=float, default=30.0, metavar="SECONDS",
+                        help="autoscale: one worker fewer after SECONDS in which not all were needed (default 30)")
+    worker.add_argument("--max-requests", type=int, default=None, metavar="N",
+                        help="replace a worker after about N calls (its successor joins before it drains)")
+    worker.add_argument("--max-requests-jitter", type=int, default=None, metavar="N",
+                        help="add 0..N calls at random to --max-requests per worker (default N/10)")
+    worker.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
+                        help="replace a worker whose resident memory passes BYTES (suffixes K, M, G: 4G)")
     worker.add_argument(
         "--copy-args",
         action="store_true",
@@ -506,67 +530,102 @@ def _worker_command(ns: argparse.Namespace) -> int:
     cls = load_target(ns.target)
     args, kwargs = parse_model_args(ns.model_args)
 
-    def make(device: Optional[str], **overrides: Any) -> Worker:
-        return Worker(
-            cls,
-            *args,
-            gibbs_host=host,
-            gibbs_port=port,
-            gibbs_heartbeat_interval=ns.heartbeat_interval,
-            gibbs_reset_after_n_miss=ns.reset_after_n_miss,
-            gibbs_authkey=key,
-            gibbs_start_method=ns.start_method or ("spawn" if device else None),
-            gibbs_name=ns.name,
-            gibbs_model=ns.model,
-            gibbs_batch_size=ns.batch_size,
-            gibbs_batch_wait=ns.batch_wait,
-            gibbs_concurrency=ns.concurrency,
-            gibbs_device=device,
-            gibbs_copy_args=ns.copy_args,
-            **kwargs,
-        )
+    if (ns.min is None) != (ns.max is None):
+        raise CliError("--min and --max go together (autoscaling between them)")
+    if ns.max_requests is not None and ns.max_requests < 1:
+        raise CliError("--max-requests must be at least 1")
 
-    make.model = ns.model  # type: ignore[attr-defined]
+    def builder(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def build(device: Optional[str], **overrides: Any) -> Worker:
+            options: dict[str, Any] = dict(
+                gibbs_host=host,
+                gibbs_port=port,
+                gibbs_heartbeat_interval=ns.heartbeat_interval,
+                gibbs_reset_after_n_miss=ns.reset_after_n_miss,
+                gibbs_authkey=key,
+                gibbs_start_method=ns.start_method or ("spawn" if device else None),
+                gibbs_name=ns.name,
+                gibbs_model=ns.model,
+                gibbs_batch_size=ns.batch_size,
+                gibbs_batch_wait=ns.batch_wait,
+                gibbs_concurrency=ns.concurrency,
+                gibbs_device=device,
+                gibbs_copy_args=ns.copy_args,
+            )
+            options.update(overrides)
+            return Worker(cls, *args, **options, **kwargs)
+
+        return build
+
+    from .pool import WorkerFactory
+
+    factory = WorkerFactory(
+        builder(cls, tuple(args), kwargs), bind_host=host, port=port, authkey=key or b"",
+        rebuild=builder, model=(cls, tuple(args), kwargs), version="1",
+    )
+    try:
+        factory(None)  # the options are checked before any process starts
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
     slot_devices = [devices[i % len(devices)] if devices else None for i in range(ns.workers)]
-    return _supervise(make, ns.workers, f"{host}:{port}", slot_devices)
+    return _supervise(factory, ns.workers, f"{host}:{port}", slot_devices, ns=ns, key=key)
 
 
-def _supervise(make: Any, n: int, where: str, devices: Optional[list[Optional[str]]] = None) -> int:
+def _supervise(
+    factory: Any, n: int, where: str, devices: Optional[list[Optional[str]]] = None, *,
+    ns: Optional[argparse.Namespace] = None, key: Optional[bytes] = None,
+) -> int:
     """Keep n workers running until SIGTERM/SIGINT, then stop them
     gracefully. The supervisor is the one ``hub.serve`` uses (``Pool``): a
     model whose constructor raises is not restarted in a loop (at the first
     failure if no worker ever built it, else after a few in a row); the
     command then tells the hub (its requests fail with the traceback) and
-    exits non-zero."""
-    from .pool import Pool, WorkerFactory
+    exits non-zero. SIGHUP rolls the workers one by one onto a freshly
+    imported model module (as gunicorn does on HUP); recycling and
+    autoscaling read the hub's view of the model as ``gibbs status`` does."""
+    from .pool import Pool
     from .worker import REFUSED_EXIT, report_given_up
 
     stopping: list[str] = []  # set from a signal handler or the pool's thread: no lock
+    reload: list[int] = []
     status = 0
     built: dict[str, Any] = {}  # token -> Worker: has its model been built?
     given_up: list[str] = []
+    model = ns.model if ns is not None else "default"
+    host, _, port = where.rpartition(":")
+    watch = _HubView(host, int(port), key, model)
 
-    def build(device: Optional[str], **overrides: Any) -> Any:
-        w = make(device, **overrides)
-        built[w.token] = w
-        return w
+    factory.on_made = lambda w: built.__setitem__(w.token, w)  # its built() flag tells a broken model
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
-        stopping.append("signal")
+        if signum == signal.SIGHUP:
+            reload.append(signum)
+        else:
+            stopping.append("signal")
 
     def on_give_up(why: str) -> None:
         given_up.append(why)
         stopping.append("given up")
 
-    host, _, port = where.rpartition(":")
-    factory = WorkerFactory(build, bind_host=host, port=int(port), authkey=b"")
     slot_devices = [d for d in (devices or []) if d is not None]
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    old = {sig: signal.signal(sig, on_signal) for sig in sigs}
     print(f"gibbs worker: starting {n} worker(s) for the hub at {where} (pid {os.getpid()})", file=sys.stderr, flush=True)
-    pool = Pool(
-        where, factory, n, getattr(make, "model", "default"), slot_devices,
-        joined=lambda token: token in built and built[token].built(), on_give_up=on_give_up,
-    )
+    autoscale = (ns.min, ns.max) if ns is not None and ns.min is not None else None
+    try:
+        pool = Pool(
+            where, factory, n, model, slot_devices,
+            joined=lambda token: token in built and built[token].built(), on_give_up=on_give_up,
+            observe=watch.observe, autoscale=autoscale,
+            scale_down_after=ns.scale_down_after if ns is not None else 30.0,
+            max_requests=ns.max_requests if ns is not None else None,
+            max_requests_jitter=ns.max_requests_jitter if ns is not None else None,
+            max_memory=ns.max_memory if ns is not None else None,
+        )
+    except ValueError as exc:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        raise CliError(str(exc)) from None
     try:
         while not stopping:
             time.sleep(0.1)
@@ -575,8 +634,12 @@ def _supervise(make: Any, n: int, where: str, devices: Optional[list[Optional[st
                 print("gibbs worker: the hub refused the worker; stopping", file=sys.stderr, flush=True)
                 status = 1
                 break
+            if reload:
+                reload.clear()
+                _reload_and_update(pool, ns)
     finally:
         pool.close(grace=60.0)
+        watch.close()
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if given_up:
@@ -586,3 +649,78 @@ def _supervise(make: Any, n: int, where: str, devices: Optional[list[Optional[st
             report_given_up(spec, given_up[0])
         status = 1
     return status
+
+
+def _reload_and_update(pool: Any, ns: Optional[argparse.Namespace]) -> None:
+    """SIGHUP: import the model's module afresh and roll the workers onto it."""
+    from .pool import UpdateError
+
+    if ns is None:
+        return
+    module_name = ns.target.partition(":")[0]
+    print(f"gibbs worker: SIGHUP: reloading {module_name} and rolling the workers onto it", file=sys.stderr, flush=True)
+    try:
+        importlib.invalidate_caches()
+        if module_name in sys.modules:
+            importlib.reload(sys.modules[module_name])
+        cls = load_target(ns.target)
+        pool.update(cls)
+    except UpdateError as exc:
+        print(f"gibbs worker: {exc}; the previous version serves on", file=sys.stderr, flush=True)
+        return
+    except Exception as exc:  # noqa: BLE001 - a broken module must not stop the workers that serve
+        print(f"gibbs worker: reload failed ({type(exc).__name__}: {exc}); the previous version serves on",
+              file=sys.stderr, flush=True)
+        return
+    print(f"gibbs worker: now serving version {pool.version}", file=sys.stderr, flush=True)
+
+
+class _HubView:
+    """What the hub sees of our model, read as ``gibbs status`` does (an
+    observer connection), for recycling and autoscaling; at most twice a
+    second, and None while the hub cannot be reached."""
+
+    def __init__(self, host: str, port: int, key: Optional[bytes], model: str) -> None:
+        self._where = (host, port, key)
+        self._model = model
+        self._fetch: Any = None
+        self._sock: Any = None
+        self._last: Optional[dict[str, Any]] = None
+        self._at = 0.0
+        self._retry_at = 0.0
+
+    def observe(self) -> Optional[dict[str, Any]]:
+        now = time.monotonic()
+        if now - self._at < 0.5:
+            return self._last
+        self._at = now
+        try:
+            if self._fetch is None:
+                if now < self._retry_at:
+                    return None
+                self._fetch, self._sock = fetch_status(*self._where, timeout=2.0)
+            snap = self._fetch()
+        except Exception:  # noqa: BLE001 - the hub is away: no view, the pool keeps its size
+            self.close()
+            self._retry_at = now + 2.0
+            self._last = None
+            return None
+        m = snap.get("statistics", {}).get("models", {}).get(self._model, {})
+        self._last = {
+            "queued": int(m.get("queued", 0)),
+            "oldest": float(m.get("oldest_queued_seconds", 0.0)),
+            "busy": int(m.get("busy", 0)),
+            "workers": {
+                w["token"]: {"served": w.get("served", 0), "state": w.get("state")}
+                for w in snap.get("workers", []) if w.get("token") and w.get("model") == self._model
+            },
+        }
+        return self._last
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._fetch = self._sock = None

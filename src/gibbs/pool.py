@@ -144,11 +144,15 @@ class WorkerFactory:
         self._rebuild = rebuild
         self.model = model  # (cls, args, kwargs) when known
         self.version = version
+        self.on_made: Optional[Callable[[Worker], None]] = None  # told of each worker made
 
     def __call__(self, device: Optional[str], **overrides: Any) -> Worker:
         if self.version is not None:
             overrides.setdefault("gibbs_version", self.version)
-        return self._build(device, **overrides)
+        worker = self._build(device, **overrides)
+        if self.on_made is not None:
+            self.on_made(worker)
+        return worker
 
     def with_model(
         self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any], version: Optional[str]
@@ -156,10 +160,12 @@ class WorkerFactory:
         """The factory of another version: ``cls(*args, **kwargs)``, the other options alike."""
         if self._rebuild is None:
             raise RuntimeError("this pool's workers cannot be rebuilt with another model (no rebuild given)")
-        return WorkerFactory(
+        made = WorkerFactory(
             self._rebuild(cls, args, kwargs), bind_host=self.bind_host, port=self.port, authkey=self.authkey,
             devices=self.devices, rebuild=self._rebuild, model=(cls, args, kwargs), version=version,
         )
+        made.on_made = self.on_made
+        return made
 
 
 class Launcher(Protocol):
