@@ -75,3 +75,17 @@ def test_streaming_benchmark_prints_its_rows() -> None:
     assert proc.returncode == 0, proc.stderr
     for row in ("chunks per second", "time to first chunk", "first chunk vs whole stream"):
         assert row in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_lifecycle_benchmark_rolls_without_errors() -> None:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lifecycle", "--seconds", "0.5", "--callers", "8", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["steady"]["versions"] == ["v1"] and res["after"]["versions"] == ["v2"]
+    assert sum(res[p]["errors"] for p in ("steady", "rolling update", "after")) == 0
