@@ -21,6 +21,7 @@ import time
 from types import FrameType
 from typing import Any, Optional, Sequence
 
+from . import _threads
 from .transport import AUTHKEY_ENV, DEFAULT_PORT, is_loopback, parse_address
 
 logger = logging.getLogger("gibbs")
@@ -214,6 +215,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--workers-per-device", type=int, default=1, metavar="N",
                         help="workers per device when -n is not given (default 1)")
+    worker.add_argument("--threads", default=None, metavar="N|auto|inherit",
+                        help="CPU threads per worker (OMP_NUM_THREADS, torch's count, ...): 'auto' (default, or "
+                        "$GIBBS_THREADS) splits this machine's cores among the workers, keeping a value you "
+                        "exported; N sets N; 'inherit' leaves them alone")
+    worker.add_argument("--pin-cpus", action="store_true", help="bind each worker to its own share of the cores")
     worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
     hub = sub.add_parser(
@@ -472,6 +478,10 @@ def _worker_command(ns: argparse.Namespace) -> int:
         raise CliError("--concurrency must be at least 1")
     if ns.batch_wait < 0:
         raise CliError("--batch-wait must be >= 0")
+    try:
+        ns.threads = _threads.parse_threads(ns.threads)
+    except ValueError as exc:
+        raise CliError(f"--threads: {exc}") from None
     if not ns.model:
         raise CliError("--model must not be empty")
     try:
@@ -487,7 +497,7 @@ def _worker_command(ns: argparse.Namespace) -> int:
     args, kwargs = parse_model_args(ns.model_args)
 
     def make(device: Optional[str]) -> Worker:
-        return Worker(
+        w = Worker(
             cls,
             *args,
             gibbs_host=host,
@@ -503,8 +513,12 @@ def _worker_command(ns: argparse.Namespace) -> int:
             gibbs_concurrency=ns.concurrency,
             gibbs_device=device,
             gibbs_copy_args=ns.copy_args,
+            gibbs_threads=ns.threads,
+            gibbs_pin_cpus=ns.pin_cpus,
             **kwargs,
         )
+        w._thread_group = ns.workers  # the N workers of this command share the cores
+        return w
 
     slot_devices = [devices[i % len(devices)] if devices else None for i in range(ns.workers)]
     return _supervise(make, ns.workers, f"{host}:{port}", slot_devices)

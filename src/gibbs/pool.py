@@ -285,6 +285,7 @@ class Pool:
 
     def _add_slots(self, k: int) -> None:
         """Under the lock."""
+        self._thread_group = len(self._slots) + k  # the workers starting together share the cores
         for _ in range(k):
             i = len(self._slots)
             device = self._devices[i % len(self._devices)] if self._devices else None
@@ -295,6 +296,8 @@ class Pool:
 
     def _start(self, slot: _Slot) -> WorkerHandle:
         w = self._launcher.launch(self._make, slot.device)
+        if isinstance(w, Worker):
+            w._thread_group = max(getattr(self, "_thread_group", 1), len(self._slots))
         w.start()
         slot.started = time.monotonic()
         slot.joined_at = None
