@@ -493,7 +493,7 @@ class _Runtime:
         self.hub_interval = 1.0
         self.pool: Optional[protocol.SegmentPool] = None  # answers' shared memory (when the hub shares /dev/shm)
         self.shm_ok = False
-        self.maps = protocol.MappingCache()  # the hub's request segments
+        self.maps = protocol.MappingCache(readonly=True)  # the hub's request segments (read, never written)
         # Every read lands in this one buffer (allocated here, once: a fresh
         # 1 MiB object per read would be an mmap and munmap each time).
         self.rbuf = bytearray(1 << 20)
