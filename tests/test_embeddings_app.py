@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from test_examples_models import REPO, running, run_bounded
+from test_examples_models import REPO, run_bounded, running
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("sentence_transformers", reason="in the test extra: pip install -e '.[test]'")

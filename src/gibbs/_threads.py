@@ -4,9 +4,10 @@ Numerical libraries (OpenMP, MKL, OpenBLAS, torch, ...) start one thread per
 core in every process by default. N workers on one machine then run N times
 as many busy threads as there are cores, and each is slower than a worker
 with its share alone. So a worker started on this machine gets, by default,
-an equal share of the cores of ``os.sched_getaffinity(0)``::
+an equal share of the cores of ``os.sched_getaffinity(0)``, one core left
+to the process that starts them (the web process, which runs the hub)::
 
-    share = max(1, cores // workers)
+    share = max(1, (cores - 1) // workers)
 
 where ``workers`` counts the live local workers of the starting process
 (those of every pool, of ``python -m gibbs worker -n N`` and loose
@@ -143,8 +144,15 @@ class Plan:
             setattr(self, s, v)
 
 
+#: Cores left to the process that starts the workers (the web process and
+#: its hub): measured, a worker with every core starves it (README).
+WEB_SHARE = 1
+
+
 def share(cores: int, workers: int) -> int:
-    return max(1, cores // max(1, workers))
+    """Threads per worker when ``workers`` local workers share ``cores``."""
+    spare = cores - WEB_SHARE if cores > WEB_SHARE else cores
+    return max(1, spare // max(1, workers))
 
 
 def plan(option: Union[int, str], workers: int, slot: int, pin: bool) -> Optional[Plan]:
