@@ -220,7 +220,9 @@ class IdentityTorchPickle:
 
 
 def round_trips(n: int) -> dict[str, list[float]]:
-    """Seconds per round trip of 64 MiB: NumPy, torch, torch pickled by torch."""
+    """Seconds per round trip of 64 MiB: NumPy, torch (taking turns through
+    one hub and worker, so that a change of load hits them alike), and torch
+    pickled by torch (its own hub and worker)."""
     import copyreg
 
     import numpy as np
@@ -228,34 +230,44 @@ def round_trips(n: int) -> dict[str, list[float]]:
 
     from gibbs import Hub, Worker, _torch
 
-    out: dict[str, list[float]] = {}
+    payloads = {
+        "NumPy float32": np.ones(64 * MiB // 4, dtype=np.float32),
+        "torch float32": torch.ones(64 * MiB // 4),
+        "torch bfloat16": torch.ones(64 * MiB // 2, dtype=torch.bfloat16),
+    }
+    out: dict[str, list[float]] = {label: [] for label in payloads}
 
-    async def timed(hub: Hub, x: Any, k: int) -> list[float]:
-        times = []
-        for _ in range(k + 1):
-            t = time.perf_counter()
-            y = await hub.request(x)
-            times.append(time.perf_counter() - t)
-            del y
-        return times[1:]  # the first maps the segments
+    async def one(hub: Hub, x: Any) -> float:
+        t = time.perf_counter()
+        y = await hub.request(x)
+        elapsed = time.perf_counter() - t
+        del y
+        return elapsed
 
-    for label, cls, make, k in (
-        ("NumPy float32", Identity, lambda: np.ones(64 * MiB // 4, dtype=np.float32), n),
-        ("torch float32", Identity, lambda: torch.ones(64 * MiB // 4), n),
-        ("torch bfloat16", Identity, lambda: torch.ones(64 * MiB // 2, dtype=torch.bfloat16), n),
-        ("torch float32, torch's own pickling", IdentityTorchPickle, lambda: torch.ones(64 * MiB // 4), max(2, n // 4)),
-    ):
-        own = cls is IdentityTorchPickle
+    async def turns(hub: Hub) -> None:
+        labels = list(payloads)
+        for i in range(n + 1):
+            for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+                t = await one(hub, payloads[label])
+                if i:  # the first of each maps its segments
+                    out[label].append(t)
+
+    async def own(hub: Hub, x: Any, k: int) -> list[float]:
+        return [await one(hub, x) for _ in range(k)]
+
+    for cls in (Identity, IdentityTorchPickle):
         saved = _torch._table
         hub = Hub(port=free_port())
         w = Worker(cls, gibbs_port=hub.port, gibbs_host="127.0.0.1", gibbs_start_method="spawn")
         try:
-            if own:
-                _torch._table = dict(copyreg.dispatch_table)
             w.start()
             hub.wait_for_workers_sync(1, timeout=120)
-            out[label] = asyncio.run(timed(hub, make(), k))
-            log(f"64 MiB {label}: median {statistics.median(out[label]) * 1e3:.1f} ms")
+            if cls is Identity:
+                asyncio.run(turns(hub))
+            else:
+                _torch._table = dict(copyreg.dispatch_table)  # this side too: torch's own pickling both ways
+                label = "torch float32, torch's own pickling"
+                out[label] = asyncio.run(own(hub, payloads["torch float32"], max(2, n // 4)))
         finally:
             _torch._table = saved
             hub.close(grace=0)
@@ -264,6 +276,8 @@ def round_trips(n: int) -> dict[str, list[float]]:
             if w.is_alive():
                 w.kill()
                 w.join(5)
+    for label, ts in out.items():
+        log(f"64 MiB {label}: median {statistics.median(ts) * 1e3:.1f} ms")
     return out
 
 
@@ -309,7 +323,8 @@ def report(res: dict[str, list[dict[str, float]]], trips: dict[str, list[float]]
         lines.append(f"* p99: gibbs {p99g * 1e3:.0f} ms, LitServe {p99l * 1e3:.0f} ms "
                      f"(target: no worse: {'met' if p99g <= p99l else 'missed'}).")
     if trips:
-        lines += ["", "| 64 MiB there and back (identity model, shared memory) | median | per run |", "|---|---:|---|"]
+        lines += ["", "| 64 MiB there and back (identity model, shared memory; NumPy and torch take turns) | median "
+                  "| per run (ms) |", "|---|---:|---|"]
         for label, ts in trips.items():
             lines.append(f"| {label} | {statistics.median(ts) * 1e3:.1f} ms | "
                          + ", ".join(f"{t * 1e3:.0f}" for t in ts) + " |")
@@ -329,8 +344,8 @@ GIBBS = "FastAPI + gibbs, 2 workers (defaults)"
 LITSERVE = "LitServe, 2 workers, max_batch_size=32"
 STUDY = [
     ("FastAPI + gibbs, 2 workers, threads inherited (torch's default)", 2, "inherit"),
-    ("FastAPI + gibbs, 1 worker (defaults)", 1, None),
-    ("FastAPI + gibbs, 1 worker, 1 thread", 1, "1"),
+    ("FastAPI + gibbs, 1 worker (defaults: cores - 1 threads)", 1, None),
+    ("FastAPI + gibbs, 1 worker, one thread per core", 1, str(os.cpu_count() or 1)),
 ]
 
 
@@ -356,7 +371,7 @@ async def amain(args: argparse.Namespace) -> int:
             await measure(GIBBS, with_gibbs(free_port()), args, res)
             if not no_ls:
                 await measure(LITSERVE, litserve(free_port()), args, res)
-            if args.threads and r == 0:
+            if args.threads:
                 for name, workers, threads in STUDY:
                     await measure(name, with_gibbs(free_port(), workers, threads), args, res)
     if args.tensors:

@@ -125,7 +125,7 @@ class Worker:
             forkserver start methods; with fork, before the constructor runs)
             and finds its name in ``GIBBS_DEVICE``.
         gibbs_copy_args: the model gets private, writable copies of the
-            requests' large arrays. By default (False) it gets read-only
+            requests' large arrays and torch tensors. By default (False) it gets read-only
             views on the hub's shared memory, without a copy: valid during
             the call (the hub reuses the memory after the answer), so a
             model that keeps an argument past its call, or writes into one,
