@@ -499,3 +499,69 @@ class Leaky:
         for i in range(0, 8 << 20, 4096):
             self.kept[-1][i] = 1  # touched: resident
         return (x, os.getpid())
+
+
+class ThreadReport:
+    """What a worker sees of its CPU threads: the thread variables, its
+    affinity, and torch's count when torch is installed (imported here, as a
+    model's module would)."""
+
+    VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+            "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS", "RAYON_NUM_THREADS")
+
+    def __init__(self, with_torch: bool = True) -> None:
+        self.torch: Any = None
+        if with_torch:
+            try:
+                import torch
+            except ImportError:
+                pass
+            else:
+                self.torch = torch
+
+    def __call__(self, x: Any = None) -> dict:
+        return {
+            "pid": os.getpid(),
+            "env": {v: os.environ.get(v) for v in self.VARS},
+            "torch": None if self.torch is None else self.torch.get_num_threads(),
+            "affinity": sorted(os.sched_getaffinity(0)),
+        }
+
+
+def shm_mapping_of(address: int) -> str:
+    """The file mapped at ``address`` in this process ('' if none)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+class TensorWhere:
+    """Where a model's tensor argument lies (a shared-memory file or private
+    memory), its checksum, and whether it could be written (with
+    ``gibbs_copy_args`` only: in place, the write would fault)."""
+
+    def __init__(self, write: bool = False) -> None:
+        self.write = write
+
+    def __call__(self, x: Any) -> Any:
+        where = shm_mapping_of(x.data_ptr())
+        total = float(x.double().sum())
+        if self.write:
+            x.mul_(2)
+        return {"where": where, "sum": total, "dtype": str(x.dtype), "shape": tuple(x.shape)}
+
+
+class TensorDoubled:
+    def __call__(self, x: Any) -> Any:
+        return x * 2
+
+
+class BatchIdentity:
+    """A batched model: its answers are its inputs."""
+
+    def __call__(self, xs: list) -> list:
+        return list(xs)

@@ -89,3 +89,40 @@ def test_lifecycle_benchmark_rolls_without_errors() -> None:
     res = json.loads(proc.stdout)
     assert res["steady"]["versions"] == ["v1"] and res["after"]["versions"] == ["v2"]
     assert sum(res[p]["errors"] for p in ("steady", "rolling update", "after")) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_realmodel_tensor_round_trips_run() -> None:
+    """The real-model benchmark's 64 MiB round trips (its HTTP part needs
+    wrk and minutes: it is run by hand, its table in RESULTS.md)."""
+    pytest.importorskip("torch", reason="in the test extra")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.realmodel", "--no-http", "--trips", "2", "--no-write"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    for label in ("NumPy float32", "torch float32", "torch bfloat16", "torch float32, torch's own pickling"):
+        assert f"| {label} | " in proc.stdout, proc.stdout
+    assert "* torch at " in proc.stdout and "× NumPy" in proc.stdout
+
+
+def test_realmodel_report_and_usage() -> None:
+    sys.path.insert(0, ROOT)
+    try:
+        import argparse
+
+        from benchmarks import realmodel
+    finally:
+        sys.path.remove(ROOT)
+    u = realmodel.usage(os.getpgid(0))
+    assert u["cpu"] > 0 and u["threads"] >= 1
+    run = {"rps": 100.0, "p50": 0.1, "p99": 0.5, "errors": 0, "cores": 1.5, "switches": 2.0, "threads": 7}
+    res = {realmodel.INPROCESS: [dict(run, rps=30.0)], realmodel.GIBBS: [run],
+           realmodel.LITSERVE: [dict(run, rps=40.0, p99=0.4)]}
+    args = argparse.Namespace(connections=32, duration=10.0, repeat=1)
+    text = realmodel.report(res, {"NumPy float32": [0.02], "torch float32": [0.03]}, args, [])
+    assert "at 3.33× FastAPI in process (target ≥ 3×: met)" in text
+    assert "at 2.50× LitServe (target ≥ 2×: met)" in text
+    assert "target: no worse: missed" in text
+    assert "torch at 1.50× NumPy (target ≤ 1.3×: missed)" in text

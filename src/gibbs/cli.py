@@ -21,6 +21,7 @@ import time
 from types import FrameType
 from typing import Any, Optional, Sequence
 
+from . import _threads
 from .transport import ANY_APP, AUTHKEY_ENV, PORT_ENV, default_port, is_loopback, parse_address
 
 logger = logging.getLogger("gibbs")
@@ -242,6 +243,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--workers-per-device", type=int, default=1, metavar="N",
                         help="workers per device when -n is not given (default 1)")
+    worker.add_argument("--threads", default=None, metavar="N|auto|inherit",
+                        help="CPU threads per worker (OMP_NUM_THREADS, torch's count, ...): 'auto' (default, or "
+                        "$GIBBS_THREADS) splits this machine's cores among the workers, keeping a value you "
+                        "exported; N sets N; 'inherit' leaves them alone")
+    worker.add_argument("--pin-cpus", action="store_true", help="bind each worker to its own share of the cores")
     worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
     hub = sub.add_parser(
@@ -516,6 +522,10 @@ def _worker_command(ns: argparse.Namespace) -> int:
         raise CliError("--concurrency must be at least 1")
     if ns.batch_wait < 0:
         raise CliError("--batch-wait must be >= 0")
+    try:
+        ns.threads = _threads.parse_threads(ns.threads)
+    except ValueError as exc:
+        raise CliError(f"--threads: {exc}") from None
     if not ns.model:
         raise CliError("--model must not be empty")
     try:
@@ -551,9 +561,13 @@ def _worker_command(ns: argparse.Namespace) -> int:
                 gibbs_concurrency=ns.concurrency,
                 gibbs_device=device,
                 gibbs_copy_args=ns.copy_args,
+                gibbs_threads=ns.threads,
+                gibbs_pin_cpus=ns.pin_cpus,
             )
             options.update(overrides)
-            return Worker(cls, *args, **options, **kwargs)
+            w = Worker(cls, *args, **options, **kwargs)
+            w._thread_group = ns.max or ns.workers  # the workers of this command share the cores
+            return w
 
         return build
 

@@ -803,6 +803,8 @@ class Hub:
         gibbs_max_requests_jitter: Optional[int] = None,
         gibbs_max_memory: Optional[int] = None,
         gibbs_warmup: Optional[Sequence[Any]] = None,
+        gibbs_threads: Union[int, str, None] = None,
+        gibbs_pin_cpus: bool = False,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -835,6 +837,9 @@ class Hub:
         :class:`~gibbs.pool.LocalLauncher` (processes on this machine);
         ``gibbs.ray.Launcher(...)`` makes each worker a Ray actor placed by
         a Ray cluster (the pool still supervises them).
+
+        ``gibbs_threads``, ``gibbs_pin_cpus``: CPU threads per worker, as for
+        :class:`~gibbs.Worker` (default: the pool's workers split the cores).
         """
         launcher: Launcher = gibbs_launcher if gibbs_launcher is not None else LocalLauncher()
         devices = resolve_devices(gibbs_devices)
@@ -864,7 +869,7 @@ class Hub:
                     gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
                     gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
                     gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args,
-                    gibbs_warmup=gibbs_warmup,
+                    gibbs_warmup=gibbs_warmup, gibbs_threads=gibbs_threads, gibbs_pin_cpus=gibbs_pin_cpus,
                 )
                 options.update(overrides)
                 return Worker(cls, *args, **options, **kwargs)

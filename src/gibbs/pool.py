@@ -476,6 +476,7 @@ class Pool:
 
     def _add_slots(self, k: int) -> None:
         """Under the lock."""
+        self._thread_group = len(self._slots) + k  # the workers starting together share the cores
         for _ in range(k):
             i = len(self._slots)
             device = self._devices[i % len(self._devices)] if self._devices else None
@@ -502,6 +503,9 @@ class Pool:
 
     def _start(self, slot: _Slot) -> WorkerHandle:
         w = self._launcher.launch(self._makes[slot.version], slot.device)
+        if isinstance(w, Worker):
+            scale_to = self._autoscaler.hi if self._autoscaler is not None else 1
+            w._thread_group = max(getattr(self, "_thread_group", 1), len(self._slots), scale_to)
         w.start()
         slot.started = time.monotonic()
         slot.joined_at = None

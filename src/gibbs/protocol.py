@@ -26,6 +26,7 @@ import pickle
 import struct
 from typing import Any, Optional, Union, cast
 
+from . import _torch
 from .errors import ProtocolError
 from .shm import (  # noqa: F401 - re-exported: the wire format names them
     INLINE,
@@ -362,7 +363,7 @@ def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAUL
     least ``threshold`` bytes are written to one of its shared-memory
     segments. Raises whatever pickle raises."""
     if pool is None:
-        return Payload(bytes([_INLINE]) + pickle.dumps(obj, protocol=5))
+        return Payload(bytes([_INLINE]) + _torch.dumps(obj))
 
     big: list[pickle.PickleBuffer] = []
 
@@ -372,7 +373,7 @@ def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAUL
             return False  # out of band
         return True  # in band
 
-    pickled = pickle.dumps(obj, protocol=5, buffer_callback=callback)
+    pickled = _torch.dumps(obj, buffer_callback=callback)  # torch tensors as out-of-band buffers too
     if not big:
         return Payload(bytes([_INLINE]) + pickled)
 

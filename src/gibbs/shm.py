@@ -151,9 +151,13 @@ class MappingCache:
     (until evicted, or :meth:`forget` when the peer goes): hence the bound
     in bytes."""
 
-    def __init__(self, size: int = 64, max_bytes: int = 256 << 20) -> None:
+    def __init__(self, size: int = 64, max_bytes: int = 256 << 20, readonly: bool = False) -> None:
         self._size = size
         self._max_bytes = max_bytes
+        # A reader that only reads (a worker, of the hub's requests) maps
+        # read-only: a write into an argument (a torch tensor has no
+        # read-only flag) faults rather than change what a retry would send.
+        self._readonly = readonly
         self._lock = threading.Lock()  # owns: _maps, mapped
         self._maps: "collections.OrderedDict[str, mmap.mmap]" = collections.OrderedDict()
         #: How many times a segment was mapped (a reused segment still cached is not).
@@ -167,9 +171,12 @@ class MappingCache:
             if mm is not None:
                 self._maps.move_to_end(name)
                 return memoryview(mm)  # under the lock: no eviction closes it first
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY if self._readonly else os.O_RDWR)
         try:
-            mm = mmap.mmap(fd, os.fstat(fd).st_size)
+            if self._readonly:
+                mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+            else:
+                mm = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         with self._lock:

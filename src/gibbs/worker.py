@@ -46,7 +46,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import protocol
+from . import _threads, protocol
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .transport import (
@@ -129,7 +129,7 @@ class Worker:
             forkserver start methods; with fork, before the constructor runs)
             and finds its name in ``GIBBS_DEVICE``.
         gibbs_copy_args: the model gets private, writable copies of the
-            requests' large arrays. By default (False) it gets read-only
+            requests' large arrays and torch tensors. By default (False) it gets read-only
             views on the hub's shared memory, without a copy: valid during
             the call (the hub reuses the memory after the answer), so a
             model that keeps an argument past its call, or writes into one,
@@ -143,6 +143,14 @@ class Worker:
         gibbs_version: a label of this worker's version of the model, shown
             in ``hub.workers()`` and ``statistics()`` (a pool's rolling
             update sets it).
+        gibbs_threads: CPU threads of the numerical libraries in this
+            worker (``OMP_NUM_THREADS`` and the like, torch's own count):
+            ``"auto"`` (default, or ``$GIBBS_THREADS``) splits the cores of
+            this process among its local workers, keeping a value the user
+            exported; an int N sets N; ``"inherit"`` leaves them alone. Set
+            in the worker before the model's module is imported.
+        gibbs_pin_cpus: bind the worker to its own share of the cores
+            (``os.sched_setaffinity``).
         gibbs_token: this worker's identity, sent in its HELLO (default: a
             random hex string per ``Worker``): the hub records it, so a
             pool knows its worker joined even when pids of workers on
@@ -170,6 +178,8 @@ class Worker:
         gibbs_token: Optional[str] = None,
         gibbs_warmup: Optional[Sequence[Any]] = None,
         gibbs_version: Optional[str] = None,
+        gibbs_threads: _threads.ThreadsOption = None,
+        gibbs_pin_cpus: bool = False,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -219,6 +229,10 @@ class Worker:
         if gibbs_token is not None and (not isinstance(gibbs_token, str) or not gibbs_token):
             raise ValueError(f"gibbs_token must be a non-empty str, got {gibbs_token!r}")
         self.token: str = gibbs_token or secrets.token_hex(8)
+        self.threads = _threads.parse_threads(gibbs_threads)
+        self.pin_cpus = bool(gibbs_pin_cpus)
+        self._thread_group = 1  # how many workers start with this one (a pool's or the command line's size)
+        self._thread_slot = -1  # its index among them, for pinning
         self._owner_pid = os.getpid()
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
@@ -238,18 +252,21 @@ class Worker:
         self.start_method_used = ctx.get_start_method()
         _prune_local_workers()
         self._built = ctx.RawValue("b", 0)  # set by the child once the model is built
-        if self.device is not None:
+        plan = self._thread_plan()
+        if self.device is not None or (plan is not None and self.start_method_used != "fork"):
             # The spec travels pickled, so that the child sets its device's
-            # environment before unpickling it imports the model's module.
+            # environment (and its threads) before unpickling it imports the
+            # model's module.
+            env = device_env(self.device) if self.device is not None else {}
             self._process = ctx.Process(  # type: ignore[attr-defined]
                 target=_process_main_on_device,
-                args=(device_env(self.device), pickle.dumps(self), os.getpid(), self._built),
+                args=(env, pickle.dumps(self), os.getpid(), plan, self._built),
                 name=f"gibbs-worker-{self.name}",
             )
         else:
             self._process = ctx.Process(  # type: ignore[attr-defined]
                 target=_process_main,
-                args=(self, os.getpid(), self._built),
+                args=(self, os.getpid(), plan, self._built),
                 name=f"gibbs-worker-{self.name}",
             )
         # Blocked across the fork (the child unblocks them once its handler is
@@ -261,6 +278,17 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.started_at = time.monotonic()
         _local_workers.append(self)
+
+    def _thread_plan(self) -> Optional[_threads.Plan]:
+        """The threads of the worker about to start: its share among the
+        live local workers of this process (this one and those started with it)."""
+        pid = os.getpid()
+        live = [w for w in _local_workers if w._owner_pid == pid and w is not self and w.peek_exitcode() is None]
+        together = [w for w in live if w.threads == _threads.AUTO] if self.threads == _threads.AUTO else []
+        workers = max([len(together) + 1, self._thread_group] + [w._thread_group for w in together])
+        taken = {w._thread_slot for w in live if w.pin_cpus}
+        self._thread_slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        return _threads.plan(self.threads, workers, self._thread_slot, self.pin_cpus)
 
     def terminate(self) -> None:
         """Ask the worker to stop (SIGTERM): it finishes the request in hand,
@@ -418,12 +446,17 @@ def report_given_up(spec: Worker, why: str) -> None:
     _Runtime(spec)._report_init_failure(None, why, final=True)
 
 
-def _process_main_on_device(env: dict[str, str], spec: bytes, parent_pid: int, built: Any = None) -> None:
+def _process_main_on_device(
+    env: dict[str, str], spec: bytes, parent_pid: int, plan: Optional[_threads.Plan] = None, built: Any = None
+) -> None:
     os.environ.update(env)
-    _process_main(pickle.loads(spec), parent_pid, built)
+    _threads.apply_in_child(plan)
+    _process_main(pickle.loads(spec), parent_pid, None, built)
 
 
-def _process_main(worker: Worker, parent_pid: int, built: Any = None) -> None:
+def _process_main(worker: Worker, parent_pid: int, plan: Optional[_threads.Plan] = None, built: Any = None) -> None:
+    if plan is not None:  # the fork start method (the model's module is imported already)
+        _threads.apply_in_child(plan)
     # A worker started by an app does not stop on the terminal's Ctrl-C on
     # its own (the whole process group gets it): it keeps serving until the
     # app that started it stops it (close, exit or death), so that the app's
@@ -522,7 +555,7 @@ class _Runtime:
         self.hub_interval = 1.0
         self.pool: Optional[protocol.SegmentPool] = None  # answers' shared memory (when the hub shares /dev/shm)
         self.shm_ok = False
-        self.maps = protocol.MappingCache()  # the hub's request segments
+        self.maps = protocol.MappingCache(readonly=True)  # the hub's request segments (read, never written)
         # Every read lands in this one buffer (allocated here, once: a fresh
         # 1 MiB object per read would be an mmap and munmap each time).
         self.rbuf = bytearray(1 << 20)
@@ -568,6 +601,7 @@ class _Runtime:
             loading = threading.Thread(target=self._announce_loading, args=(built,), name="gibbs-loading", daemon=True)
             loading.start()
             try:
+                _threads.refresh()  # torch, when the model's module (or the parent, with fork) loaded it
                 model = self.spec.cls(*self.spec.args, **self.spec.kwargs)
                 self._warm_up(model)
                 self.model = model
@@ -760,6 +794,7 @@ class _Runtime:
                     logger.info("worker %s: hub closed the connection", self.spec.name)
                     return
                 if frames:
+                    _threads.refresh()
                     self._serve_batch(sock, frames)
                     self.last_heard = time.monotonic()
         except _Stop:
