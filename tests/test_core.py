@@ -407,3 +407,20 @@ def test_batched_and_unbatched_workers_do_not_share_a_name() -> None:
     acts = core.worker_joined(WorkerInfo(2, "m", "mod:M"))
     assert len(acts) == 1 and isinstance(acts[0], Refuse) and "batching" in acts[0].reason
     assert core.worker_joined(WorkerInfo(3, "m", "mod:M", batch_size=8)) == []
+
+
+def test_call_states_and_a_wrong_move_raises() -> None:
+    from gibbs.core import CallState, CallStateError
+
+    core = _core()
+    c = Call(1, "default", b"")
+    assert c.state is CallState.NEW and "new" in repr(c)
+    core.submit(c)
+    assert c.state is CallState.QUEUED and "queued" in repr(c)
+    core.worker_joined(WorkerInfo(1, "default"))
+    assert c.state is CallState.RUNNING and "running" in repr(c)
+    core.answered(1, 1, Outcome(OutcomeKind.RESULT, b""))
+    assert c.state is CallState.DONE and "done" in repr(c)
+    with pytest.raises(CallStateError, match="done -> queued"):
+        core._enqueue(c)  # a done call never goes back to the queue
+    assert "?" not in repr(Call(2, "default", b""))

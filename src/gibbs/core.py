@@ -17,8 +17,11 @@ answered(w, call_id, outcome, now)
 model_unavailable(model, error)
 close(now, grace) / tick(now)
 
-A call is in exactly one of these states:
+A call is in exactly one of these states (``CallState``; the allowed moves
+are written once, in ``TRANSITIONS``, and any other raises
+``CallStateError`` at once):
 
+* **new**: made by the driver, not submitted yet;
 * **queued**: in its model's queue (possibly also held by workers, when a
   retry asked for a second attempt);
 * **running**: held by one or more live workers (each holds one attempt);
@@ -56,6 +59,9 @@ from .metrics import Window
 __all__ = [
     "Core",
     "Call",
+    "CallState",
+    "CallStateError",
+    "TRANSITIONS",
     "WorkerInfo",
     "Outcome",
     "OutcomeKind",
@@ -99,12 +105,38 @@ class Outcome(NamedTuple):
 CANCELLED = Outcome(OutcomeKind.CANCELLED, None)
 
 
+class CallState(enum.Enum):
+    """Where a call is in its life (see the table in the module docstring)."""
+
+    NEW = "new"  # made by the driver, not submitted yet
+    QUEUED = "queued"  # in its model's queue (maybe also held, on a retry)
+    RUNNING = "running"  # out of the queue, held by one or more workers
+    DONE = "done"  # its Resolve was returned: the caller has its outcome
+
+
+#: Every allowed move, written once. Anything else raises CallStateError at
+#: once rather than leave a call in a state no rule expects.
+TRANSITIONS: frozenset[tuple[CallState, CallState]] = frozenset(
+    {
+        (CallState.NEW, CallState.QUEUED),  # submit
+        (CallState.QUEUED, CallState.RUNNING),  # dispatch
+        (CallState.RUNNING, CallState.QUEUED),  # resend; lost with attempts left
+        (CallState.QUEUED, CallState.DONE),  # cancelled, expired, closed while queued
+        (CallState.RUNNING, CallState.DONE),  # answered, cancelled, expired, failed
+    }
+)
+
+
+class CallStateError(RuntimeError):
+    """A move the lifecycle does not allow (a bug in gibbs, never the user's)."""
+
+
 class Call:
     """One request. The driver makes it; the core owns the fields below
     ``sink``. ``payload`` and ``sink`` are opaque to the core."""
 
     __slots__ = (
-        "id", "model", "payload", "sink", "queued", "done", "holders",
+        "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
     )
 
@@ -113,8 +145,7 @@ class Call:
         self.model = model
         self.payload = payload
         self.sink = sink
-        self.queued = False  # in its model's queue
-        self.done = False  # its Resolve was returned
+        self.state = CallState.NEW
         # Workers holding an attempt: a tuple, empty (shared) while queued,
         # so that a queued call costs no list of its own.
         self.holders: tuple[Hashable, ...] = ()
@@ -126,9 +157,23 @@ class Call:
         self.t0 = 0.0  # when it was submitted (for its latency and queue wait)
         self.dispatched = False  # sent to a worker at least once
 
+    @property
+    def queued(self) -> bool:
+        """In its model's queue."""
+        return self.state is CallState.QUEUED
+
+    @property
+    def done(self) -> bool:
+        """Its outcome was returned (workers may still hold attempts)."""
+        return self.state is CallState.DONE
+
+    def _move(self, to: CallState) -> None:
+        if (self.state, to) not in TRANSITIONS:
+            raise CallStateError(f"call {self.id}: {self.state.value} -> {to.value} is not an allowed move")
+        self.state = to
+
     def __repr__(self) -> str:
-        state = "done" if self.done else "queued" if self.queued else "running" if self.holders else "?"
-        return f"<Call {self.id} {self.model} {state} holders={self.holders}>"
+        return f"<Call {self.id} {self.model} {self.state.value} holders={self.holders}>"
 
 
 class WorkerInfo:
@@ -295,10 +340,11 @@ class Core:
                 else "cancelled" if kind is OutcomeKind.CANCELLED
                 else "failed"
             ] += 1
-        call.done = True
-        self.calls.pop(call.id, None)
         if call.queued:
-            self._unqueue(call)
+            self._unqueue(call, CallState.DONE)
+        else:
+            call._move(CallState.DONE)
+        self.calls.pop(call.id, None)
         out.append(Resolve(call, outcome))
         if not call.holders:
             out.append(Release(call))
@@ -308,12 +354,14 @@ class Core:
         q[call.id] = call
         if front:
             q.move_to_end(call.id, last=False)
-        call.queued = True
+        call._move(CallState.QUEUED)
         self.n_queued += 1
 
-    def _unqueue(self, call: Call) -> None:
+    def _unqueue(self, call: Call, to: CallState = CallState.RUNNING) -> None:
+        """Out of the queue: running (dispatched, or still held by a retried
+        attempt) or done."""
         del self.models[call.model].queue[call.id]
-        call.queued = False
+        call._move(to)
         self.n_queued -= 1
 
     # ------------------------------------------------------------ callers
@@ -732,7 +780,7 @@ class Core:
         if self.closing:
             assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"
         for call in self.calls.values():
-            assert not call.done
+            assert call.state is (CallState.QUEUED if call.id in self.models[call.model].queue else CallState.RUNNING)
             assert call.queued or call.holders, f"{call} is neither queued nor held"
             for wid in call.holders:
                 assert wid in self.workers, f"{call} held by a worker that is gone"
