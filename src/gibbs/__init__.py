@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import (
     AuthenticationError,
+    DeadlineExceededError,
     GibbsError,
     HubClosedError,
     NoWorkersError,
+    OverloadedError,
     ProtocolError,
     QueueFullError,
     SerializationError,
@@ -59,6 +61,8 @@ __all__ = [
     "WorkerDiedError",
     "HubClosedError",
     "QueueFullError",
+    "OverloadedError",
+    "DeadlineExceededError",
     "NoWorkersError",
     "SerializationError",
     "AuthenticationError",

@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import collections
 import enum
+import heapq
 from typing import Any, Hashable, NamedTuple, Optional, Union
 
-from .errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+from .errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
 from .metrics import Window
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
     "Deliver",
     "Stop",
     "Credit",
+    "Resend",
+    "Expired",
     "Action",
     "PIPELINE_WINDOW",
     "DEFAULT_MODEL",
@@ -95,6 +98,7 @@ class OutcomeKind(enum.Enum):
     EXCEPTION = "exception"  # value: an exception instance made here or by the driver
     CANCELLED = "cancelled"  # value: None; the caller gave up
     CHUNK = "chunk"  # value: one item of a stream, as the driver received it
+    EXPIRED = "expired"  # value: an Expired record; its deadline ended the call
 
 
 class Outcome(NamedTuple):
@@ -138,9 +142,20 @@ class Call:
     __slots__ = (
         "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
+        "timeout", "retries", "deadline", "windows",
     )
 
-    def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None, stream: bool = False) -> None:
+    def __init__(
+        self,
+        call_id: int,
+        model: str,
+        payload: Any,
+        sink: Any = None,
+        stream: bool = False,
+        *,
+        timeout: Optional[float] = None,
+        retries: int = 0,
+    ) -> None:
         self.id = call_id
         self.model = model
         self.payload = payload
@@ -156,6 +171,23 @@ class Call:
         self.delivered = 0  # chunks handed to the caller
         self.t0 = 0.0  # when it was submitted (for its latency and queue wait)
         self.dispatched = False  # sent to a worker at least once
+        # gibbs_timeout: seconds per attempt window (None: the model's
+        # default, else no limit); gibbs_retries: windows left after this
+        # one (-1: forever). ``deadline`` is the end of the current window,
+        # set by submit from the driver's ``now``.
+        self.timeout = timeout
+        self.retries = retries
+        self.deadline: Optional[float] = None
+        self.windows = 1  # attempt windows opened so far
+
+    @property
+    def final_deadline(self) -> Optional[float]:
+        """When the call fails for good: the end of its last window (None:
+        no limit, or retries forever)."""
+        if self.deadline is None or self.retries < 0:
+            return None
+        assert self.timeout is not None
+        return self.deadline + self.retries * self.timeout
 
     @property
     def queued(self) -> bool:
@@ -181,7 +213,7 @@ class WorkerInfo:
 
     __slots__ = (
         "id", "model", "cls", "slots", "batch_size", "depth", "units", "held",
-        "ewma", "last_done", "leaving", "served", "describe",
+        "ewma", "last_done", "leaving", "served", "describe", "relay",
     )
 
     def __init__(
@@ -194,8 +226,12 @@ class WorkerInfo:
         batch_size: int = 1,
         depth: int = 1,
         describe: str = "",
+        relay: bool = False,
     ) -> None:
         self.id = worker_id
+        # A relay hands calls to another hub, which owns their attempts: a
+        # retry is asked of it (Resend), and its timing says nothing of the model.
+        self.relay = relay
         self.model = model
         self.cls = cls
         self.slots = max(1, slots)
@@ -284,6 +320,30 @@ class Stop(NamedTuple):
     call: Call
 
 
+class Resend(NamedTuple):
+    """Ask a relay (another hub, which owns the attempts) for a second attempt."""
+
+    worker: Hashable
+    call: Call
+
+
+class Expired(NamedTuple):
+    """The value of an EXPIRED outcome: why the call's deadline ended it."""
+
+    model: str
+    in_queue: bool  # no worker held it: it never started
+    timeout: float  # seconds of each attempt window
+    windows: int  # windows waited (1 + retries used)
+    detail: str  # what the core saw (time left, the model's service time)
+
+    def describe(self) -> str:
+        tries = f" ({self.windows} attempts)" if self.windows > 1 else ""
+        if self.in_queue:
+            why = f": {self.detail}" if self.detail else ""
+            return f"request to model {self.model!r} expired in the queue (gibbs_timeout={self.timeout} s{tries}){why}"
+        return f"request to model {self.model!r}: the model took too long (gibbs_timeout={self.timeout} s{tries})"
+
+
 class Credit(NamedTuple):
     """The caller consumed ``n`` chunks: the worker may send ``n`` more."""
 
@@ -302,7 +362,7 @@ class Drop(NamedTuple):
     reason: str
 
 
-Action = Union[Send, Resolve, Release, Refuse, Drop, Deliver, Stop, Credit]
+Action = Union[Send, Resolve, Release, Refuse, Drop, Deliver, Stop, Credit, Resend]
 
 
 class Core:
@@ -321,6 +381,11 @@ class Core:
         self.closing = False
         self.close_deadline: Optional[float] = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # (window end, call id) of every call with a deadline; entries of
+        # calls done or whose window moved on are skipped when they surface.
+        self._deadlines: list[tuple[float, int]] = []
+        # model name -> gibbs_timeout for its calls that give none
+        self.default_timeouts: dict[str, float] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -337,7 +402,7 @@ class Core:
             m.stats[
                 "completed" if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED
                 else "errors" if kind is OutcomeKind.ERROR
-                else "cancelled" if kind is OutcomeKind.CANCELLED
+                else "cancelled" if kind is OutcomeKind.CANCELLED or kind is OutcomeKind.EXPIRED
                 else "failed"
             ] += 1
         if call.queued:
@@ -378,11 +443,34 @@ class Core:
             raise err
         if self.max_queued is not None and self.n_queued >= self.max_queued:
             if not any(w.load < w.slots and not w.leaving for w in model.workers.values()):
+                pred = self.predicted_wait(model.name)
+                self._count_shed(model, "shed_max_queued")
                 raise QueueFullError(
-                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})"
+                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})",
+                    retry_after=pred[0] if pred else 0.0,
                 )
         if call.id in self.calls:
             raise ValueError(f"call id {call.id} is already in use")
+        timeout = call.timeout if call.timeout is not None else self.default_timeouts.get(call.model)
+        if timeout is not None:
+            call.timeout = timeout
+            call.deadline = now + timeout
+            final = call.final_deadline
+            if final is not None:
+                pred = self.predicted_wait(model.name)
+                if pred is not None and now + pred[0] + pred[1] > final:
+                    # Admission control: shed now rather than queue what cannot be served in time.
+                    wait, service = pred
+                    call.deadline = None
+                    self._count_shed(model, "shed_deadline")
+                    raise OverloadedError(
+                        f"model {model.name!r} is overloaded: the predicted wait ({wait:.3f} s for "
+                        f"{len(model.queue)} queued ahead) and its service time ({service:.3f} s) exceed "
+                        f"this call's deadline ({final - now:.3f} s)",
+                        retry_after=max(0.001, now + wait + service - final),
+                        reason="deadline",
+                    )
+            heapq.heappush(self._deadlines, (call.deadline, call.id))
         self.calls[call.id] = call
         call.t0 = now
         model.stats["requests"] += 1
@@ -395,6 +483,37 @@ class Core:
             self._dispatch(model, now, out)
         return out
 
+    def _count_shed(self, model: _Model, reason: str) -> None:
+        self.stats[reason] += 1
+        model.stats[reason] += 1
+
+    def predicted_wait(self, model_name: str) -> Optional[tuple[float, float]]:
+        """(wait, service): how long a call submitted now would wait for a
+        worker (the calls queued ahead over the model's measured throughput)
+        and its service time. None until every worker of the model has a
+        measured service time (nothing is predicted from nothing)."""
+        model = self.models.get(model_name)
+        if model is None:
+            return None
+        rate = 0.0
+        service: Optional[float] = None
+        free = False
+        for w in model.workers.values():
+            if w.leaving or w.relay:
+                continue
+            if w.ewma is None or w.ewma <= 0.0:
+                return None
+            # Units of one worker end ewma apart (its slots overlap): batch_size calls each.
+            rate += w.batch_size / w.ewma
+            service = w.ewma if service is None else min(service, w.ewma)
+            free = free or w.load < w.slots
+        if service is None:
+            return None
+        ahead = len(model.queue)
+        if free and not ahead:
+            return (0.0, service)
+        return (ahead / rate, service)
+
     def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
         """The caller gave up (cancelled, timed out). A queued call leaves the
         queue and is never sent; a running one is done, and its answer will
@@ -403,11 +522,17 @@ class Core:
         if call.done:
             return out
         self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
-        if call.stream:
-            for wid in call.holders:
-                out.append(Stop(wid, call))
+        self._stop_holders(call, out)
         self._resolve(call, outcome, out)
         return out
+
+    def _stop_holders(self, call: Call, out: list[Action]) -> None:
+        """The caller is gone: a worker that can stop the work is told to
+        (a stream's generator; a relay, which removes it from its queue)."""
+        for wid in call.holders:
+            w = self.workers.get(wid)
+            if call.stream or (w is not None and w.relay):
+                out.append(Stop(wid, call))
 
     def consumed(self, call: Call, n: int) -> list[Action]:
         """The caller of a stream took ``n`` more chunks: credit the worker."""
@@ -433,15 +558,67 @@ class Core:
         the front for a second attempt on another worker, and the first
         answer of any attempt wins."""
         out: list[Action] = []
+        self._retry(call, now, out)
+        return out
+
+    def _retry(self, call: Call, now: float, out: list[Action]) -> None:
         if call.done or call.queued or call.stream:
-            return out  # a stream is never run twice at once: its chunks would mix
+            return  # a stream is never run twice at once: its chunks would mix
         if self.closing:
-            return out
+            return
+        relays = [wid for wid in call.holders if (w := self.workers.get(wid)) is not None and w.relay]
+        if relays:
+            # The hub upstream owns the attempts: it sends it again to another of its workers.
+            out.extend(Resend(wid, call) for wid in relays)
+            return
         self.stats["resent"] += 1
         self.models[call.model].stats["resent"] += 1
         self._enqueue(call, front=True)
         self._dispatch(self.models[call.model], now, out)
-        return out
+
+    # ------------------------------------------------------------ deadlines
+
+    def _window_passed(self, call: Call, now: float, out: list[Action]) -> None:
+        """The call's attempt window ended: with retries left, another window
+        opens (a running call gets a second attempt on another free worker;
+        a queued one keeps its place); else it expires."""
+        assert call.timeout is not None and call.deadline is not None
+        opened = False
+        while call.retries != 0 and not call.stream and call.deadline <= now:
+            if call.retries > 0:
+                call.retries -= 1
+            call.windows += 1
+            call.deadline += call.timeout
+            opened = True
+        if call.deadline > now:
+            heapq.heappush(self._deadlines, (call.deadline, call.id))
+            if opened:
+                self._retry(call, now, out)
+            return
+        self._expire(call, now, out, "")
+
+    def _expire(self, call: Call, now: float, out: list[Action], detail: str) -> None:
+        """Fail ``call`` on its deadline: "in the queue" when no worker
+        holds it, else the model took too long (its workers are told to
+        stop, when they can)."""
+        in_queue = not call.holders
+        reason = "expired_queued" if in_queue else "expired_running"
+        # Counted as the caller giving up too (as when the caller's own timer ended it).
+        self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
+        self.stats[reason] += 1
+        self.models[call.model].stats[reason] += 1
+        self._stop_holders(call, out)
+        assert call.timeout is not None
+        self._resolve(call, Outcome(OutcomeKind.EXPIRED, Expired(call.model, in_queue, call.timeout, call.windows, detail)), out)
+
+    def _expire_due(self, now: float, out: list[Action]) -> None:
+        heap = self._deadlines
+        calls = self.calls
+        while heap and heap[0][0] <= now:
+            deadline, cid = heapq.heappop(heap)
+            call = calls.get(cid)
+            if call is not None and call.deadline == deadline:
+                self._window_passed(call, now, out)
 
     # ------------------------------------------------------------ workers
 
@@ -647,6 +824,8 @@ class Core:
                     err = HubClosedError("the hub was closed before the worker answered (grace period over)")
                     self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
             return out
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire_due(now, out)
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 self._dispatch(model, now, out)
@@ -657,6 +836,14 @@ class Core:
         if self.closing:
             return self.close_deadline if self.calls else None
         best: Optional[float] = None
+        heap = self._deadlines
+        while heap:
+            deadline, cid = heap[0]
+            call = self.calls.get(cid)
+            if call is not None and call.deadline == deadline:
+                best = deadline
+                break
+            heapq.heappop(heap)  # a call done, or a window that moved on
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 t = next(iter(model.queue.values())).queued_at + model.batch_wait
@@ -721,17 +908,37 @@ class Core:
                 if now < first.queued_at + model.batch_wait:
                     return  # wait to fill the batch (tick will come back)
             calls: list[Call] = []
+            late: Optional[list[Call]] = None
+            # What the worker needs to answer a call sent now: its service
+            # time, and the units committed to it before (pipelining).
+            est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + w.load // w.slots)
             for call in queue.values():
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
                 if w.id not in call.holders:
+                    if call.deadline is not None:
+                        final = call.final_deadline
+                        if final is not None and (now >= final or now + est > final):
+                            # It cannot finish in time: never sent, failed now.
+                            if late is None:
+                                late = []
+                            late.append(call)
+                            continue
                     calls.append(call)
                     if len(calls) >= w.batch_size:
                         break
+            if late is not None:
+                for call in late:
+                    assert call.final_deadline is not None
+                    self._expire(
+                        call, now, out,
+                        f"{max(0.0, call.final_deadline - now):.3f} s left and the model takes about {est:.3f} s",
+                    )
             for call in calls:
                 self._unqueue(call)
             if not calls:
-                skip = (skip or set()) | {w.id}
+                if late is None:
+                    skip = (skip or set()) | {w.id}
                 continue
             if not w.units:
                 w.last_done = now
