@@ -83,6 +83,16 @@ __all__ = [
 
 DEFAULT_MODEL = "default"
 
+#: Queue disciplines the core knows (see Core.discipline).
+DISCIPLINES = ("fifo", "lifo")
+
+#: Admission control: a new call is shed at once when its predicted wait and
+#: service time exceed this share of its deadline. Measured on the core
+#: (benchmarks.overload_sim): 1.0 keeps answered calls' latency at the
+#: deadline under overload; 0.5 halves it for about 1 % of goodput at
+#: exactly full load and none beyond.
+QUEUE_SHARE = 0.5
+
 #: A busy worker may be sent more work only while the work already committed
 #: to it stays under this many seconds (by its moving-average service time):
 #: fast models do not wait a round trip between calls, and no call waits long
@@ -369,11 +379,29 @@ class Core:
     """The call lifecycle and the scheduler of one hub. Not thread-safe: the
     driver serialises every call (the bridge's lock)."""
 
-    def __init__(self, *, max_attempts: int = 3, max_queued: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 3,
+        max_queued: Optional[int] = None,
+        discipline: str = "fifo",
+        queue_share: float = QUEUE_SHARE,
+    ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if discipline not in DISCIPLINES:
+            raise ValueError(f"discipline must be one of {DISCIPLINES}, got {discipline!r}")
+        if not queue_share > 0:
+            raise ValueError("queue_share must be > 0")
         self.max_attempts = max_attempts
         self.max_queued = max_queued
+        # The order a free worker takes queued calls in ("fifo", or "lifo":
+        # the newest first, the older ones expire), and the share of a new
+        # call's time left that its predicted wait and service may take
+        # before it is shed. benchmarks.overload_sim measures them; the hub
+        # uses the defaults (README: "Deadlines and overload").
+        self.discipline = discipline
+        self.queue_share = queue_share
         self.models: dict[str, _Model] = {}
         self.workers: dict[Hashable, WorkerInfo] = {}
         self.calls: dict[int, Call] = {}  # every call not yet done
@@ -458,7 +486,7 @@ class Core:
             final = call.final_deadline
             if final is not None:
                 pred = self.predicted_wait(model.name)
-                if pred is not None and now + pred[0] + pred[1] > final:
+                if pred is not None and pred[0] + pred[1] > self.queue_share * (final - now):
                     # Admission control: shed now rather than queue what cannot be served in time.
                     wait, service = pred
                     call.deadline = None
@@ -466,10 +494,11 @@ class Core:
                     raise OverloadedError(
                         f"model {model.name!r} is overloaded: the predicted wait ({wait:.3f} s for "
                         f"{len(model.queue)} queued ahead) and its service time ({service:.3f} s) exceed "
-                        f"this call's deadline ({final - now:.3f} s)",
-                        retry_after=max(0.001, now + wait + service - final),
+                        f"{self.queue_share:.0%} of this call's deadline ({final - now:.3f} s)",
+                        retry_after=max(0.001, wait + service - self.queue_share * (final - now)),
                         reason="deadline",
                     )
+        if call.deadline is not None:
             heapq.heappush(self._deadlines, (call.deadline, call.id))
         self.calls[call.id] = call
         call.t0 = now
@@ -912,7 +941,7 @@ class Core:
             # What the worker needs to answer a call sent now: its service
             # time, and the units committed to it before (pipelining).
             est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + w.load // w.slots)
-            for call in queue.values():
+            for call in queue.values() if self.discipline == "fifo" else reversed(queue.values()):
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
                 if w.id not in call.holders:
