@@ -519,25 +519,30 @@ class Core:
     def predicted_wait(self, model_name: str) -> Optional[tuple[float, float]]:
         """(wait, service): how long a call submitted now would wait for a
         worker (the calls queued ahead over the model's measured throughput)
-        and its service time. None until every worker of the model has a
-        measured service time (nothing is predicted from nothing)."""
+        and its service time. A worker not measured yet counts as the
+        measured ones' mean; None until one is (nothing is predicted from
+        nothing)."""
         model = self.models.get(model_name)
         if model is None:
             return None
         rate = 0.0
         service: Optional[float] = None
         free = False
+        measured = unmeasured = 0
         for w in model.workers.values():
             if w.leaving or w.relay:
                 continue
+            free = free or w.load < w.slots
             if w.ewma is None or w.ewma <= 0.0:
-                return None
+                unmeasured += 1
+                continue
             # Units of one worker end ewma apart (its slots overlap): batch_size calls each.
             rate += w.batch_size / w.ewma
             service = w.ewma if service is None else min(service, w.ewma)
-            free = free or w.load < w.slots
+            measured += 1
         if service is None:
             return None
+        rate += unmeasured * rate / measured
         ahead = len(model.queue)
         if free and not ahead:
             return (0.0, service)
