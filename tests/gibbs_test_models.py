@@ -452,3 +452,23 @@ class DiesSoon:
 
     def __call__(self, x: Any) -> Any:
         return x
+
+
+class AsyncCancellable:
+    """``async def __call__``: sleeps ``seconds``; appends ``start <value>``,
+    then ``end <value>`` or, when the hub stops it, ``cancelled <value>``."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+
+    async def __call__(self, seconds: float, value: Any = None) -> Any:
+        import asyncio
+
+        _note(self.path, f"start {value}\n")
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            _note(self.path, f"cancelled {value}\n")
+            raise
+        _note(self.path, f"end {value}\n")
+        return value

@@ -151,8 +151,9 @@ class CoreMachine(RuleBasedStateMachine):
         queued_only = call.queued and not call.holders
         holders = list(call.holders)
         self.apply(self.core.cancel(call))
-        if call.stream:
-            assert all((w, call.id) in self.stopped for w in holders), "a gone caller's stream was not stopped"
+        # Every worker running it is told to stop (a stream's generator, an
+        # async model's coroutine; a sync model ignores it).
+        assert all((w, call.id) in self.stopped for w in holders), "a gone caller's call was not stopped"
         assert self.outcomes[call.id].kind is OutcomeKind.CANCELLED
         if queued_only:
             self.cancelled_while_queued.add(call.id)

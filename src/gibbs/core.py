@@ -561,12 +561,12 @@ class Core:
         return out
 
     def _stop_holders(self, call: Call, out: list[Action]) -> None:
-        """The caller is gone: a worker that can stop the work is told to
-        (a stream's generator; a relay, which removes it from its queue)."""
+        """The caller is gone: every worker running it is told to stop (a
+        stream's generator is closed, an async model's coroutine cancelled,
+        a relay removes it from its queue; a sync model cannot be stopped
+        and ignores it: its answer is dropped)."""
         for wid in call.holders:
-            w = self.workers.get(wid)
-            if call.stream or (w is not None and w.relay):
-                out.append(Stop(wid, call))
+            out.append(Stop(wid, call))
 
     def consumed(self, call: Call, n: int) -> list[Action]:
         """The caller of a stream took ``n`` more chunks: credit the worker."""

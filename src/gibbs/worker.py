@@ -469,6 +469,10 @@ class _Runtime:
         self.aloop: Optional[asyncio.AbstractEventLoop] = None  # runs async calls, in its own thread
         self.aloop_thread: Optional[threading.Thread] = None
         self.async_calls: set[concurrent.futures.Future[Any]] = set()  # async calls in progress
+        # Plain (not streamed) async calls by request id, and those the hub
+        # asked to stop (their caller is gone): main thread and loop thread.
+        self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
+        self.stopped_ids: set[int] = set()
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -738,6 +742,12 @@ class _Runtime:
                         n = protocol.unpack_credit(body) if kind == protocol.CREDIT else -1
                         assert self.aloop is not None
                         self.aloop.call_soon_threadsafe(state.control, n)
+                    elif kind == protocol.STOP:
+                        running = self.async_by_id.get(req_id)
+                        if running is not None:
+                            # The caller is gone (cancelled, deadline): CancelledError in the model.
+                            self.stopped_ids.add(req_id)
+                            running.cancel()
                     continue
                 elif kind == protocol.REFUSED:
                     reason = protocol.unpack_json(body).get("reason", "?")
@@ -827,7 +837,25 @@ class _Runtime:
         sock = self.sock
         fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
         self.async_calls.add(fut)
+        self.async_by_id[req_id] = fut
         fut.add_done_callback(self.async_calls.discard)
+        fut.add_done_callback(lambda f: self._async_done(sock, req_id, f))
+
+    def _async_done(self, sock: Optional[socket.socket], req_id: int, fut: "concurrent.futures.Future[Any]") -> None:
+        """An async call ended. One the hub stopped (its caller is gone: the
+        model got CancelledError) is answered all the same, with an error the
+        hub drops, so that the hub knows its slot is free."""
+        self.async_by_id.pop(req_id, None)
+        if not fut.cancelled() or req_id not in self.stopped_ids:
+            return
+        self.stopped_ids.discard(req_id)
+        if sock is None:
+            return
+        try:
+            err = asyncio.CancelledError("stopped: its caller is gone")
+            self._send(sock, self._error_frame(req_id, protocol.ERR_USER, err, tb=""))
+        except OSError:
+            pass
 
     async def _answer_async(self, sock: Optional[socket.socket], req_id: int, aw: Any) -> None:
         try:
