@@ -472,3 +472,24 @@ class AsyncCancellable:
             raise
         _note(self.path, f"end {value}\n")
         return value
+
+
+class Remaining:
+    """Returns ``gibbs.remaining()`` as the model sees it (after ``sleep``)."""
+
+    def __call__(self, sleep: float = 0.0) -> Any:
+        import gibbs
+
+        if sleep:
+            time.sleep(sleep)
+        return gibbs.remaining()
+
+
+class AsyncRemaining:
+    async def __call__(self, sleep: float = 0.0) -> Any:
+        import asyncio
+
+        import gibbs
+
+        await asyncio.sleep(sleep)
+        return gibbs.remaining()

@@ -107,3 +107,16 @@ def test_caller_cancellation_cancels_an_async_model_in_the_worker(hub, make_work
 
     run(main())
     assert wait_until(lambda: "cancelled gone" in log.read_text(), 10), log.read_text()
+
+
+@pytest.mark.parametrize("model", ["Remaining", "AsyncRemaining"])
+def test_the_model_reads_its_time_left(hub, make_workers, model) -> None:
+    import gibbs_test_models
+
+    make_workers(hub, getattr(gibbs_test_models, model), 1)
+    hub.wait_for_workers_sync(1, timeout=30)
+    assert hub.submit().result(10) is None  # no deadline
+    left = hub.submit(0.1, gibbs_timeout=2.0).result(10)
+    assert left is not None and 1.0 < left < 1.95, left
+    assert hub.submit(gibbs_timeout=5.0, gibbs_retries=-1).result(10) is None  # retries forever: no end
+    assert hub.submit().result(10) is None  # the next call does not inherit it

@@ -29,7 +29,7 @@ from .errors import (
     WorkerRefusedError,
 )
 from .hub import Hub
-from .worker import Worker
+from .worker import Worker, remaining
 
 __version__ = "1.0.0"
 
@@ -55,6 +55,8 @@ __all__ = [
     # the two classes
     "Hub",
     "Worker",
+    # inside a model's call, in a worker
+    "remaining",
     # errors
     "GibbsError",
     "UserCodeException",

@@ -174,7 +174,7 @@ class Peer:
     """One authenticated worker connection."""
 
     __slots__ = (
-        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
+        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm", "deadlines",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
         "owner", "rlock",
     )
@@ -196,6 +196,7 @@ class Peer:
                 self.address = "?"
         self.interval = max(0.01, float(hello.get("heartbeat_interval", 1.0)))
         self.shm = bool(hello.get("shm", False))
+        self.deadlines = bool(hello.get("deadlines", False))  # it reads DEADLINE frames
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
@@ -794,6 +795,13 @@ class Bridge:
                     continue
                 peer = action.worker  # type: ignore[assignment]
                 calls = action.calls
+                if peer.deadlines:
+                    now = 0.0
+                    for c in calls:
+                        final = c.final_deadline
+                        if final is not None:
+                            now = now or time.monotonic()
+                            peer.out.extend(protocol.pack_deadline(c.id, final - now))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
