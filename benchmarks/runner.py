@@ -18,6 +18,7 @@ from .batching_bench import batching_rows, section_batching, section_litserve, s
 from .common import fmt_bytes, fmt_rate, fmt_time, machine_info, median, percentile, perf
 from .gibbs_bench import cluster
 from .models import Echo, Sleeper
+from .overload import overload_rows, section_overload
 from .queue_bench import run_child
 from .ray_bench import ray_rows, section_ray_actors
 from .report import RESULTS_PATH, Row, results_markdown, summary, table, write_results
@@ -385,6 +386,8 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
     rows += batching_rows(cfg, res)
     # 8. gibbs over Ray actors beside Ray Serve (where Ray is installed)
     rows += ray_rows(res)
+    # 9. overload with deadlines
+    rows += overload_rows(res)
     if cfg.quick:
         for r in rows:
             r.note = (r.note + " " if r.note else "") + "(quick run: reduced sizes)"
@@ -432,6 +435,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     asyncio.run(section_batching(cfg, res))
     _forget_closed_hubs()
     section_queue(cfg, res)
+    asyncio.run(section_overload(cfg.quick, res))
+    _forget_closed_hubs()
     # Last: other frameworks' processes must not load the machine while
     # gibbs is measured.
     asyncio.run(section_litserve(cfg, res))

@@ -565,3 +565,44 @@ class BatchIdentity:
 
     def __call__(self, xs: list) -> list:
         return list(xs)
+
+
+class AsyncCancellable:
+    """``async def __call__``: sleeps ``seconds``; appends ``start <value>``,
+    then ``end <value>`` or, when the hub stops it, ``cancelled <value>``."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+
+    async def __call__(self, seconds: float, value: Any = None) -> Any:
+        import asyncio
+
+        _note(self.path, f"start {value}\n")
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            _note(self.path, f"cancelled {value}\n")
+            raise
+        _note(self.path, f"end {value}\n")
+        return value
+
+
+class Remaining:
+    """Returns ``gibbs.remaining()`` as the model sees it (after ``sleep``)."""
+
+    def __call__(self, sleep: float = 0.0) -> Any:
+        import gibbs
+
+        if sleep:
+            time.sleep(sleep)
+        return gibbs.remaining()
+
+
+class AsyncRemaining:
+    async def __call__(self, sleep: float = 0.0) -> Any:
+        import asyncio
+
+        import gibbs
+
+        await asyncio.sleep(sleep)
+        return gibbs.remaining()

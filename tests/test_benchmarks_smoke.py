@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b")
+ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b", "9a", "9b")
 
 
 def _results_state() -> tuple[bool, float]:

@@ -29,7 +29,7 @@ from gibbs.core import (
     Stop,
     WorkerInfo,
 )
-from gibbs.errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+from gibbs.errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
 
 EXAMPLES = int(os.environ.get("GIBBS_HYPOTHESIS_EXAMPLES", "800"))
 MODELS = ["a", "b"]
@@ -61,13 +61,26 @@ class CoreMachine(RuleBasedStateMachine):
         self.stopped: set[tuple[int, int]] = set()  # (worker, call) asked to stop
 
     def apply(self, actions: list[Any]) -> None:
+        # Each worker's load before these sends (the core's estimate of the
+        # time to answer counts the units committed before each one).
+        load = {}
+        for a in actions:
+            if isinstance(a, Send) and a.worker in self.live:
+                load[a.worker] = load.get(a.worker, self.live[a.worker].load) - 1
         for a in actions:
             if isinstance(a, Send):
                 assert a.worker in self.live, "sent to a worker that is gone"
                 w = self.live[a.worker]
                 assert 1 <= len(a.calls) <= w.batch_size
+                est = None if w.ewma is None else w.ewma * (1 + load[a.worker] // w.slots)
+                load[a.worker] += 1
                 for c in a.calls:
                     assert c.id not in self.cancelled_while_queued, "a call cancelled while queued was sent"
+                    final = c.final_deadline
+                    if final is not None:
+                        assert self.now < final, "a call past its deadline was sent"
+                        if est is not None:
+                            assert self.now + est <= final + 1e-9, "a call that cannot finish in time was sent"
                     assert c.id not in self.outcomes, "a call already resolved was sent"
                     assert c.model == w.model, "a call was sent to a worker of another model"
                     self.sent[c.id] = self.sent.get(c.id, 0) + 1
@@ -80,6 +93,11 @@ class CoreMachine(RuleBasedStateMachine):
                     # Failed for want of workers: only after waiting the whole timeout.
                     timeout = self.core.no_worker_timeout
                     assert timeout is not None and self.now - a.call.t0 >= timeout - 1e-9, "failed before its wait was up"
+                if a.outcome.kind is OutcomeKind.EXPIRED:
+                    c = a.call
+                    assert c.deadline is not None
+                    if not a.outcome.value.detail:  # its window ended, no retry left
+                        assert self.now >= c.deadline and (c.retries == 0 or c.stream)
             elif isinstance(a, Release):
                 assert a.call.id not in self.released, "released twice"
                 assert a.call.id in self.outcomes, "released before its outcome"
@@ -96,21 +114,40 @@ class CoreMachine(RuleBasedStateMachine):
                 assert a.call.id not in self.outcomes, "a chunk delivered after the call's outcome"
                 self.chunks[a.call.id] = self.chunks.get(a.call.id, 0) + 1
             elif isinstance(a, Stop):
-                assert a.call.stream and a.worker in self.live
+                assert a.worker in self.live
                 self.stopped.add((a.worker, a.call.id))
             elif isinstance(a, Credit):
                 assert a.worker in self.live and a.call.id not in self.outcomes
 
     # ------------------------------------------------------------ callers
 
-    @rule(model=st.sampled_from(MODELS), stream=st.booleans())
-    def submit(self, model: str, stream: bool) -> None:
-        call = Call(self.next_call, model, payload=b"x", stream=stream)
+    @rule(
+        model=st.sampled_from(MODELS),
+        stream=st.booleans(),
+        timeout=st.one_of(st.none(), st.floats(0.001, 0.03)),
+        retries=st.sampled_from([0, 0, 1, 2, -1]),
+    )
+    def submit(self, model: str, stream: bool, timeout: Any, retries: int) -> None:
+        call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries)
         self.next_call += 1
+        pred = self.core.predicted_wait(model)
+        n_calls = len(self.core.calls)
         try:
             actions = self.core.submit(call, self.now)
-        except (HubClosedError, QueueFullError, NoWorkersError):
+        except OverloadedError as exc:
+            # Shed at once: it gets its error now, and nothing of it is kept.
+            assert call.id not in self.core.calls and len(self.core.calls) == n_calls and not call.queued
+            assert exc.retry_after >= 0 and exc.reason in ("deadline", "max_queued")
+            if exc.reason == "deadline":
+                assert pred is not None and exc.retry_after > 0
             return
+        except (HubClosedError, NoWorkersError):
+            return
+        final = call.final_deadline
+        if pred is not None and final is not None:
+            assert pred[0] + pred[1] <= self.core.queue_share * (final - self.now), (
+                "a call that the predicted wait says cannot be served in time was queued"
+            )
         self.calls[call.id] = call
         self.apply(actions)
 
@@ -122,8 +159,9 @@ class CoreMachine(RuleBasedStateMachine):
         queued_only = call.queued and not call.holders
         holders = list(call.holders)
         self.apply(self.core.cancel(call))
-        if call.stream:
-            assert all((w, call.id) in self.stopped for w in holders), "a gone caller's stream was not stopped"
+        # Every worker running it is told to stop (a stream's generator, an
+        # async model's coroutine; a sync model ignores it).
+        assert all((w, call.id) in self.stopped for w in holders), "a gone caller's call was not stopped"
         assert self.outcomes[call.id].kind is OutcomeKind.CANCELLED
         if queued_only:
             self.cancelled_while_queued.add(call.id)
@@ -145,6 +183,11 @@ class CoreMachine(RuleBasedStateMachine):
         if not self.core.closing:  # a free worker for the second attempt
             self.join(call.model, self.core.models[call.model].cls or "A", 1, 1, 1)
         self.apply(self.core.resend(call, self.now))
+        if call.id in self.outcomes:
+            # The second attempt could not finish in the time left: the call
+            # expired then (a worker's answer after that is dropped).
+            assert self.outcomes[call.id].kind is OutcomeKind.EXPIRED
+            return
         if call.id in self.holding.get(first, []):
             self.holding[first].remove(call.id)
             outcome = Outcome(OutcomeKind.ERROR if error else OutcomeKind.RESULT, (first, call.id))
@@ -186,8 +229,12 @@ class CoreMachine(RuleBasedStateMachine):
         self.apply(actions)
 
     @precondition(lambda self: any(self.holding.values()))
-    @rule(data=st.data(), error=st.booleans())
-    def answer(self, data: st.DataObject, error: bool) -> None:
+    @rule(data=st.data(), error=st.booleans(), dt=st.sampled_from([0.0, 0.0, 0.002, 0.01]))
+    def answer(self, data: st.DataObject, error: bool, dt: float) -> None:
+        if dt:  # the model takes time: the core measures it (and time passes for everyone)
+            self.tick(dt)
+        if not any(self.holding.values()):
+            return
         wid = data.draw(st.sampled_from(sorted(w for w, ids in self.holding.items() if ids)))
         ids = self.holding[wid]
         cid = data.draw(st.sampled_from(ids))
@@ -272,6 +319,14 @@ class CoreMachine(RuleBasedStateMachine):
                     assert cid in self.released, f"call {cid} resolved and free of workers but never released"
             else:
                 assert call.queued or any(h in self.live for h in call.holders), f"call {cid} stranded"
+
+    @invariant()
+    def no_call_outlives_its_window(self) -> None:
+        """tick(now) ended every window that is over: the call expired, or
+        (retries left) its next window opened."""
+        for c in self.calls.values():
+            if c.id not in self.outcomes and c.deadline is not None and not self.core.closing:
+                assert c.deadline > self.now, f"{c} is past its deadline {c.deadline} at {self.now}"
 
     @invariant()
     def close_deadline_kept(self) -> None:
@@ -467,3 +522,144 @@ def test_a_rolled_back_rollout_keeps_the_old_class() -> None:
     assert core.models["m"].cls == "app:V1"
     core.worker_lost("new", "killed", 0.0)
     assert any(isinstance(a, Refuse) for a in core.worker_joined(WorkerInfo("again", "m", "app:V2"), 0.0))
+
+
+def test_call_states_and_a_wrong_move_raises() -> None:
+    from gibbs.core import CallState, CallStateError
+
+    core = _core()
+    c = Call(1, "default", b"")
+    assert c.state is CallState.NEW and "new" in repr(c)
+    core.submit(c)
+    assert c.state is CallState.QUEUED and "queued" in repr(c)
+    core.worker_joined(WorkerInfo(1, "default"))
+    assert c.state is CallState.RUNNING and "running" in repr(c)
+    core.answered(1, 1, Outcome(OutcomeKind.RESULT, b""))
+    assert c.state is CallState.DONE and "done" in repr(c)
+    with pytest.raises(CallStateError, match="done -> queued"):
+        core._enqueue(c)  # a done call never goes back to the queue
+    assert "?" not in repr(Call(2, "default", b""))
+
+
+def _measured_worker(core: Core, wid: int, service: float, model: str = "default") -> float:
+    """Join a worker and let it answer one call in ``service`` seconds (its
+    measured service time); returns the time then."""
+    core.worker_joined(WorkerInfo(wid, model))
+    warm = Call(10_000 + wid, model, b"")
+    core.submit(warm, 0.0)
+    core.answered(wid, warm.id, Outcome(OutcomeKind.RESULT, b""), service)
+    return service
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    service=st.floats(0.001, 0.05),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["submit", "answer", "tick"]), st.floats(0.0, 0.03), st.floats(0.001, 0.1)),
+        max_size=30,
+    ),
+)
+def test_a_call_that_cannot_finish_in_time_is_never_sent(service: float, ops: list[Any]) -> None:
+    """By the model's measured service time: a call whose time left is
+    shorter is failed at once (EXPIRED, in the queue), never sent."""
+    core = _core()
+    now = _measured_worker(core, 1, service)
+    held: list[Call] = []
+    n = 0
+    for op, dt, timeout in ops:
+        now += dt
+        if op == "submit":
+            n += 1
+            try:
+                acts = core.submit(Call(n, "default", b"", timeout=timeout), now)
+            except OverloadedError:
+                continue
+        elif op == "answer" and held:
+            c = held.pop(0)
+            acts = core.answered(1, c.id, Outcome(OutcomeKind.RESULT, b""), now)
+        else:
+            acts = core.tick(now)
+        w = core.workers[1]
+        for a in acts:
+            if isinstance(a, Send):
+                assert w.ewma is not None
+                for c in a.calls:
+                    assert c.final_deadline is not None and now + w.ewma <= c.final_deadline + 1e-9, (
+                        "a call that cannot finish in its time left was sent"
+                    )
+                    held.append(c)
+            if isinstance(a, Resolve) and a.outcome.kind is OutcomeKind.EXPIRED and a.outcome.value.detail:
+                assert a.outcome.value.in_queue  # failed for lack of time: it never started
+
+
+def test_expiry_in_the_queue_and_while_running() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "default"))
+    running = Call(1, "default", b"", timeout=0.2)
+    queued = Call(2, "default", b"", timeout=0.1)
+    assert core.submit(running, 0.0) == [Send(1, (running,))]
+    assert core.submit(queued, 0.0) == []
+    assert core.next_deadline() == 0.1
+    (res,) = [a for a in core.tick(0.1) if isinstance(a, Resolve)]
+    assert res.call is queued and res.outcome.kind is OutcomeKind.EXPIRED and res.outcome.value.in_queue
+    acts = core.tick(0.2)
+    (res2,) = [a for a in acts if isinstance(a, Resolve)]
+    assert res2.call is running and not res2.outcome.value.in_queue  # the model took too long
+    assert core.models["default"].stats["expired_queued"] == 1
+    assert core.models["default"].stats["expired_running"] == 1
+
+
+def test_a_window_passing_with_retries_left_sends_a_second_attempt() -> None:
+    """gibbs_retries in the core: when the window ends, a running call goes
+    to another free worker; the final deadline is the end of the last window."""
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "default"))
+    c = Call(1, "default", b"", timeout=0.1, retries=1)
+    assert core.submit(c, 0.0) == [Send(1, (c,))]
+    assert c.final_deadline == pytest.approx(0.2)
+    core.worker_joined(WorkerInfo(2, "default"), 0.05)
+    assert core.tick(0.1) == [Send(2, (c,))]
+    acts = core.tick(0.2)
+    assert [a.outcome.kind for a in acts if isinstance(a, Resolve)] == [OutcomeKind.EXPIRED]
+    forever = Call(2, "default", b"", timeout=0.1, retries=-1)
+    core.submit(forever, 0.2)
+    for t in (0.3, 0.4, 0.5, 10.0):
+        assert not any(isinstance(a, Resolve) for a in core.tick(t))
+    assert forever.final_deadline is None and not forever.done
+
+
+def test_a_model_default_timeout() -> None:
+    core = _core()
+    core.default_timeouts["m"] = 0.5
+    c = Call(1, "m", b"")
+    core.submit(c, 1.0)
+    assert c.deadline == 1.5
+    assert Call(2, "other", b"").deadline is None
+
+
+def test_admission_sheds_at_once_with_retry_after() -> None:
+    """2 workers of a 10 ms model: about 200 calls/s. With 200 ms
+    deadlines, of which the predicted wait and service may take half
+    (QUEUE_SHARE), the queue takes about 18 calls; the next is shed at once."""
+    core = _core()
+    for wid in (1, 2):
+        core.worker_joined(WorkerInfo(wid, "default"))
+    warm = [Call(100 + wid, "default", b"") for wid in (1, 2)]
+    sends = [a for c in warm for a in core.submit(c, 0.0)]
+    for send in sends:
+        core.answered(send.worker, send.calls[0].id, Outcome(OutcomeKind.RESULT, b""), 0.01)
+    assert core.predicted_wait("default") == (0.0, pytest.approx(0.01))
+    now = 0.01
+    admitted = 0
+    with pytest.raises(OverloadedError) as info:
+        for i in range(1000):
+            core.submit(Call(i, "default", b"", timeout=0.2), now)
+            admitted += 1
+    assert core.queue_share == 0.5
+    assert 16 <= admitted <= 24, admitted
+    assert info.value.reason == "deadline" and 0 < info.value.retry_after < 0.1
+    assert "overloaded" in str(info.value)
+    assert core.stats["shed_deadline"] == 1 and core.models["default"].stats["shed_deadline"] == 1
+    # A call with no deadline is never shed by prediction (max_queued still applies).
+    core.submit(Call(5000, "default", b""), now)
+    assert issubclass(QueueFullError, OverloadedError)

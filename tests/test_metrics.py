@@ -203,6 +203,8 @@ EXPECTED_TYPES = {
     "gibbs_requests_resent": "counter",
     "gibbs_requests_retried": "counter",
     "gibbs_worker_restarts": "counter",
+    "gibbs_requests_expired": "counter",
+    "gibbs_requests_shed": "counter",
     "gibbs_batches": "counter",
     "gibbs_worker_deaths": "counter",
     "gibbs_handshake_failures": "counter",
@@ -378,3 +380,23 @@ def test_deterministic_sorted_order() -> None:
     assert prometheus_text(reordered) == text
     lines = [ln for ln in text.splitlines() if ln.startswith("gibbs_requests_total")]
     assert lines[0].startswith('gibbs_requests_total{model="resnet"}')  # "r" < "w"
+
+
+def test_expired_and_shed_by_reason() -> None:
+    stats = {
+        "models": {
+            "m": {
+                "expired": {"queued": 3, "running": 1},
+                "shed": {"deadline": 7, "max_queued": 2},
+            }
+        }
+    }
+    families = _parse(prometheus_text(stats))
+    assert _values(families["gibbs_requests_expired"]) == {
+        (("model", "m"), ("stage", "queued")): 3.0,
+        (("model", "m"), ("stage", "running")): 1.0,
+    }
+    assert _values(families["gibbs_requests_shed"]) == {
+        (("model", "m"), ("reason", "deadline")): 7.0,
+        (("model", "m"), ("reason", "max_queued")): 2.0,
+    }

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from .errors import (
     AddressInUseError,
     AuthenticationError,
+    DeadlineExceededError,
     GibbsError,
     HubClosedError,
     NoWorkersError,
+    OverloadedError,
     ProtocolError,
     QueueFullError,
     SerializationError,
@@ -28,7 +30,7 @@ from .errors import (
     WorkerRefusedError,
 )
 from .hub import Hub
-from .worker import Worker
+from .worker import Worker, remaining
 
 __version__ = "1.0.0"
 
@@ -54,12 +56,16 @@ __all__ = [
     # the two classes
     "Hub",
     "Worker",
+    # inside a model's call, in a worker
+    "remaining",
     # errors
     "GibbsError",
     "UserCodeException",
     "WorkerDiedError",
     "HubClosedError",
     "QueueFullError",
+    "OverloadedError",
+    "DeadlineExceededError",
     "NoWorkersError",
     "SerializationError",
     "AuthenticationError",

@@ -67,6 +67,7 @@ from .core import (
     OutcomeKind,
     Refuse,
     Release,
+    Resend,
     Resolve,
     Send,
     Stop,
@@ -179,7 +180,7 @@ class Peer:
     """One authenticated worker connection."""
 
     __slots__ = (
-        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
+        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm", "deadlines",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
         "owner", "rlock", "token", "version",
     )
@@ -201,6 +202,7 @@ class Peer:
                 self.address = "?"
         self.interval = max(0.01, float(hello.get("heartbeat_interval", 1.0)))
         self.shm = bool(hello.get("shm", False))
+        self.deadlines = bool(hello.get("deadlines", False))  # it reads DEADLINE frames
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
@@ -277,7 +279,9 @@ Rendezvous = Callable[[], Optional[tuple[str, Any]]]
 #: Exceptions a router may name in an EXC frame (rebuilt by type name).
 _EXC_TYPES: dict[str, type[BaseException]] = {
     name: getattr(errors, name)
-    for name in ("GibbsError", "WorkerDiedError", "HubClosedError", "QueueFullError", "NoWorkersError", "SerializationError")
+    for name in (
+        "GibbsError", "WorkerDiedError", "HubClosedError", "QueueFullError", "NoWorkersError", "SerializationError",
+    )
 }
 _EXC_TYPES["TypeError"] = TypeError
 _EXC_TYPES["ValueError"] = ValueError
@@ -287,6 +291,8 @@ def exc_to_json(exc: Optional[BaseException]) -> bytes:
     if exc is None:
         return json.dumps({"type": ""}).encode()  # cancelled
     record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, errors.DeadlineExceededError):
+        record["in_queue"] = exc.in_queue
     failures = getattr(exc, "failures", None)
     if failures:
         record["failures"] = list(failures)
@@ -305,6 +311,8 @@ def exc_from_json(body: bytes) -> Optional[BaseException]:
     message = str(record.get("message", ""))
     if cls is errors.WorkerDiedError:
         return errors.WorkerDiedError(message, list(record.get("failures") or []))
+    if name == "DeadlineExceededError":
+        return errors.DeadlineExceededError(message, in_queue=bool(record.get("in_queue", True)))
     exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
     if record.get("cause"):
         exc.__cause__ = GibbsError(f"in the router hub: {record['cause']}")
@@ -386,6 +394,7 @@ class Bridge:
         self._closed = False
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
+        self._wake_at = 0.0  # (under _lock) when the loop's select ends, at the latest
         self._handshaking: dict[socket.socket, float] = {}  # sockets in handshake threads -> deadline
         self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
         self._next_id = 1
@@ -458,6 +467,14 @@ class Bridge:
         if sync is not None and sync is not threading.current_thread():
             sync.join()
 
+    def set_default_timeout(self, model: str, seconds: Optional[float]) -> None:
+        """gibbs_timeout for the model's calls that give none (None: no limit)."""
+        with self._lock:
+            if seconds is None:
+                self._core.default_timeouts.pop(model, None)
+            else:
+                self._core.default_timeouts[model] = seconds
+
     def is_batched(self, model: str) -> bool:
         return model in self._batched_models
 
@@ -501,7 +518,15 @@ class Bridge:
             peers = list(self._peers.values())
         return sum(1 for p in peers if p.owner is not None and not p.gone)
 
-    def submit(self, payload: protocol.Payload, sink: Any, model: str = DEFAULT_MODEL, stream: bool = False) -> Call:
+    def submit(
+        self,
+        payload: protocol.Payload,
+        sink: Any,
+        model: str = DEFAULT_MODEL,
+        stream: bool = False,
+        timeout: Optional[float] = None,
+        retries: int = 0,
+    ) -> Call:
         home = self._home
         if home is not None and not home.is_running():
             # A caller while the home loop is stopped: the bridge takes the
@@ -512,13 +537,15 @@ class Bridge:
         with self._lock:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
-            call = Call(self._next_id, model, payload, sink, stream)
+            call = Call(self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries)
             self._next_id += 1
             if self._upstream is not None and model not in self._relays and not self._core.closing:
                 self._add_relay_locked(model)
             self._apply_locked(self._core.submit(call, time.monotonic()))
             if call.queued and self._core.models[model].batch_wait:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
+            elif call.deadline is not None and call.deadline < self._wake_at and not call.done:
+                self._wake_locked()  # its deadline comes before the loop's next tick
         if self._outcomes:
             self._hand_over()
         return call
@@ -527,13 +554,9 @@ class Bridge:
         """The caller gave up (cancelled, timed out): a queued call is removed
         and never runs; a running one's answer will be dropped."""
         with self._lock:
-            relayed = not call.stream and not call.done and any(type(h) is Relay for h in call.holders)
+            # A relayed call: the core says Stop to the relay, and the router
+            # removes it from its queue, or drops its answer.
             self._apply_locked(self._core.cancel(call))
-            up = self._upstream
-            if relayed and up is not None:
-                # The router removes it from its queue, or drops its answer.
-                up.out.extend(protocol.pack_frame(protocol.STOP, call.id))
-                self._flush_locked(up)
         if self._outcomes:
             self._hand_over()
 
@@ -546,13 +569,7 @@ class Bridge:
         """gibbs_retries: send a running call again to the next free worker
         (the first answer of any attempt wins)."""
         with self._lock:
-            up = self._upstream
-            if up is not None and not call.done and any(type(h) is Relay for h in call.holders):
-                # The router owns the attempts: it sends it again to another of its workers.
-                up.out.extend(protocol.pack_frame(protocol.RESEND, call.id))
-                self._flush_locked(up)
-            else:
-                self._apply_locked(self._core.resend(call, time.monotonic()))
+            self._apply_locked(self._core.resend(call, time.monotonic()))
         if self._outcomes:
             self._hand_over()
 
@@ -652,6 +669,8 @@ class Bridge:
                     "errors": ms["errors"],
                     "failed": ms["failed"],
                     "cancelled": ms["cancelled"],
+                    "expired": {"queued": ms["expired_queued"], "running": ms["expired_running"]},
+                    "shed": {"deadline": ms["shed_deadline"], "max_queued": ms["shed_max_queued"]},
                     "resent": ms["resent"],
                     "retried": ms["retried"],
                     "states": {
@@ -694,6 +713,10 @@ class Bridge:
                 "resent": stats["resent"],
                 "cancelled": stats["cancelled"],
                 "abandoned": stats["abandoned"],
+                # of the cancelled and abandoned: those that their deadline ended
+                "expired": {"queued": stats["expired_queued"], "running": stats["expired_running"]},
+                # refused at once (OverloadedError), by reason
+                "shed": {"deadline": stats["shed_deadline"], "max_queued": stats["shed_max_queued"]},
                 "worker_deaths": stats["deaths"],
                 "handshake_failures": self._n_handshake_failures,
                 "init_failures": len(self._init_failures),
@@ -795,6 +818,13 @@ class Bridge:
                     continue
                 peer = action.worker  # type: ignore[assignment]
                 calls = action.calls
+                if peer.deadlines:
+                    now = 0.0
+                    for c in calls:
+                        final = c.final_deadline
+                        if final is not None:
+                            now = now or time.monotonic()
+                            peer.out.extend(protocol.pack_deadline(c.id, final - now))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
@@ -830,6 +860,15 @@ class Bridge:
                     self._outcomes.append((action.call, action.chunk))
             elif type(action) is Release:
                 action.call.payload.release()
+            elif type(action) is Resend:
+                up = self._upstream_for_locked(action.worker)  # type: ignore[arg-type]
+                if up is not None:
+                    # The router owns the attempts: it sends it again to another of its workers.
+                    up.out.extend(protocol.pack_frame(protocol.RESEND, action.call.id))
+                    if touched is None:
+                        touched = [up]
+                    elif up not in touched:
+                        touched.append(up)
             elif type(action) is Stop or type(action) is Credit:
                 if type(action.worker) is Relay:
                     up = self._upstream_for_locked(action.worker)
@@ -890,6 +929,9 @@ class Bridge:
             frames = protocol.pack_frame(protocol.ERROR, sink.cid, value)
         elif kind is OutcomeKind.EXCEPTION:
             frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(value))
+        elif kind is OutcomeKind.EXPIRED:  # the router's own default timeout
+            err = errors.DeadlineExceededError(value.describe(), in_queue=value.in_queue)
+            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(err))
         else:  # CANCELLED: the client asked; this tells it the router let go
             frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(None))
         peer.out.extend(frames)
@@ -906,17 +948,19 @@ class Bridge:
             items, self._outcomes = self._outcomes, []
         if not items:
             return
-        for call, outcome in items:
-            err = outcome.value
-            if isinstance(err, NoWorkersError) and getattr(err, "model", None) and not getattr(err, "explained", False):
+        for i, (call, outcome) in enumerate(items):
+            value = outcome.value
+            if isinstance(value, NoWorkersError) and getattr(value, "model", None) and not getattr(value, "explained", False):
                 # The core failed it for want of workers: add what we saw.
-                err.explained = True  # type: ignore[attr-defined]
-                text = self._absence_text.get(call.model)
-                source = self.explain_source() if text is None and self.explain_source is not None else None
-                if source is not None:
-                    text = source(call.model)
+                value.explained = True  # type: ignore[attr-defined]
+                text = self._explain(call.model)
                 if text:
-                    err.args = (f"{err.args[0]}: {text}",)
+                    value.args = (f"{value.args[0]}: {text}",)
+            elif outcome.kind is OutcomeKind.EXPIRED and value.no_worker and not value.detail:
+                # Its deadline passed while no worker of its model was there: say so.
+                text = self._explain(call.model)
+                if text:
+                    items[i] = (call, Outcome(OutcomeKind.EXPIRED, value._replace(detail=text)))
         sync = [it for it in items if not hasattr(it[0].sink, "get_loop")]
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
@@ -945,6 +989,15 @@ class Bridge:
                         self._sync_stopped = True
                 if last:
                     q.put(None)
+
+    def _explain(self, model: str) -> Optional[str]:
+        """Why no worker of ``model`` is there, as the hub explains it."""
+        text = self._absence_text.get(model)
+        if text is None and self.explain_source is not None:
+            source = self.explain_source()
+            if source is not None:
+                text = source(model)
+        return text
 
     def _sync_loop(self, q: "queue.SimpleQueue[Optional[tuple[Call, Outcome]]]") -> None:
         """Resolves ``concurrent.futures`` callers: their done-callbacks (user
@@ -1051,14 +1104,16 @@ class Bridge:
         next_check = time.monotonic()
         while True:
             deadline = next_check
-            with self._lock:
-                core_deadline = self._core.next_deadline()
-            if core_deadline is not None and core_deadline < deadline:
-                deadline = core_deadline
             if self._losing:
                 soon = time.monotonic() + 0.002
                 for entry in self._losing.values():
                     deadline = min(deadline, soon if entry[3] else entry[0])
+            with self._lock:
+                core_deadline = self._core.next_deadline()
+                if core_deadline is not None and core_deadline < deadline:
+                    deadline = core_deadline
+                # A call submitted from now on with an earlier deadline wakes the loop.
+                self._wake_at = deadline
             events = sel.select(max(0.0, deadline - time.monotonic()))
             for key, mask in events:
                 data = key.data
@@ -2130,7 +2185,8 @@ class Bridge:
         up = self._upstream
         assert up is not None
         relay = WorkerInfo(
-            Relay(model), model, "", slots=1 << 30, depth=1 << 30, describe=f"the router hub ({up.describe()})"
+            Relay(model), model, "", slots=1 << 30, depth=1 << 30, describe=f"the router hub ({up.describe()})",
+            relay=True,
         )
         self._relays[model] = relay
         self._apply_locked(self._core.worker_joined(relay, time.monotonic()))

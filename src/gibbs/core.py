@@ -19,8 +19,11 @@ workers_loading(model, n, now)
 roll_out(model, cls)                     (a rolling update: two classes)
 close(now, grace) / tick(now)
 
-A call is in exactly one of these states:
+A call is in exactly one of these states (``CallState``; the allowed moves
+are written once, in ``TRANSITIONS``, and any other raises
+``CallStateError`` at once):
 
+* **new**: made by the driver, not submitted yet;
 * **queued**: in its model's queue (possibly also held by workers, when a
   retry asked for a second attempt);
 * **running**: held by one or more live workers (each holds one attempt);
@@ -56,14 +59,18 @@ from __future__ import annotations
 
 import collections
 import enum
+import heapq
 from typing import Any, Hashable, NamedTuple, Optional, Union
 
-from .errors import HubClosedError, NoWorkersError, QueueFullError, WorkerDiedError
+from .errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
 from .metrics import Window
 
 __all__ = [
     "Core",
     "Call",
+    "CallState",
+    "CallStateError",
+    "TRANSITIONS",
     "WorkerInfo",
     "Outcome",
     "OutcomeKind",
@@ -75,12 +82,24 @@ __all__ = [
     "Deliver",
     "Stop",
     "Credit",
+    "Resend",
+    "Expired",
     "Action",
     "PIPELINE_WINDOW",
     "DEFAULT_MODEL",
 ]
 
 DEFAULT_MODEL = "default"
+
+#: Queue disciplines the core knows (see Core.discipline).
+DISCIPLINES = ("fifo", "lifo")
+
+#: Admission control: a new call is shed at once when its predicted wait and
+#: service time exceed this share of its deadline. Measured on the core
+#: (benchmarks.overload_sim): 1.0 keeps answered calls' latency at the
+#: deadline under overload; 0.5 halves it for about 1 % of goodput at
+#: exactly full load and none beyond.
+QUEUE_SHARE = 0.5
 
 #: A busy worker may be sent more work only while the work already committed
 #: to it stays under this many seconds (by its moving-average service time):
@@ -97,6 +116,7 @@ class OutcomeKind(enum.Enum):
     EXCEPTION = "exception"  # value: an exception instance made here or by the driver
     CANCELLED = "cancelled"  # value: None; the caller gave up
     CHUNK = "chunk"  # value: one item of a stream, as the driver received it
+    EXPIRED = "expired"  # value: an Expired record; its deadline ended the call
 
 
 class Outcome(NamedTuple):
@@ -107,22 +127,58 @@ class Outcome(NamedTuple):
 CANCELLED = Outcome(OutcomeKind.CANCELLED, None)
 
 
+class CallState(enum.Enum):
+    """Where a call is in its life (see the table in the module docstring)."""
+
+    NEW = "new"  # made by the driver, not submitted yet
+    QUEUED = "queued"  # in its model's queue (maybe also held, on a retry)
+    RUNNING = "running"  # out of the queue, held by one or more workers
+    DONE = "done"  # its Resolve was returned: the caller has its outcome
+
+
+#: Every allowed move, written once. Anything else raises CallStateError at
+#: once rather than leave a call in a state no rule expects.
+TRANSITIONS: frozenset[tuple[CallState, CallState]] = frozenset(
+    {
+        (CallState.NEW, CallState.QUEUED),  # submit
+        (CallState.QUEUED, CallState.RUNNING),  # dispatch
+        (CallState.RUNNING, CallState.QUEUED),  # resend; lost with attempts left
+        (CallState.QUEUED, CallState.DONE),  # cancelled, expired, closed while queued
+        (CallState.RUNNING, CallState.DONE),  # answered, cancelled, expired, failed
+    }
+)
+
+
+class CallStateError(RuntimeError):
+    """A move the lifecycle does not allow (a bug in gibbs, never the user's)."""
+
+
 class Call:
     """One request. The driver makes it; the core owns the fields below
     ``sink``. ``payload`` and ``sink`` are opaque to the core."""
 
     __slots__ = (
-        "id", "model", "payload", "sink", "queued", "done", "holders",
+        "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
+        "timeout", "retries", "deadline", "windows",
     )
 
-    def __init__(self, call_id: int, model: str, payload: Any, sink: Any = None, stream: bool = False) -> None:
+    def __init__(
+        self,
+        call_id: int,
+        model: str,
+        payload: Any,
+        sink: Any = None,
+        stream: bool = False,
+        *,
+        timeout: Optional[float] = None,
+        retries: int = 0,
+    ) -> None:
         self.id = call_id
         self.model = model
         self.payload = payload
         self.sink = sink
-        self.queued = False  # in its model's queue
-        self.done = False  # its Resolve was returned
+        self.state = CallState.NEW
         # Workers holding an attempt: a tuple, empty (shared) while queued,
         # so that a queued call costs no list of its own.
         self.holders: tuple[Hashable, ...] = ()
@@ -133,10 +189,41 @@ class Call:
         self.delivered = 0  # chunks handed to the caller
         self.t0 = 0.0  # when it was submitted (for its latency and queue wait)
         self.dispatched = False  # sent to a worker at least once
+        # gibbs_timeout: seconds per attempt window (None: the model's
+        # default, else no limit); gibbs_retries: windows left after this
+        # one (-1: forever). ``deadline`` is the end of the current window,
+        # set by submit from the driver's ``now``.
+        self.timeout = timeout
+        self.retries = retries
+        self.deadline: Optional[float] = None
+        self.windows = 1  # attempt windows opened so far
+
+    @property
+    def final_deadline(self) -> Optional[float]:
+        """When the call fails for good: the end of its last window (None:
+        no limit, or retries forever)."""
+        if self.deadline is None or self.retries < 0:
+            return None
+        assert self.timeout is not None
+        return self.deadline + self.retries * self.timeout
+
+    @property
+    def queued(self) -> bool:
+        """In its model's queue."""
+        return self.state is CallState.QUEUED
+
+    @property
+    def done(self) -> bool:
+        """Its outcome was returned (workers may still hold attempts)."""
+        return self.state is CallState.DONE
+
+    def _move(self, to: CallState) -> None:
+        if (self.state, to) not in TRANSITIONS:
+            raise CallStateError(f"call {self.id}: {self.state.value} -> {to.value} is not an allowed move")
+        self.state = to
 
     def __repr__(self) -> str:
-        state = "done" if self.done else "queued" if self.queued else "running" if self.holders else "?"
-        return f"<Call {self.id} {self.model} {state} holders={self.holders}>"
+        return f"<Call {self.id} {self.model} {self.state.value} holders={self.holders}>"
 
 
 class WorkerInfo:
@@ -144,7 +231,7 @@ class WorkerInfo:
 
     __slots__ = (
         "id", "model", "cls", "slots", "batch_size", "depth", "units", "held",
-        "ewma", "last_done", "leaving", "served", "describe",
+        "ewma", "last_done", "leaving", "served", "describe", "relay",
     )
 
     def __init__(
@@ -157,8 +244,12 @@ class WorkerInfo:
         batch_size: int = 1,
         depth: int = 1,
         describe: str = "",
+        relay: bool = False,
     ) -> None:
         self.id = worker_id
+        # A relay hands calls to another hub, which owns their attempts: a
+        # retry is asked of it (Resend), and its timing says nothing of the model.
+        self.relay = relay
         self.model = model
         self.cls = cls
         self.slots = max(1, slots)
@@ -256,6 +347,31 @@ class Stop(NamedTuple):
     call: Call
 
 
+class Resend(NamedTuple):
+    """Ask a relay (another hub, which owns the attempts) for a second attempt."""
+
+    worker: Hashable
+    call: Call
+
+
+class Expired(NamedTuple):
+    """The value of an EXPIRED outcome: why the call's deadline ended it."""
+
+    model: str
+    in_queue: bool  # no worker held it: it never started
+    timeout: float  # seconds of each attempt window
+    windows: int  # windows waited (1 + retries used)
+    detail: str  # what the core saw (time left, the model's service time)
+    no_worker: bool = False  # it waited with no worker of its model there (the driver says why)
+
+    def describe(self) -> str:
+        tries = f" ({self.windows} attempts)" if self.windows > 1 else ""
+        if self.in_queue:
+            why = f": {self.detail}" if self.detail else ""
+            return f"request to model {self.model!r} expired in the queue (gibbs_timeout={self.timeout} s{tries}){why}"
+        return f"request to model {self.model!r}: the model took too long (gibbs_timeout={self.timeout} s{tries})"
+
+
 class Credit(NamedTuple):
     """The caller consumed ``n`` chunks: the worker may send ``n`` more."""
 
@@ -274,7 +390,7 @@ class Drop(NamedTuple):
     reason: str
 
 
-Action = Union[Send, Resolve, Release, Refuse, Drop, Deliver, Stop, Credit]
+Action = Union[Send, Resolve, Release, Refuse, Drop, Deliver, Stop, Credit, Resend]
 
 
 class Core:
@@ -282,15 +398,32 @@ class Core:
     driver serialises every call (the bridge's lock)."""
 
     def __init__(
-        self, *, max_attempts: int = 3, max_queued: Optional[int] = None, no_worker_timeout: Optional[float] = None
+        self,
+        *,
+        max_attempts: int = 3,
+        max_queued: Optional[int] = None,
+        discipline: str = "fifo",
+        queue_share: float = QUEUE_SHARE,
+        no_worker_timeout: Optional[float] = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if discipline not in DISCIPLINES:
+            raise ValueError(f"discipline must be one of {DISCIPLINES}, got {discipline!r}")
+        if not queue_share > 0:
+            raise ValueError("queue_share must be > 0")
         if no_worker_timeout is not None and not no_worker_timeout > 0:
             raise ValueError("no_worker_timeout must be > 0 or None")
         self.max_attempts = max_attempts
         self.max_queued = max_queued
         self.no_worker_timeout = no_worker_timeout
+        # The order a free worker takes queued calls in ("fifo", or "lifo":
+        # the newest first, the older ones expire), and the share of a new
+        # call's time left that its predicted wait and service may take
+        # before it is shed. benchmarks.overload_sim measures them; the hub
+        # uses the defaults (README: "Deadlines and overload").
+        self.discipline = discipline
+        self.queue_share = queue_share
         self.models: dict[str, _Model] = {}
         self.workers: dict[Hashable, WorkerInfo] = {}
         self.calls: dict[int, Call] = {}  # every call not yet done
@@ -298,6 +431,11 @@ class Core:
         self.closing = False
         self.close_deadline: Optional[float] = None
         self.stats: collections.Counter[str] = collections.Counter()
+        # (window end, call id) of every call with a deadline; entries of
+        # calls done or whose window moved on are skipped when they surface.
+        self._deadlines: list[tuple[float, int]] = []
+        # model name -> gibbs_timeout for its calls that give none
+        self.default_timeouts: dict[str, float] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -321,13 +459,14 @@ class Core:
             m.stats[
                 "completed" if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED
                 else "errors" if kind is OutcomeKind.ERROR
-                else "cancelled" if kind is OutcomeKind.CANCELLED
+                else "cancelled" if kind is OutcomeKind.CANCELLED or kind is OutcomeKind.EXPIRED
                 else "failed"
             ] += 1
-        call.done = True
-        self.calls.pop(call.id, None)
         if call.queued:
-            self._unqueue(call)
+            self._unqueue(call, CallState.DONE)
+        else:
+            call._move(CallState.DONE)
+        self.calls.pop(call.id, None)
         out.append(Resolve(call, outcome))
         if not call.holders:
             out.append(Release(call))
@@ -337,12 +476,14 @@ class Core:
         q[call.id] = call
         if front:
             q.move_to_end(call.id, last=False)
-        call.queued = True
+        call._move(CallState.QUEUED)
         self.n_queued += 1
 
-    def _unqueue(self, call: Call) -> None:
+    def _unqueue(self, call: Call, to: CallState = CallState.RUNNING) -> None:
+        """Out of the queue: running (dispatched, or still held by a retried
+        attempt) or done."""
         del self.models[call.model].queue[call.id]
-        call.queued = False
+        call._move(to)
         self.n_queued -= 1
 
     # ------------------------------------------------------------ callers
@@ -359,11 +500,35 @@ class Core:
             raise err
         if self.max_queued is not None and self.n_queued >= self.max_queued:
             if not any(w.load < w.slots and not w.leaving for w in model.workers.values()):
+                pred = self.predicted_wait(model.name)
+                self._count_shed(model, "shed_max_queued")
                 raise QueueFullError(
-                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})"
+                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})",
+                    retry_after=pred[0] if pred else 0.0,
                 )
         if call.id in self.calls:
             raise ValueError(f"call id {call.id} is already in use")
+        timeout = call.timeout if call.timeout is not None else self.default_timeouts.get(call.model)
+        if timeout is not None:
+            call.timeout = timeout
+            call.deadline = now + timeout
+            final = call.final_deadline
+            if final is not None:
+                pred = self.predicted_wait(model.name)
+                if pred is not None and pred[0] + pred[1] > self.queue_share * (final - now):
+                    # Admission control: shed now rather than queue what cannot be served in time.
+                    wait, service = pred
+                    call.deadline = None
+                    self._count_shed(model, "shed_deadline")
+                    raise OverloadedError(
+                        f"model {model.name!r} is overloaded: the predicted wait ({wait:.3f} s for "
+                        f"{len(model.queue)} queued ahead) and its service time ({service:.3f} s) exceed "
+                        f"{self.queue_share:.0%} of this call's deadline ({final - now:.3f} s)",
+                        retry_after=max(0.001, wait + service - self.queue_share * (final - now)),
+                        reason="deadline",
+                    )
+        if call.deadline is not None:
+            heapq.heappush(self._deadlines, (call.deadline, call.id))
         self.calls[call.id] = call
         call.t0 = now
         model.stats["requests"] += 1
@@ -377,6 +542,42 @@ class Core:
         self._absence(model, now)
         return out
 
+    def _count_shed(self, model: _Model, reason: str) -> None:
+        self.stats[reason] += 1
+        model.stats[reason] += 1
+
+    def predicted_wait(self, model_name: str) -> Optional[tuple[float, float]]:
+        """(wait, service): how long a call submitted now would wait for a
+        worker (the calls queued ahead over the model's measured throughput)
+        and its service time. A worker not measured yet counts as the
+        measured ones' mean; None until one is (nothing is predicted from
+        nothing)."""
+        model = self.models.get(model_name)
+        if model is None:
+            return None
+        rate = 0.0
+        service: Optional[float] = None
+        free = False
+        measured = unmeasured = 0
+        for w in model.workers.values():
+            if w.leaving or w.relay:
+                continue
+            free = free or w.load < w.slots
+            if w.ewma is None or w.ewma <= 0.0:
+                unmeasured += 1
+                continue
+            # Units of one worker end ewma apart (its slots overlap): batch_size calls each.
+            rate += w.batch_size / w.ewma
+            service = w.ewma if service is None else min(service, w.ewma)
+            measured += 1
+        if service is None:
+            return None
+        rate += unmeasured * rate / measured
+        ahead = len(model.queue)
+        if free and not ahead:
+            return (0.0, service)
+        return (ahead / rate, service)
+
     def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
         """The caller gave up (cancelled, timed out). A queued call leaves the
         queue and is never sent; a running one is done, and its answer will
@@ -385,11 +586,17 @@ class Core:
         if call.done:
             return out
         self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
-        if call.stream:
-            for wid in call.holders:
-                out.append(Stop(wid, call))
+        self._stop_holders(call, out)
         self._resolve(call, outcome, out)
         return out
+
+    def _stop_holders(self, call: Call, out: list[Action]) -> None:
+        """The caller is gone: every worker running it is told to stop (a
+        stream's generator is closed, an async model's coroutine cancelled,
+        a relay removes it from its queue; a sync model cannot be stopped
+        and ignores it: its answer is dropped)."""
+        for wid in call.holders:
+            out.append(Stop(wid, call))
 
     def consumed(self, call: Call, n: int) -> list[Action]:
         """The caller of a stream took ``n`` more chunks: credit the worker."""
@@ -415,15 +622,69 @@ class Core:
         the front for a second attempt on another worker, and the first
         answer of any attempt wins."""
         out: list[Action] = []
+        self._retry(call, now, out)
+        return out
+
+    def _retry(self, call: Call, now: float, out: list[Action]) -> None:
         if call.done or call.queued or call.stream:
-            return out  # a stream is never run twice at once: its chunks would mix
+            return  # a stream is never run twice at once: its chunks would mix
         if self.closing:
-            return out
+            return
+        relays = [wid for wid in call.holders if (w := self.workers.get(wid)) is not None and w.relay]
+        if relays:
+            # The hub upstream owns the attempts: it sends it again to another of its workers.
+            out.extend(Resend(wid, call) for wid in relays)
+            return
         self.stats["resent"] += 1
         self.models[call.model].stats["resent"] += 1
         self._enqueue(call, front=True)
         self._dispatch(self.models[call.model], now, out)
-        return out
+
+    # ------------------------------------------------------------ deadlines
+
+    def _window_passed(self, call: Call, now: float, out: list[Action]) -> None:
+        """The call's attempt window ended: with retries left, another window
+        opens (a running call gets a second attempt on another free worker;
+        a queued one keeps its place); else it expires."""
+        assert call.timeout is not None and call.deadline is not None
+        opened = False
+        while call.retries != 0 and not call.stream and call.deadline <= now:
+            if call.retries > 0:
+                call.retries -= 1
+            call.windows += 1
+            call.deadline += call.timeout
+            opened = True
+        if call.deadline > now:
+            heapq.heappush(self._deadlines, (call.deadline, call.id))
+            if opened:
+                self._retry(call, now, out)
+            return
+        self._expire(call, now, out, "")
+
+    def _expire(self, call: Call, now: float, out: list[Action], detail: str) -> None:
+        """Fail ``call`` on its deadline: "in the queue" when no worker
+        holds it, else the model took too long (its workers are told to
+        stop, when they can)."""
+        in_queue = not call.holders
+        reason = "expired_queued" if in_queue else "expired_running"
+        # Counted as the caller giving up too (as when the caller's own timer ended it).
+        self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
+        self.stats[reason] += 1
+        self.models[call.model].stats[reason] += 1
+        self._stop_holders(call, out)
+        assert call.timeout is not None
+        absent = in_queue and self.models[call.model].absent()
+        expired = Expired(call.model, in_queue, call.timeout, call.windows, detail, absent)
+        self._resolve(call, Outcome(OutcomeKind.EXPIRED, expired), out)
+
+    def _expire_due(self, now: float, out: list[Action]) -> None:
+        heap = self._deadlines
+        calls = self.calls
+        while heap and heap[0][0] <= now:
+            deadline, cid = heapq.heappop(heap)
+            call = calls.get(cid)
+            if call is not None and call.deadline == deadline:
+                self._window_passed(call, now, out)
 
     # ------------------------------------------------------------ workers
 
@@ -680,6 +941,8 @@ class Core:
                     err = HubClosedError("the hub was closed before the worker answered (grace period over)")
                     self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
             return out
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire_due(now, out)
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 self._dispatch(model, now, out)
@@ -694,6 +957,14 @@ class Core:
         if self.closing:
             return self.close_deadline if self.calls else None
         best: Optional[float] = None
+        heap = self._deadlines
+        while heap:
+            deadline, cid = heap[0]
+            call = self.calls.get(cid)
+            if call is not None and call.deadline == deadline:
+                best = deadline
+                break
+            heapq.heappop(heap)  # a call done, or a window that moved on
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 t = next(iter(model.queue.values())).queued_at + model.batch_wait
@@ -762,17 +1033,37 @@ class Core:
                 if now < first.queued_at + model.batch_wait:
                     return  # wait to fill the batch (tick will come back)
             calls: list[Call] = []
-            for call in queue.values():
+            late: Optional[list[Call]] = None
+            # What the worker needs to answer a call sent now: its service
+            # time, and the units committed to it before (pipelining).
+            est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + w.load // w.slots)
+            for call in queue.values() if self.discipline == "fifo" else reversed(queue.values()):
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
                 if w.id not in call.holders:
+                    if call.deadline is not None:
+                        final = call.final_deadline
+                        if final is not None and (now >= final or now + est > final):
+                            # It cannot finish in time: never sent, failed now.
+                            if late is None:
+                                late = []
+                            late.append(call)
+                            continue
                     calls.append(call)
                     if len(calls) >= w.batch_size:
                         break
+            if late is not None:
+                for call in late:
+                    assert call.final_deadline is not None
+                    self._expire(
+                        call, now, out,
+                        f"{max(0.0, call.final_deadline - now):.3f} s left and the model takes about {est:.3f} s",
+                    )
             for call in calls:
                 self._unqueue(call)
             if not calls:
-                skip = (skip or set()) | {w.id}
+                if late is None:
+                    skip = (skip or set()) | {w.id}
                 continue
             if not w.units:
                 w.last_done = now
@@ -825,7 +1116,7 @@ class Core:
         if self.closing:
             assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"
         for call in self.calls.values():
-            assert not call.done
+            assert call.state is (CallState.QUEUED if call.id in self.models[call.model].queue else CallState.RUNNING)
             assert call.queued or call.holders, f"{call} is neither queued nor held"
             for wid in call.holders:
                 assert wid in self.workers, f"{call} held by a worker that is gone"

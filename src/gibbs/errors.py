@@ -8,6 +8,8 @@ attached as ``__cause__``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from typing import Optional
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "UserCodeException",
     "WorkerDiedError",
     "HubClosedError",
+    "OverloadedError",
     "QueueFullError",
+    "DeadlineExceededError",
     "NoWorkersError",
     "SerializationError",
     "AuthenticationError",
@@ -87,9 +91,62 @@ class HubClosedError(GibbsError):
     still queued (never started) when ``hub.close()`` was called."""
 
 
-class QueueFullError(GibbsError):
+class OverloadedError(GibbsError):
+    """Raised at once, before anything is sent, when the hub sheds a new call
+    rather than queue what it cannot serve in time.
+
+    ``reason`` says why: ``"deadline"``, the predicted wait (the work queued
+    ahead over the model's measured throughput) and the model's service time
+    exceed the call's deadline; ``"max_queued"``, the queue is full
+    (:class:`QueueFullError`). ``retry_after``: seconds after which the queue
+    ahead should have drained enough (an HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 0.0, reason: str = "deadline") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reason = reason
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (str(self),), {"retry_after": self.retry_after, "reason": self.reason})
+
+
+class QueueFullError(OverloadedError):
     """Raised at once by ``hub.request`` when ``max_queued`` requests are already
-    waiting for a worker (``Hub(max_queued=N)``)."""
+    waiting for a worker (``Hub(max_queued=N)``); an :class:`OverloadedError`
+    whose ``reason`` is ``"max_queued"``."""
+
+    def __init__(self, message: str, *, retry_after: float = 0.0, reason: str = "max_queued") -> None:
+        super().__init__(message, retry_after=retry_after, reason=reason)
+
+
+# asyncio's, concurrent.futures' and the builtin TimeoutError are one class
+# from Python 3.11, three before: a deadline error is each of them, so that
+# ``except asyncio.TimeoutError`` (gibbs 0.2 code) and ``except TimeoutError``
+# both catch it everywhere.
+_TIMEOUT_BASES = tuple(dict.fromkeys((asyncio.TimeoutError, concurrent.futures.TimeoutError, TimeoutError)))
+
+
+class DeadlineExceededError(GibbsError, *_TIMEOUT_BASES):  # type: ignore[misc]
+    """The call's deadline (``gibbs_timeout``, or the model's default) passed.
+
+    ``in_queue`` tells the two cases apart: True, it expired in the queue
+    (it never started, or could not finish in the time it had left by the
+    model's measured service time, so it was never sent); False, the model
+    took too long (a worker was running it). A subclass of
+    ``asyncio.TimeoutError`` and of ``TimeoutError``.
+    """
+
+    def __init__(self, message: str, *, in_queue: bool = True) -> None:
+        super().__init__(message)
+        self.in_queue = in_queue
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_deadline_error, (str(self), self.in_queue))
+
+
+def _rebuild_deadline_error(message: str, in_queue: bool) -> DeadlineExceededError:
+    return DeadlineExceededError(message, in_queue=in_queue)
 
 
 class NoWorkersError(GibbsError):

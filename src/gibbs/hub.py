@@ -72,10 +72,11 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
 from .bridge import Bridge, LocalWorker, describe_exit
-from .core import DEFAULT_MODEL, Call, Outcome, OutcomeKind
+from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
 from .errors import (
     AddressInUseError,
     AuthenticationError,
+    DeadlineExceededError,
     GibbsError,
     HubClosedError,
     NoWorkersError,
@@ -278,6 +279,7 @@ class Hub:
         self._created_at = time.monotonic()  # local workers started since then are this hub's
         self._finalizer: Optional[weakref.finalize] = None
         self._pools: list[Pool] = []  # started by serve(); closed with the hub
+        self._default_timeouts: dict[str, Optional[float]] = {}  # model -> gibbs_timeout (set_default_timeout)
         _live_hubs.add(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -356,6 +358,8 @@ class Hub:
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.explain_source = weakref.WeakMethod(self._explain_absence)
+            for name, seconds in self._default_timeouts.items():
+                bridge.set_default_timeout(name, seconds)
             bridge.start()
             self._bridge = bridge
             # A hub dropped without close() still releases its port, threads
@@ -519,9 +523,15 @@ class Hub:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
 
         Args:
-            gibbs_timeout: seconds to wait for an answer (None: no limit). When
-                it passes, ``asyncio.TimeoutError`` is raised; a request still
-                queued is removed and never runs.
+            gibbs_timeout: seconds to wait for an answer (None: the model's
+                default, see :meth:`set_default_timeout`, else no limit): the
+                call's deadline, kept by the hub itself. When it passes,
+                :class:`~gibbs.DeadlineExceededError` (an
+                ``asyncio.TimeoutError``) is raised, saying whether it expired
+                in the queue or the model took too long. A request that cannot
+                finish in the time it has left, by the model's measured
+                service time, is never sent: it fails at once. Inside the
+                model, :func:`gibbs.remaining` gives the time left.
             gibbs_retries: how many more times to wait ``gibbs_timeout`` after
                 the first; a request already running is then sent again to the
                 next free worker, and the first answer of any attempt wins.
@@ -534,38 +544,23 @@ class Hub:
             WorkerDiedError: workers died running it ``max_attempts`` times.
             SerializationError: an argument (at once) or the result cannot be pickled.
             QueueFullError: ``max_queued`` requests are already waiting.
+            DeadlineExceededError: the deadline passed (see ``gibbs_timeout``).
             NoWorkersError: no worker of the model can come (every worker
                 started here failed to build the model).
             HubClosedError: the hub was closed.
         """
-        if gibbs_timeout is not None and gibbs_timeout <= 0:
-            raise ValueError("gibbs_timeout must be > 0 or None")
-        if gibbs_retries < -1:
-            raise ValueError("gibbs_retries must be >= -1")
+        _check_deadline_args(gibbs_timeout, gibbs_retries)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
-            call = bridge.submit(payload, fut, model)
+            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries)
         except BaseException:
             payload.release()
             raise
         try:
-            if gibbs_timeout is None:
-                outcome = await fut
-            else:
-                tries = 0
-                while True:
-                    done, _ = await asyncio.wait((fut,), timeout=gibbs_timeout)
-                    if done:
-                        outcome = fut.result()
-                        break
-                    if gibbs_retries != -1 and tries >= gibbs_retries:
-                        raise asyncio.TimeoutError(self._timeout_message(bridge, model, gibbs_timeout, tries))
-                    tries += 1
-                    logger.info("gibbs: request timed out after %s s; retry %d", gibbs_timeout, tries)
-                    bridge.resend(call)
+            outcome = await fut
         except BaseException:
             bridge.cancel(call)
             if not loop.is_closed():  # cleaned up after its loop closed: nothing to cancel
@@ -573,21 +568,25 @@ class Hub:
             raise
         return _unwrap(outcome)
 
-    def _timeout_message(self, bridge: Bridge, model: str, timeout: float, tries: int) -> str:
-        text = f"no answer from model {model!r} within {timeout} s" + (f" ({tries + 1} attempts)" if tries else "")
-        if bridge.worker_count(model) == 0:
-            text += ": " + self._explain_absence(model)
-        return text
-
-    def submit(self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any) -> "concurrent.futures.Future[Any]":
+    def submit(
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_retries: int = 0,
+        gibbs_model: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
         ``concurrent.futures.Future``. Cancelling it while queued removes the
-        request (it never runs). Its done-callbacks run on a gibbs delivery
-        thread, never under a lock of the hub."""
+        request (it never runs). ``gibbs_timeout`` and ``gibbs_retries`` as
+        for ``request``: the future fails with
+        :class:`~gibbs.DeadlineExceededError`. Its done-callbacks run on a
+        gibbs delivery thread, never under a lock of the hub."""
+        _check_deadline_args(gibbs_timeout, gibbs_retries)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut = _SubmitFuture()
         try:
-            call = bridge.submit(payload, fut, model)
+            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries)
         except BaseException:
             payload.release()
             raise
@@ -596,7 +595,7 @@ class Hub:
         return fut
 
     async def stream(
-        self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any
+        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
         """Stream ``model(*args, **kwargs)``: yields each item as the worker's
         generator yields it (time to the first item is a request's latency,
@@ -610,13 +609,18 @@ class Hub:
         :class:`~gibbs.WorkerDiedError`. A model exception mid-stream arrives
         as :class:`~gibbs.UserCodeException` after the items before it. A
         model that returns a plain value streams it as one item.
+
+        ``gibbs_timeout``: the whole stream's deadline; when it passes, the
+        generator is closed on the worker and the items already had are
+        followed by :class:`~gibbs.DeadlineExceededError`.
         """
+        _check_deadline_args(gibbs_timeout, 0)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         sink = _AsyncStream(loop)
         bridge.home(loop)
         try:
-            call = bridge.submit(payload, sink, model, stream=True)
+            call = bridge.submit(payload, sink, model, stream=True, timeout=gibbs_timeout)
         except BaseException:
             payload.release()
             raise
@@ -641,18 +645,30 @@ class Hub:
             if not finished:
                 bridge.cancel(call)
 
-    def submit_stream(self, *args: Any, gibbs_model: Optional[str] = None, **kwargs: Any) -> "StreamIterator":
+    def submit_stream(
+        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
+    ) -> "StreamIterator":
         """``stream`` for plain threads: an iterator over the items (blocking
         ``next``). Call ``close()`` (or leave a ``with`` block) to stop early:
         the generator is closed on the worker."""
+        _check_deadline_args(gibbs_timeout, 0)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         it = StreamIterator(bridge)
         try:
-            it._call = bridge.submit(payload, it, model, stream=True)
+            it._call = bridge.submit(payload, it, model, stream=True, timeout=gibbs_timeout)
         except BaseException:
             payload.release()
             raise
         return it
+
+    def set_default_timeout(self, seconds: Optional[float], model: str = DEFAULT_MODEL) -> None:
+        """The deadline (``gibbs_timeout``) of the model's calls that give
+        none, from now on (None: no limit). ``serve(gibbs_timeout=...)`` sets it too."""
+        _check_deadline_args(seconds, 0)
+        self._default_timeouts[model] = seconds
+        bridge = self._bridge
+        if bridge is not None and self._pid == os.getpid():
+            bridge.set_default_timeout(model, seconds)
 
     # ------------------------------------------------------------ workers
 
@@ -805,6 +821,7 @@ class Hub:
         gibbs_warmup: Optional[Sequence[Any]] = None,
         gibbs_threads: Union[int, str, None] = None,
         gibbs_pin_cpus: bool = False,
+        gibbs_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -840,7 +857,11 @@ class Hub:
 
         ``gibbs_threads``, ``gibbs_pin_cpus``: CPU threads per worker, as for
         :class:`~gibbs.Worker` (default: the pool's workers split the cores).
+        ``gibbs_timeout``: the model's default deadline (see
+        :meth:`set_default_timeout`).
         """
+        if gibbs_timeout is not None:
+            self.set_default_timeout(gibbs_timeout, gibbs_model)
         launcher: Launcher = gibbs_launcher if gibbs_launcher is not None else LocalLauncher()
         devices = resolve_devices(gibbs_devices)
         if not isinstance(gibbs_workers_per_device, int) or gibbs_workers_per_device < 1:
@@ -1407,7 +1428,22 @@ def _unwrap(outcome: Outcome) -> Any:
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind is OutcomeKind.ERROR:
         raise _error_from_record(value)
+    if kind is OutcomeKind.EXPIRED:
+        raise _timeout_error(value)
     raise value
+
+
+def _timeout_error(expired: Expired) -> DeadlineExceededError:
+    """The error a caller gets when its call's deadline passed (the one place
+    it is made)."""
+    return DeadlineExceededError(expired.describe(), in_queue=expired.in_queue)
+
+
+def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError("gibbs_timeout must be > 0 or None")
+    if retries < -1:
+        raise ValueError("gibbs_retries must be >= -1")
 
 
 def _error_from_record(body: bytes) -> GibbsError:

@@ -285,6 +285,27 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
         for model, m in models:
             out.sample(name, [("model", model)], m.get(key))
 
+    for name, help_text, key in (
+        (
+            "gibbs_requests_expired_total",
+            "Requests ended by their deadline, per model and stage: queued (never started, or could not "
+            "finish in the time left), running (the model took too long).",
+            "expired",
+        ),
+        (
+            "gibbs_requests_shed_total",
+            "Requests refused at once (OverloadedError), per model and reason: deadline (the predicted "
+            "wait exceeds it), max_queued.",
+            "shed",
+        ),
+    ):
+        out.family(name, "counter", help_text)
+        label = "stage" if key == "expired" else "reason"
+        for model, m in models:
+            by = _mapping(m.get(key))
+            for kind in ("queued", "running") if key == "expired" else ("deadline", "max_queued"):
+                out.sample(name, [("model", model), (label, kind)], by.get(kind))
+
     name = "gibbs_batches_total"
     out.family(name, "counter", "Batches run, per model and batch size.")
     for model, m in models:

@@ -71,6 +71,7 @@ EXC = 17  # router -> client: JSON {type, message, failures}: the call failed in
 RESEND = 18  # client -> router: gibbs_retries: send this running call again to another worker
 LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building the model (the connection stays open until it is built)
 STATS = 21  # observer -> hub: empty, "send your statistics"; hub -> observer: JSON {statistics, workers}
+DEADLINE = 22  # hub -> worker: f64, seconds left to this call's deadline (sent just before it, to workers that said "deadlines" in HELLO)
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -96,6 +97,7 @@ KIND_NAMES = {
     POOL: "POOL",
     LOADING: "LOADING",
     STATS: "STATS",
+    DEADLINE: "DEADLINE",
 }
 
 #: FORWARD flags
@@ -131,6 +133,19 @@ def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
 #: Chunks of one stream a worker may send beyond what its caller consumed.
 STREAM_WINDOW = 8
 _CREDIT = struct.Struct("!I")
+
+
+_F64 = struct.Struct("!d")
+
+
+def pack_deadline(req_id: int, seconds_left: float) -> list[Buffer]:
+    return pack_frame(DEADLINE, req_id, _F64.pack(seconds_left))
+
+
+def unpack_deadline(body: Buffer) -> float:
+    if len(body) != _F64.size:
+        raise ProtocolError(f"a DEADLINE frame carries {_F64.size} bytes, not {len(body)}")
+    return float(_F64.unpack(body)[0])
 
 
 def pack_credit(req_id: int, n: int) -> list[Buffer]:

@@ -29,6 +29,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextvars
 import inspect
 import logging
 import multiprocessing
@@ -58,7 +59,31 @@ from .transport import (
     resolve_authkey,
 )
 
-__all__ = ["Worker", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT"]
+__all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT"]
+
+#: The deadline (time.monotonic() of this process) of the call being run
+#: here: set around each call, so that a model, sync or async, reads its own.
+_DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
+
+
+def remaining() -> Optional[float]:
+    """Inside a model's call in a worker: seconds left before the call's
+    deadline (``gibbs_timeout``), negative once it has passed: the caller
+    has its :class:`~gibbs.DeadlineExceededError` and will not read the
+    answer. ``None`` when the call has no deadline (or outside a call).
+
+    A cheap check for a sync model that cannot be interrupted::
+
+        for step in range(n):
+            if (left := gibbs.remaining()) is not None and left <= 0:
+                break  # nobody waits for this answer any more
+            ...
+
+    In a batched call, the earliest deadline of the batch's items.
+    """
+    deadline = _DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
+
 
 logger = logging.getLogger("gibbs")
 
@@ -564,6 +589,11 @@ class _Runtime:
         self.aloop: Optional[asyncio.AbstractEventLoop] = None  # runs async calls, in its own thread
         self.aloop_thread: Optional[threading.Thread] = None
         self.async_calls: set[concurrent.futures.Future[Any]] = set()  # async calls in progress
+        # Plain (not streamed) async calls by request id, and those the hub
+        # asked to stop (their caller is gone): main thread and loop thread.
+        self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
+        self.stopped_ids: set[int] = set()
+        self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -712,6 +742,7 @@ class _Runtime:
             "device": self.spec.device,
             "token": self.spec.token,
             "version": self.spec.version,
+            "deadlines": True,  # send me DEADLINE frames
         }
 
     def _serve_forever(self) -> None:
@@ -858,14 +889,21 @@ class _Runtime:
                     buffers, payloads = self._handle(req_id, body)
                 elif kind == protocol.BATCH:
                     buffers, payloads = self._handle_batch(body)
+                elif kind == protocol.DEADLINE:
+                    self._note_deadline(req_id, body)
+                    continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
-                    if self.is_async:
-                        self._start_async_stream(sock, req_id, body)
-                    else:
-                        self._stream(sock, req_id, body)
+                    token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+                    try:
+                        if self.is_async:
+                            self._start_async_stream(sock, req_id, body)
+                        else:
+                            self._stream(sock, req_id, body)
+                    finally:
+                        _DEADLINE.reset(token)
                     continue
                 elif kind == protocol.CREDIT or kind == protocol.STOP:
                     state = self.async_streams.get(req_id)
@@ -873,6 +911,12 @@ class _Runtime:
                         n = protocol.unpack_credit(body) if kind == protocol.CREDIT else -1
                         assert self.aloop is not None
                         self.aloop.call_soon_threadsafe(state.control, n)
+                    elif kind == protocol.STOP:
+                        running = self.async_by_id.get(req_id)
+                        if running is not None:
+                            # The caller is gone (cancelled, deadline): CancelledError in the model.
+                            self.stopped_ids.add(req_id)
+                            running.cancel()
                     continue
                 elif kind == protocol.REFUSED:
                     reason = protocol.unpack_json(body).get("reason", "?")
@@ -904,8 +948,20 @@ class _Runtime:
                 payload.release()  # the hub never saw them: the files are still ours
             raise
 
+    def _note_deadline(self, req_id: int, body: protocol.Buffer) -> None:
+        self.deadlines[req_id] = time.monotonic() + protocol.unpack_deadline(body)
+
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
+        if not self.deadlines:
+            return self._handle_call(req_id, body)
+        token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+        try:
+            return self._handle_call(req_id, body)  # an async model's task copies the deadline
+        finally:
+            _DEADLINE.reset(token)
+
+    def _handle_call(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
             args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
         except Exception as exc:
@@ -962,7 +1018,25 @@ class _Runtime:
         sock = self.sock
         fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
         self.async_calls.add(fut)
+        self.async_by_id[req_id] = fut
         fut.add_done_callback(self.async_calls.discard)
+        fut.add_done_callback(lambda f: self._async_done(sock, req_id, f))
+
+    def _async_done(self, sock: Optional[socket.socket], req_id: int, fut: "concurrent.futures.Future[Any]") -> None:
+        """An async call ended. One the hub stopped (its caller is gone: the
+        model got CancelledError) is answered all the same, with an error the
+        hub drops, so that the hub knows its slot is free."""
+        self.async_by_id.pop(req_id, None)
+        if not fut.cancelled() or req_id not in self.stopped_ids:
+            return
+        self.stopped_ids.discard(req_id)
+        if sock is None:
+            return
+        try:
+            err = asyncio.CancelledError("stopped: its caller is gone")
+            self._send(sock, self._error_frame(req_id, protocol.ERR_USER, err, tb=""))
+        except OSError:
+            pass
 
     async def _answer_async(self, sock: Optional[socket.socket], req_id: int, aw: Any) -> None:
         try:
@@ -1151,6 +1225,8 @@ class _Runtime:
                 if kind == protocol.RELEASE:
                     if self.pool is not None:
                         self.pool.release(frame[2].decode(errors="replace"))
+                elif kind == protocol.DEADLINE:
+                    self._note_deadline(frame[1], frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1191,6 +1267,8 @@ class _Runtime:
             xs.append(args[0])
         if not ids:
             return out, payloads
+        deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
+        token = _DEADLINE.set(min(deadlines) if deadlines else None)
         try:
             results = self.model(xs)
         except Exception as exc:
@@ -1198,6 +1276,8 @@ class _Runtime:
             for req_id in ids:
                 out.extend(protocol.pack_frame(protocol.ERROR, req_id, error))
             return out, payloads
+        finally:
+            _DEADLINE.reset(token)
         del xs
         try:
             n = len(results)
