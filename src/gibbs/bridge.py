@@ -74,6 +74,7 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
+from .records import Hello, InitFailed, Loading, Welcome
 from .transport import describe, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
@@ -175,17 +176,18 @@ class Peer:
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
-        "owner", "rlock",
+        "owner", "rlock", "hello",
     )
 
-    def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
+    def __init__(self, sock: socket.socket, hello: Hello, max_frame: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = protocol.FrameReader(max_frame)
         self.out: collections.deque[Buffer] = collections.deque()
-        self.pid = int(hello.get("pid", 0))
-        self.host = str(hello.get("host", "?"))
-        self.name = str(hello.get("name", "worker"))
+        self.hello = hello  # checked at the edge (records.Hello.from_wire)
+        self.pid = hello.pid
+        self.host = hello.host
+        self.name = hello.name
         if sock.family == socket.AF_UNIX:
             self.address = "local socket"
         else:
@@ -193,8 +195,8 @@ class Peer:
                 self.address = describe(sock.getpeername())
             except OSError:
                 self.address = "?"
-        self.interval = max(0.01, float(hello.get("heartbeat_interval", 1.0)))
-        self.shm = bool(hello.get("shm", False))
+        self.interval = max(0.01, hello.heartbeat_interval)
+        self.shm = hello.shm
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
@@ -203,11 +205,10 @@ class Peer:
         # it is attached to. Changed, and the socket read, under ``rlock``.
         self.owner: Optional[_Attachment] = None
         self.rlock = threading.Lock()
-        self.batched = int(hello.get("batch_size", 1)) > 1
-        device = hello.get("device")
-        self.device: Optional[str] = str(device) if device else None
+        self.batched = hello.batch_size > 1
+        self.device: Optional[str] = hello.device
         self.gone = False  # closed; its loss may still wait for an exit status
-        self.role = str(hello.get("role", "worker"))  # "worker", "client" (routes through us), "router" (we route through it)
+        self.role = hello.role  # "worker", "client" (routes through us), "observer", "router" (we route through it)
         # A client's open calls: its call id -> our call (owned by _lock).
         self.calls: Optional[dict[int, Call]] = {} if self.role == "client" else None
         self.info: WorkerInfo  # set by the bridge (workers only)
@@ -287,15 +288,19 @@ def exc_to_json(exc: Optional[BaseException]) -> bytes:
 
 
 def exc_from_json(body: bytes) -> Optional[BaseException]:
-    """None for "cancelled"."""
-    record = json.loads(body)
+    """None for "cancelled". Raises :class:`ProtocolError` for a record that
+    is not one."""
+    record = protocol.unpack_json(body)
     name = record.get("type", "")
+    failures = record.get("failures") or []
+    if not isinstance(name, str) or not isinstance(failures, list):
+        raise ProtocolError("malformed EXC record")
     if not name:
         return None
     cls = _EXC_TYPES.get(name, GibbsError)
     message = str(record.get("message", ""))
     if cls is errors.WorkerDiedError:
-        return errors.WorkerDiedError(message, list(record.get("failures") or []))
+        return errors.WorkerDiedError(message, [str(f) for f in failures])
     exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
     if record.get("cause"):
         exc.__cause__ = GibbsError(f"in the router hub: {record['cause']}")
@@ -361,7 +366,7 @@ class Bridge:
         self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
         # (socket, HELLO, frames that came after HELLO in the same read,
         # bytes of a frame begun after it).
-        self._new_peers: list[tuple[socket.socket, dict[str, Any], list[tuple[int, int, bytes]], bytes]] = []
+        self._new_peers: list[tuple[socket.socket, Hello, list[tuple[int, int, bytes]], bytes]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
         self._init_failures: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)  # (pid, text)
         self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
@@ -1039,7 +1044,11 @@ class Bridge:
                     else:
                         self._update_registration(peer)
                 for sock, hello, early, partial in new_peers:
-                    self._add_peer(sock, hello, early, partial)
+                    try:
+                        self._add_peer(sock, hello, early, partial)
+                    except Exception as exc:  # noqa: BLE001 - that connection only
+                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host)
+                        self._forget_new_peer(sock, exc)
                 if new_peers and self._home is not None:
                     self._home_changed = True
             if self._loans_back:
@@ -1142,26 +1151,27 @@ class Bridge:
                 frames = reader.feed(data)
             kind, _, body = frames[0]
             early = frames[1:]
-            info = protocol.unpack_json(body)
             if kind == protocol.LOADING:
-                self._hold_loading(sock, info)
+                self._hold_loading(sock, Loading.from_wire(protocol.unpack_json(body)))
                 return
             if kind == protocol.INIT_FAILED:
+                failed = InitFailed.from_wire(protocol.unpack_json(body))
                 line = (
-                    f"worker {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) "
-                    f"failed to build model {info.get('model', DEFAULT_MODEL)!r}: "
-                    f"{info.get('exc_type')}: {info.get('message')}\n{info.get('traceback', '')}"
+                    f"worker {failed.name} (pid {failed.pid} on {failed.host}) "
+                    f"failed to build model {failed.model or DEFAULT_MODEL!r}: "
+                    f"{failed.exc_type}: {failed.message}\n{failed.traceback}"
                 )
                 logger.error("gibbs hub: %s", line)
                 with self._lock:
-                    self._init_failures.append((int(info.get("pid", 0) or 0), line))
+                    self._init_failures.append((failed.pid, line))
                     self._check_locals = True
                     self._wake_locked()
                 sock.close()
                 return
             if kind != protocol.HELLO:
                 raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
-            if (early or reader.pending) and info.get("role", "worker") == "worker":
+            info = Hello.from_wire(protocol.unpack_json(body))
+            if (early or reader.pending) and info.role == "worker":
                 # A worker speaks only when spoken to.
                 raise ProtocolError("unexpected bytes after HELLO")
             # A client or an observer may send its first request right
@@ -1187,15 +1197,15 @@ class Bridge:
             with self._lock:
                 self._handshaking.pop(sock, None)
 
-    def _hold_loading(self, sock: socket.socket, info: dict[str, Any]) -> None:
+    def _hold_loading(self, sock: socket.socket, info: Loading) -> None:
         """A worker building its model: listed as loading until it closes
         this connection (built, or failed). Runs in its handshake thread."""
         entry = {
-            "pid": int(info.get("pid", 0) or 0),
-            "host": str(info.get("host", "?")),
-            "name": str(info.get("name", "worker")),
-            "model": str(info.get("model") or DEFAULT_MODEL),
-            "device": info.get("device"),
+            "pid": info.pid,
+            "host": info.host,
+            "name": info.name,
+            "model": info.model or DEFAULT_MODEL,
+            "device": info.device,
             "since": time.monotonic(),
         }
         with self._lock:
@@ -1245,7 +1255,7 @@ class Bridge:
     def _add_peer(
         self,
         sock: socket.socket,
-        hello: dict[str, Any],
+        hello: Hello,
         early: Sequence[tuple[int, int, bytes]] = (),
         partial: bytes = b"",
     ) -> None:
@@ -1273,28 +1283,27 @@ class Bridge:
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
             sock.close()
             return
-        model = str(hello.get("model") or DEFAULT_MODEL)
+        model = hello.model or DEFAULT_MODEL
         peer.info = WorkerInfo(
             peer,
             model,
-            str(hello.get("cls", "")),
-            slots=int(hello.get("concurrency", 1)),
-            batch_size=int(hello.get("batch_size", 1)),
+            hello.cls,
+            slots=hello.concurrency,
+            batch_size=hello.batch_size,
             depth=self._depth,
             describe=peer.describe(),
         )
         self._selector.register(sock, selectors.EVENT_READ, peer)
         with self._lock:
             self._peers[peer.fd] = peer
-            actions = self._core.worker_joined(peer.info, time.monotonic(), float(hello.get("batch_wait", 0.0)))
+            actions = self._core.worker_joined(peer.info, time.monotonic(), hello.batch_wait)
             self._apply_locked(actions)
             if peer.gone:  # refused
                 del self._peers[peer.fd]
             else:
                 self._joined_pids.add(peer.pid)
-                token = hello.get("token")
-                if isinstance(token, str) and token:
-                    self._joined_tokens.add(token)
+                if hello.token:
+                    self._joined_tokens.add(hello.token)
                 self._refresh_batched_locked(model)
                 self._broadcast_pool_locked()
         if peer.gone:
@@ -1306,13 +1315,31 @@ class Bridge:
         logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model)
         self._notify_waiters()
 
+    def _forget_new_peer(self, sock: socket.socket, exc: BaseException) -> None:
+        """Bridge thread: ``_add_peer`` failed on a bug: close that
+        connection, and if it got as far as joining, its loss reaches the core."""
+        with self._lock:
+            peer = self._peers.get(sock.fileno()) or self._clients.get(sock.fileno())
+        if peer is not None and peer.sock is sock:
+            self._drop(peer, f"internal error: {exc!r}")
+            return
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
     # ---------------------------------------------------------------- reading
 
     def _read(self, peer: Peer) -> None:
-        if peer.role != "worker":
-            self._read_hub(peer)
-            return
-        why = self._read_worker(peer, self._rbuf, self._rview)
+        why: Optional[str]
+        try:
+            if peer.role != "worker":
+                self._read_hub(peer)
+                return
+            why = self._read_worker(peer, self._rbuf, self._rview)
+        except Exception as exc:  # noqa: BLE001 - a bug met on one peer's bytes drops that peer, not the hub
+            why = _internal_error(peer, exc)
         if why is not None:
             self._drop(peer, why)
 
@@ -1339,6 +1366,7 @@ class Bridge:
             return None
         releases: list[Buffer] = []
         answers: list[tuple[int, int, Optional[Outcome]]] = []
+        bad: Optional[str] = None  # a malformed frame: the answers before it count, then the peer goes
         for kind, req_id, body in frames:
             if kind == protocol.RESULT:
                 if protocol.is_shm(body):
@@ -1361,7 +1389,11 @@ class Bridge:
                         else:
                             buffers = [bytearray(v) for v in views]
                         del views
-                    except (OSError, ValueError, ProtocolError) as exc:
+                    except ProtocolError as exc:
+                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                        bad = f"protocol error: {exc}"
+                        break
+                    except (OSError, ValueError) as exc:
                         err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
                         answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
                     else:
@@ -1394,7 +1426,7 @@ class Bridge:
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
-        return None
+        return bad
 
     # ---------------------------------------------------------------- lent answers
 
@@ -1500,7 +1532,10 @@ class Bridge:
         """In the home loop: the worker's socket is readable."""
         with peer.rlock:
             mine = peer.owner is att
-            why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+            try:
+                why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+            except Exception as exc:  # noqa: BLE001 - as in the bridge thread: drop that peer only
+                why = _internal_error(peer, exc)
             if mine and why is not None:
                 peer.owner = None
         if not mine:  # taken back: stop watching (the bridge thread reads it now)
@@ -1999,17 +2034,28 @@ class Bridge:
         ``sock``; ``reader`` and ``frames`` hold what it sent after taking us
         in (its POOL)."""
         sock.setblocking(False)
-        hello = {
-            "role": "router",
-            "name": "router",
-            "pid": welcome.get("pid", 0),
-            "host": welcome.get("host", "?"),
-            "heartbeat_interval": welcome.get("heartbeat_interval", self._interval),
-        }
+        try:
+            w = Welcome.from_wire(welcome)
+        except ProtocolError as exc:
+            logger.warning("gibbs hub: the router hub sent a bad WELCOME (%s); looking again", exc)
+            sock.close()
+            self._start_rendezvous()
+            return
+        hello = Hello(role="router", name="router", pid=w.pid, host=w.host, heartbeat_interval=w.heartbeat_interval)
         peer = Peer(sock, hello, self._max_frame)
         peer.reader = reader
         self._selector.register(sock, selectors.EVENT_READ, peer)
-        self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
+        try:
+            self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
+        except ProtocolError as exc:
+            logger.warning("gibbs hub: the router hub sent a bad frame (%s); looking again", exc)
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+            self._start_rendezvous()
+            return
         with self._lock:
             self._upstream = peer
             for model in list(self._core.models):
@@ -2050,7 +2096,10 @@ class Bridge:
                     del self._relay_of[cid]
                     self._apply_locked(core.answered(relay.id, cid, outcome, now))
                 elif kind == protocol.POOL:
-                    self._pool_info = dict(protocol.unpack_json(body).get("models", {}))
+                    models = protocol.unpack_json(body).get("models", {})
+                    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+                        raise ProtocolError("malformed POOL")
+                    self._pool_info = dict(models)
                     for name, v in self._pool_info.items():
                         if v.get("batched"):
                             self._batched_models.add(name)
@@ -2168,6 +2217,13 @@ class Bridge:
         logger.warning("gibbs hub: took the address over; this process now routes the family's calls")
         self._on_role("router", listeners)
         self._notify_waiters()
+
+
+def _internal_error(peer: Peer, exc: BaseException) -> str:
+    """A bug met while reading a peer: said loudly, with the traceback; the
+    caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
+    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
+    return f"internal error reading its frames: {exc!r}"
 
 
 def describe_exit(code: int) -> str:

@@ -1163,7 +1163,7 @@ def _deliver_sync(call: Call, outcome: Outcome) -> None:
 def _unwrap_chunk(value: Any) -> Any:
     try:
         return protocol.decode(value)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
         raise SerializationError(f"a streamed item could not be unpickled in the hub: {exc!r}") from exc
 
 
@@ -1255,13 +1255,13 @@ def _unwrap(outcome: Outcome) -> Any:
     if kind is OutcomeKind.RESULT:
         try:
             return protocol.decode(value)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind is OutcomeKind.COPIED:
         pickled, buffers = value
         try:
             return pickle.loads(pickled, buffers=buffers)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - as above
             # The error's traceback keeps this frame and the caller's (and
             # their locals) alive as long as the caller keeps the error: let
             # go of the buffers so that a lent segment goes back now.
@@ -1274,18 +1274,27 @@ def _unwrap(outcome: Outcome) -> Any:
 
 
 def _error_from_record(body: bytes) -> GibbsError:
-    record = pickle.loads(body)
+    """The caller's exception for an ERROR frame. Its body is the worker's
+    pickle: whatever it holds or raises on loading (``SystemExit`` too) ends
+    as a :class:`SerializationError`, with the cause chained."""
+    try:
+        record = pickle.loads(body)
+    except BaseException as exc:  # noqa: BLE001 - a peer's pickle: never the caller's own exception
+        raise SerializationError(f"the worker's error record could not be unpickled in the hub: {exc!r}") from exc
+    if not isinstance(record, dict):
+        raise SerializationError(f"the worker's error record is not a record: {type(record).__name__}")
     kind = record.get("kind")
-    type_name = f"{record.get('type')}"
-    message = record.get("message", "")
-    tb = record.get("traceback", "")
+    type_name = str(record.get("type"))
+    message = str(record.get("message", ""))
+    tb = str(record.get("traceback", ""))
     if kind == protocol.ERR_USER:
         original: Optional[BaseException] = None
         if record.get("exception") is not None:
             try:
-                original = pickle.loads(record["exception"])
-            except Exception:
-                original = None
+                loaded = pickle.loads(record["exception"])
+            except BaseException:  # noqa: BLE001 - as above: the message and traceback still say what happened
+                loaded = None
+            original = loaded if isinstance(loaded, BaseException) else None
         err = UserCodeException(
             f"Exception raised in user-defined code: {type_name}: {message}\n"
             f"Remote traceback:\n{tb}",
