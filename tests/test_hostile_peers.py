@@ -18,9 +18,11 @@ import math
 import multiprocessing
 import os
 import pickle
+import random
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -429,3 +431,83 @@ def test_struct_error_never_leaves_the_parser() -> None:
         p.read_copy(b"\x01", cache)
     with pytest.raises(ProtocolError):
         p.decode(b"\x01" + struct.pack("!H", 3))
+
+
+# ------------------------------------------------------------------ a live fuzz, in each reading mode
+
+
+def _random_frame(rng: random.Random) -> bytes:
+    kind = rng.choice(sorted(p.KIND_NAMES) + [0, 99, 255])
+    pick = rng.random()
+    if pick < 0.3:
+        body = rng.choice(list(BAD_SHM_BODIES.values()))
+    elif pick < 0.5:
+        body = rng.randbytes(rng.randrange(0, 64))
+    elif pick < 0.6:
+        body = b"\x02" + rng.randbytes(rng.randrange(0, 32))  # out-of-band flavour
+    else:
+        body = b""
+    if pick > 0.9:  # a lying length
+        return p.HEADER.pack(kind, rng.randrange(2**64), rng.randrange(2**32)) + body
+    return p.HEADER.pack(kind, rng.randrange(4), len(body)) + body
+
+
+def _fuzz_once(hub: Hub, rng: random.Random) -> None:
+    stage = rng.random()
+    sock = socket.create_connection(("127.0.0.1", hub.port), timeout=5)
+    try:
+        if stage < 0.2:  # before the handshake
+            send_quietly(sock, rng.randbytes(rng.randrange(1, 200)))
+            return
+        t.client_handshake(sock, KEY)
+        if stage < 0.5:  # a HELLO with one field wrong
+            info = hello_info(model=EVIL)
+            info.update(rng.choice(list(BAD_HELLOS.values())))
+            send_quietly(sock, _json(info))
+            return
+        send_quietly(sock, p.pack_json(p.HELLO, hello_info(model=EVIL)))
+        time.sleep(0.02)  # joined: now the frames of a worker
+        for _ in range(rng.randrange(1, 6)):
+            send_quietly(sock, _random_frame(rng))
+    except (OSError, ProtocolError):
+        pass  # the hub hung up on us: allowed
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_live_hub_fuzzed_keeps_answering_correctly(hubs: dict[str, Hub], mode: str) -> None:
+    """Random and broken frames from peers with the key, for a few seconds,
+    while the real worker answers: every answer is right, the hub's bridge
+    thread lives, and in "loop" mode the event loop still reads."""
+    hub = hubs[mode]
+    bridge = hub._bridge
+    assert bridge is not None
+    rng = random.Random(f"live-fuzz-{mode}")
+    stop = threading.Event()
+    attempts = [0]
+
+    def fuzz() -> None:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            _fuzz_once(hub, rng)
+            attempts[0] += 1
+        stop.set()
+
+    async def main() -> int:
+        assert await hub.request(2) == 4
+        if mode == "loop":
+            assert wait_until(lambda: bridge.loop_reads() >= 1, 5)
+        loop = asyncio.get_running_loop()
+        fuzzing = loop.run_in_executor(None, fuzz)
+        answered = 0
+        while not stop.is_set():
+            xs = list(range(answered, answered + 8))
+            assert await asyncio.gather(*(hub.request(x) for x in xs)) == [x * x for x in xs]
+            answered += 8
+        await fuzzing
+        return answered
+
+    answered = run(main())
+    assert answered > 0 and attempts[0] > 20
+    serving(hub)
