@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import run, wait_until
+from conftest import run, shm_files, wait_until
 from gibbs_test_models import Square
 
 from gibbs import GibbsError, Hub, ProtocolError, SerializationError, Worker
@@ -511,3 +511,50 @@ def test_a_live_hub_fuzzed_keeps_answering_correctly(hubs: dict[str, Hub], mode:
     answered = run(main())
     assert answered > 0 and attempts[0] > 20
     serving(hub)
+
+
+# ------------------------------------------------------------------ a peer's claimed pid is not its identity
+
+
+def _answer_segments(pid: int) -> list[str]:
+    return shm_files(f"gibbs-w{pid}-")
+
+
+def test_a_peer_claiming_a_local_workers_pid_cannot_remove_its_shared_memory(make_hub, make_workers) -> None:
+    np = pytest.importorskip("numpy")
+    from gibbs_test_models import Identity
+
+    hub = make_hub(authkey=KEY)
+    (w,) = make_workers(hub, Identity, 1, gibbs_authkey=KEY)
+    hub.wait_for_workers_sync(1, timeout=30)
+    a = np.arange(1 << 19, dtype=np.float64)
+    np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)
+    assert _answer_segments(w.pid), "the worker answered without shared memory"
+    # Over TCP, the kernel vouches for nothing: the HELLO claims the worker's pid.
+    sock = authenticated(hub.port)
+    send_quietly(sock, p.pack_json(p.HELLO, hello_info(pid=w.pid, shm=True)))
+    closed_by_hub(sock, within=2)
+    assert wait_until(lambda: workers_of(hub) == 1, 10)
+    time.sleep(1.0)  # had it joined, its loss (which waits up to 0.5 s for an exit status) is handled by now
+    assert _answer_segments(w.pid), "the hub removed another worker's shared-memory files"
+    for _ in range(5):
+        np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)
+
+
+def test_a_peer_naming_another_workers_segment_is_dropped(make_hub, make_workers) -> None:
+    np = pytest.importorskip("numpy")
+    from gibbs_test_models import Identity
+
+    hub = make_hub(authkey=KEY)
+    (w,) = make_workers(hub, Identity, 1, gibbs_authkey=KEY)
+    hub.wait_for_workers_sync(1, timeout=30)
+    a = np.arange(1 << 19, dtype=np.float64)
+    np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)
+    (theirs, *_) = _answer_segments(w.pid)
+    sock = join_fake_worker(hub, shm=True)
+    name = theirs.encode()
+    body = b"\x01" + p.SHM_HEAD.pack(len(name), 1) + name + p.SHM_BUF.pack(0, 8) + b"\x00" + pickle.dumps(None)
+    send_quietly(sock, frame(p.RESULT, 1, body))
+    assert closed_by_hub(sock), "the hub read a segment of another worker for this peer"
+    assert _answer_segments(w.pid)
+    np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)

@@ -75,7 +75,7 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
-from .transport import describe, server_handshake, tune
+from .transport import describe, peer_pid, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
 
@@ -176,7 +176,7 @@ class Peer:
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
-        "owner", "rlock", "hello",
+        "owner", "rlock", "hello", "vouched", "segments",
     )
 
     def __init__(self, sock: socket.socket, hello: Hello, max_frame: int) -> None:
@@ -197,6 +197,13 @@ class Peer:
                 self.address = "?"
         self.interval = max(0.01, hello.heartbeat_interval)
         self.shm = hello.shm
+        # Whether the kernel vouches for the pid it claims (a local socket:
+        # SO_PEERCRED). Only then does its pid name its process, and its
+        # shared-memory files, with authority: a pid over TCP is a claim.
+        self.vouched = peer_pid(sock) == hello.pid
+        # Its shared-memory segments the hub has read (its names, checked):
+        # removed when it is lost, if its pid cannot be trusted to name them.
+        self.segments: set[str] = set()
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
@@ -1283,6 +1290,17 @@ class Bridge:
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
             sock.close()
             return
+        if peer.shm:
+            with self._lock:
+                twin = next((q for q in self._peers.values() if q.pid == peer.pid and q.shm and not q.gone), None)
+            if twin is not None and (not peer.vouched or not twin.vouched):
+                # Two peers on one machine cannot share a pid: one of them lies,
+                # and the pid names the shared-memory files the hub reads and removes.
+                logger.warning(
+                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe()
+                )
+                sock.close()
+                return
         model = hello.model or DEFAULT_MODEL
         peer.info = WorkerInfo(
             peer,
@@ -1301,7 +1319,8 @@ class Bridge:
             if peer.gone:  # refused
                 del self._peers[peer.fd]
             else:
-                self._joined_pids.add(peer.pid)
+                if peer.vouched:
+                    self._joined_pids.add(peer.pid)
                 if hello.token:
                     self._joined_tokens.add(hello.token)
                 self._refresh_batched_locked(model)
@@ -1375,7 +1394,11 @@ class Bridge:
                     # what is lent, copied out so that the worker can reuse
                     # its segment at once (RELEASE below).
                     try:
-                        pickled, views, name, size = protocol.read_views(body, self._maps, readonly=False)
+                        pickled, views, name, size = protocol.read_views(
+                            body, self._maps, readonly=False, owner=f"{protocol.SHM_PREFIX}w{peer.pid}-"
+                        )
+                        if not peer.vouched and len(peer.segments) < 4096:
+                            peer.segments.add(name)
                         with self._loan_lock:
                             lend = self._loans_open and self._lent_bytes + size <= self._max_lent
                             if lend:
@@ -1649,7 +1672,7 @@ class Bridge:
             pass
         peer.sock.close()
         local = None
-        if not peer.info.leaving:
+        if not peer.info.leaving and peer.vouched:
             local = next((w for w in self._local_workers() if w.pid == peer.pid), None)
         if local is not None and local.exitcode() is None:
             # Its socket closes a moment before its exit status is known:
@@ -1698,9 +1721,15 @@ class Bridge:
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
-            self._maps.forget(prefix)
-            if not peer.info.leaving:
-                protocol.remove_segments(prefix)
+            if peer.vouched:
+                self._maps.forget(prefix)
+                if not peer.info.leaving:
+                    protocol.remove_segments(prefix)
+            else:  # its pid is a claim: only the files it showed us are its own
+                for name in peer.segments:
+                    self._maps.forget(name)
+                    if not peer.info.leaving:
+                        protocol.remove_segments(name)
         self._notify_waiters()
 
     def _refresh_batched_locked(self, model: str) -> None:

@@ -243,12 +243,18 @@ def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray]
     return bytes(mv[pos:]), copies, name
 
 
-def read_views(body: Buffer, cache: MappingCache, readonly: bool) -> tuple[bytes, list[memoryview], str, int]:
+def read_views(
+    body: Buffer, cache: MappingCache, readonly: bool, owner: str = SHM_PREFIX
+) -> tuple[bytes, list[memoryview], str, int]:
     """Read a shared-memory payload in place: (pickle, views of its buffers
     on the peer's segment, segment name, segment size). Nothing is copied;
-    the peer must not reuse the segment while a view is alive."""
+    the peer must not reuse the segment while a view is alive. A name that
+    does not start with ``owner`` (the sending peer's own prefix) is a
+    :class:`ProtocolError`: a peer reads out of its own segments only."""
     mv = memoryview(body)
     name, bufs, pos = _parse_shm_head(mv)
+    if not name.startswith(owner):
+        raise ProtocolError(f"shared-memory segment {name!r} is not the sender's (its names start {owner!r})")
     whole = cache.view(name)
     size = whole.nbytes
     if readonly:

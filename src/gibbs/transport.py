@@ -224,6 +224,20 @@ def peer_uid(sock: socket.socket) -> Optional[int]:
     return uid
 
 
+def peer_pid(sock: socket.socket) -> Optional[int]:
+    """The pid of the process at the other end of a local (unix) socket, as
+    the kernel recorded it (``SO_PEERCRED``), in this process's pid
+    namespace. None over TCP or where unknown."""
+    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return pid if pid > 0 else None
+
+
 def same_user(sock: socket.socket) -> bool:
     """Whether the kernel vouches that the peer runs as this process's user."""
     uid = peer_uid(sock)
