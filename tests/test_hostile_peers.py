@@ -558,3 +558,77 @@ def test_a_peer_naming_another_workers_segment_is_dropped(make_hub, make_workers
     assert closed_by_hub(sock), "the hub read a segment of another worker for this peer"
     assert _answer_segments(w.pid)
     np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)
+
+
+# ------------------------------------------------------------------ handshakes that cannot starve workers
+
+
+def test_a_flood_of_unauthenticated_tcp_connections_does_not_hold_out_a_local_worker(make_hub, make_workers) -> None:
+    """Strangers keep every TCP handshake slot full (each silent until the hub
+    cuts it off); a worker on the local socket still joins, at once."""
+    hub = make_hub(authkey=KEY, handshake_timeout=30.0)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            while len(held) < 150 and not stop.is_set():
+                try:
+                    held.append(socket.create_connection(("127.0.0.1", hub.port), timeout=2))
+                except OSError:
+                    break
+            time.sleep(0.05)
+
+    th = threading.Thread(target=flood, daemon=True)
+    th.start()
+    try:
+        assert wait_until(lambda: len(held) >= 100, 10)
+        make_workers(hub, Square, 1, gibbs_authkey=KEY)
+        hub.wait_for_workers_sync(1, timeout=15)  # before: held out as long as the flood went on
+        assert hub.submit(5).result(timeout=30) == 25
+    finally:
+        stop.set()
+        th.join(10)
+        for s in held:
+            s.close()
+
+
+def test_unauthenticated_connections_have_a_short_deadline(make_hub) -> None:
+    hub = make_hub(authkey=KEY, handshake_timeout=30.0)
+    sock = socket.create_connection(("127.0.0.1", hub.port), timeout=10)
+    t0 = time.monotonic()
+    assert closed_by_hub(sock, within=15), "a silent stranger kept its slot"
+    assert time.monotonic() - t0 < 15  # well under the 30 s an authenticated peer has for its HELLO
+
+
+def test_one_source_cannot_take_every_handshake_slot(make_hub) -> None:
+    hub = make_hub(authkey=KEY, handshake_timeout=30.0)
+    socks = [socket.create_connection(("127.0.0.1", hub.port), timeout=5) for _ in range(30)]
+    try:
+        refused = sum(closed_by_hub(s, within=0.5) for s in socks)  # closes each: the slots free up after
+        assert refused >= 30 - 8 - 2, f"only {refused} of 30 silent connections from one address were refused"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_loading_connections_are_counted_and_need_no_thread_each(make_hub) -> None:
+    hub = make_hub(authkey=KEY)
+    bridge = hub._bridge
+    assert bridge is not None
+    before = threading.active_count()
+    socks = []
+    try:
+        for i in range(120):
+            s = authenticated(hub.port)
+            s.sendall(p.pack_json(p.LOADING, {"pid": 1000 + i, "host": "fake", "name": f"l{i}", "model": EVIL}))
+            socks.append(s)
+        assert wait_until(lambda: len(bridge.loading()) == 120, 15)
+        assert threading.active_count() - before < 20, "a thread per LOADING connection"
+        for s in socks[:60]:
+            s.close()
+        assert wait_until(lambda: len(bridge.loading()) == 60, 10)
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: bridge.loading() == [], 10)

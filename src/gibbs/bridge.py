@@ -75,11 +75,39 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
-from .transport import describe, peer_pid, server_handshake, tune
+from .transport import describe, peer_pid, peer_uid, server_handshake, tune
 
 logger = logging.getLogger("gibbs")
 
+#: Connections that have not authenticated yet, at most, per pool: TCP, and
+#: the local socket for this user (another user's connections on the local
+#: socket count as TCP's do, by user id): a flood on TCP never holds out a
+#: local worker. From one source (an address, or another user) at most
+#: _MAX_PER_SOURCE of them; they have _AUTH_DEADLINE seconds (or the
+#: handshake timeout, if shorter) to pass the challenge.
 _MAX_HANDSHAKES = 64
+_MAX_PER_SOURCE = 8
+_AUTH_DEADLINE = 2.0
+#: Authenticated connections that have not said HELLO yet (their own room:
+#: never queued behind unauthenticated ones).
+_MAX_AUTHENTICATED = 256
+#: Workers building their model (LOADING), at most; each is listed until it
+#: closes its connection or _LOADING_DEADLINE seconds pass. The bridge
+#: thread watches them (no thread each).
+_MAX_LOADING = 1024
+_LOADING_DEADLINE = 3600.0
+
+
+class _Pending:
+    """A connection in its handshake (owned by ``Bridge._lock``): its deadline,
+    where it comes from, and whether it has authenticated."""
+
+    __slots__ = ("deadline", "source", "authed")
+
+    def __init__(self, deadline: float, source: tuple[str, Any]) -> None:
+        self.deadline = deadline
+        self.source = source
+        self.authed = False
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5
@@ -386,8 +414,9 @@ class Bridge:
         self._closed = False
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
-        self._handshaking: dict[socket.socket, float] = {}  # sockets in handshake threads -> deadline
+        self._handshaking: dict[socket.socket, _Pending] = {}  # sockets in handshake threads
         self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
+        self._new_loading: list[socket.socket] = []  # for the bridge thread to watch
         self._next_id = 1
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
@@ -1029,6 +1058,8 @@ class Bridge:
                 elif isinstance(data, tuple):
                     if data[0] == "listener":
                         self._accept(data[1])
+                    elif data[0] == "loading":
+                        self._read_loading(data[1])
                     else:  # ("exit", peer): a lost local worker's process is ending
                         self._sentinel_fired(data[1])
                 else:
@@ -1038,6 +1069,11 @@ class Bridge:
                     if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
+            if self._new_loading:
+                with self._lock:
+                    new_loading, self._new_loading = self._new_loading, []
+                for sock in new_loading:
+                    self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
             if self._new_peers or self._dirty or self._returned:
                 with self._lock:
                     new_peers, self._new_peers = self._new_peers, []
@@ -1113,21 +1149,44 @@ class Bridge:
             except OSError as exc:
                 logger.warning("gibbs hub: accept failed: %s", exc)
                 return
+            source = _source_of(sock, addr)
             with self._lock:
-                if self._core.closing or len(self._handshaking) >= _MAX_HANDSHAKES:
+                why = self._admit_locked(source)
+                if why is not None:
                     sock.close()
-                    logger.warning("gibbs hub: refused connection from %s (busy or closing)", describe(addr))
+                    logger.warning("gibbs hub: refused connection from %s (%s)", describe(addr) if addr else "local socket", why)
                     continue
-                self._handshaking[sock] = time.monotonic() + self._handshake_timeout
+                deadline = time.monotonic() + min(self._handshake_timeout, _AUTH_DEADLINE)
+                self._handshaking[sock] = _Pending(deadline, source)
             threading.Thread(
                 target=self._handshake, args=(sock, addr), name="gibbs-handshake", daemon=True
             ).start()
 
+    def _admit_locked(self, source: tuple[str, Any]) -> Optional[str]:
+        """Why a new connection from ``source`` is refused, if it is."""
+        if self._core.closing:
+            return "closing"
+        pool = source[0]
+        in_pool = in_source = 0
+        for pending in self._handshaking.values():
+            if not pending.authed and pending.source[0] == pool:
+                in_pool += 1
+                in_source += pending.source == source
+        if in_pool >= _MAX_HANDSHAKES:
+            return f"{in_pool} connections are authenticating already"
+        if pool != "local" and in_source >= _MAX_PER_SOURCE:
+            return f"{in_source} connections from there are authenticating already"
+        return None
+
     def _check_handshakes(self, now: float) -> None:
-        """A handshake has ``handshake_timeout`` in all, not per read: a peer
-        that trickles a byte at a time is cut off at the deadline."""
+        """A handshake has its deadline in all, not per read: a peer that
+        trickles a byte at a time is cut off at the deadline. LOADING
+        connections past theirs are closed too."""
         with self._lock:
-            late = [s for s, deadline in self._handshaking.items() if now > deadline]
+            late = [s for s, pending in self._handshaking.items() if now > pending.deadline]
+            stale = [s for s, e in self._loading.items() if now - e["since"] > _LOADING_DEADLINE]
+        for sock in stale:
+            self._end_loading(sock)
         for sock in late:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # the handshake thread's recv returns
@@ -1139,9 +1198,19 @@ class Bridge:
         who = describe(addr) if addr else "local socket"
         try:
             sock.setblocking(True)
-            sock.settimeout(self._handshake_timeout)
+            sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
             tune(sock)
             server_handshake(sock, self._authkey, self._explicit)
+            with self._lock:  # authenticated: out of the unauthenticated pools, into its own room
+                pending = self._handshaking.get(sock)
+                if pending is None:
+                    raise ConnectionAbortedError("closed meanwhile")
+                authed = sum(1 for q in self._handshaking.values() if q.authed)
+                if authed >= _MAX_AUTHENTICATED:
+                    raise ConnectionRefusedError(f"{authed} authenticated connections have not said HELLO yet")
+                pending.authed = True
+                pending.deadline = time.monotonic() + self._handshake_timeout
+            sock.settimeout(self._handshake_timeout)
             welcome = {
                 "heartbeat_interval": self._interval,
                 "shm_probe": self._shm_probe,
@@ -1206,7 +1275,8 @@ class Bridge:
 
     def _hold_loading(self, sock: socket.socket, info: Loading) -> None:
         """A worker building its model: listed as loading until it closes
-        this connection (built, or failed). Runs in its handshake thread."""
+        this connection (built, or failed), watched by the bridge thread.
+        Runs in its handshake thread, which ends here."""
         entry = {
             "pid": info.pid,
             "host": info.host,
@@ -1217,20 +1287,43 @@ class Bridge:
         }
         with self._lock:
             self._handshaking.pop(sock, None)
-            closing = self._core.closing
-            if not closing:
+            refused = "closing" if self._core.closing else None
+            if refused is None and len(self._loading) >= _MAX_LOADING:
+                refused = f"{len(self._loading)} workers are loading already"
+            if refused is None:
+                sock.setblocking(False)
                 self._loading[sock] = entry
-        if not closing:
-            self._notify_waiters()
-            try:
-                sock.settimeout(None)
-                while sock.recv(64):
-                    pass
-            except OSError:
-                pass
-            with self._lock:
-                self._loading.pop(sock, None)
+                self._new_loading.append(sock)
+                self._wake_locked()
+        if refused is not None:
+            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused)
+            sock.close()
+            return
+        self._notify_waiters()
+
+    def _read_loading(self, sock: socket.socket) -> None:
+        """Bridge thread: a LOADING connection is readable: its end (the model
+        is built, or failed), or bytes it had no reason to send."""
+        try:
+            if sock.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_loading(sock)
+
+    def _end_loading(self, sock: socket.socket) -> None:
+        with self._lock:
+            known = self._loading.pop(sock, None) is not None
+        if not known:
+            return
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
         sock.close()
+        self._notify_waiters()
 
     def has_joined(self, token: str) -> bool:
         """Whether the worker whose HELLO carried ``token`` ever joined this
@@ -1834,11 +1927,8 @@ class Bridge:
                     pass
         with self._lock:
             loading = list(self._loading)
-        for sock in loading:  # their handshake threads close them
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for sock in loading:
+            self._end_loading(sock)
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         if self._upstream is not None:
             socks.append(self._upstream.sock)
@@ -1857,7 +1947,7 @@ class Bridge:
         a finalizer giving an answer back; this process gets a fresh one)."""
         self._loan_lock = threading.RLock()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers]
+        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers] + list(self._loading)
         if self._upstream is not None:
             socks.append(self._upstream.sock)
         socks += self._rendezvous_sockets(self._pending_upstream)
@@ -2246,6 +2336,18 @@ class Bridge:
         logger.warning("gibbs hub: took the address over; this process now routes the family's calls")
         self._on_role("router", listeners)
         self._notify_waiters()
+
+
+def _source_of(sock: socket.socket, addr: Any) -> tuple[str, Any]:
+    """Where a new connection comes from, for the handshake limits: ("tcp",
+    address) over TCP; on the local socket ("local", uid) for this user, and
+    ("tcp", "uid N") for another user (counted as strangers are)."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        uid = peer_uid(sock)
+        if uid is not None and uid == os.geteuid():
+            return ("local", uid)
+        return ("tcp", f"uid {uid}")
+    return ("tcp", addr[0] if isinstance(addr, tuple) and addr else str(addr))
 
 
 def _internal_error(peer: Peer, exc: BaseException) -> str:
