@@ -632,3 +632,23 @@ def test_loading_connections_are_counted_and_need_no_thread_each(make_hub) -> No
         for s in socks:
             s.close()
     assert wait_until(lambda: bridge.loading() == [], 10)
+
+
+def test_bytes_buffered_from_all_peers_together_are_bounded(make_hub, make_workers) -> None:
+    """Each peer stays under the frame limit, together they would not: the
+    one holding the most is dropped, the hub serves on."""
+    limit = 1 << 20
+    hub = make_hub(authkey=KEY, max_frame_bytes=limit)
+    make_workers(hub, Square, 1, gibbs_authkey=KEY)
+    hub.wait_for_workers_sync(1, timeout=30)
+    socks = [join_fake_worker(hub) for _ in range(3)]
+    try:
+        part = limit - 1000
+        for i, s in enumerate(socks):  # three frames begun, never finished: 3 MiB held, over the 2 MiB bound
+            s.sendall(p.HEADER.pack(p.RESULT, 1, limit) + b"x" * (part - i * 1000))
+        closed = [closed_by_hub(s, within=3) for s in socks]
+        assert closed[0] and not any(closed[1:]), closed  # the first holds the most
+        assert hub.submit(6).result(timeout=30) == 36
+    finally:
+        for s in socks:
+            s.close()

@@ -373,6 +373,11 @@ class Bridge:
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
         self._max_frame = max_frame
+        # Bytes of incomplete frames held from all peers together, at most
+        # (each may hold up to max_frame): two frames' worth.
+        self._max_buffered = 2 * max_frame
+        self._buffered_lock = threading.Lock()  # owns _buffered
+        self._buffered: dict[Peer, int] = {}  # peers holding part of a frame -> bytes
         self._handshake_timeout = handshake_timeout
         self._depth = pipeline_depth
         self._shm_probe = shm_probe
@@ -1469,11 +1474,16 @@ class Bridge:
         if not n:
             return "connection closed (end of file)"
         peer.last_heard = time.monotonic()
+        held = peer.reader.pending
         try:
             frames = peer.reader.feed(view[:n])
         except ProtocolError as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             return f"protocol error: {exc}"
+        if held or peer.reader.pending:
+            why = self._account_buffered(peer)
+            if why is not None:
+                return why
         if not frames:
             return None
         releases: list[Buffer] = []
@@ -1545,6 +1555,32 @@ class Bridge:
         return bad
 
     # ---------------------------------------------------------------- lent answers
+
+    def _account_buffered(self, peer: Peer) -> Optional[str]:
+        """Any reading thread: ``peer`` holds this many bytes of a frame not
+        complete yet. Over ``max_buffered`` bytes from all peers together,
+        the peer that holds the most is dropped: returned here if it is
+        this one, else handed to the bridge thread to drop."""
+        pending = peer.reader.pending
+        with self._buffered_lock:
+            if pending:
+                self._buffered[peer] = pending
+            else:
+                self._buffered.pop(peer, None)
+            total = sum(self._buffered.values())
+            if total <= self._max_buffered:
+                return None
+            worst = max(self._buffered, key=self._buffered.__getitem__)
+            del self._buffered[worst]
+        why = (
+            f"bytes buffered from peers over the hub's bound of {self._max_buffered} "
+            f"({total} in all, {worst.reader.pending} from this one)"
+        )
+        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why)
+        if worst is peer:
+            return why
+        self._give_back(worst, why)
+        return None
 
     def _loan_back(self, peer: Peer, name: str, size: int) -> None:
         """Any thread: a lent segment was freed by its caller."""
@@ -1744,6 +1780,8 @@ class Bridge:
         exit status of a local worker process is known (or soon anyway)."""
         if peer.gone:
             return
+        with self._buffered_lock:
+            self._buffered.pop(peer, None)
         if peer.role in ("client", "observer"):
             self._drop_client(peer, reason)
             return
@@ -2029,6 +2067,10 @@ class Bridge:
         peer.last_heard = time.monotonic()
         try:
             frames = peer.reader.feed(self._rview[:n])
+            why = self._account_buffered(peer) if peer.reader.pending or peer in self._buffered else None
+            if why is not None:
+                self._drop(peer, why)
+                return
             if peer.role == "client":
                 self._client_frames(peer, frames)
             elif peer.role == "observer":
