@@ -652,3 +652,53 @@ def test_bytes_buffered_from_all_peers_together_are_bounded(make_hub, make_worke
     finally:
         for s in socks:
             s.close()
+
+
+# ------------------------------------------------------------------ the local socket's name taken by another user
+
+_SQUATTER = """
+import os, socket, sys, time
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0gibbs-" + sys.argv[1])
+s.listen(64)
+print("ready", flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])  # and never says a word
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def squatter() -> Iterator[int]:
+    """A process of another user holding the local socket name of a free port."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run a process as another user")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SQUATTER, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_local_socket_name_taken_by_another_user_is_refused_on_both_sides(
+    squatter: int, make_hub, make_workers, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gibbs"):
+        hub = make_hub(authkey=KEY, port=squatter)
+        assert any("held by another user" in r.getMessage() for r in caplog.records), "the hub said nothing"
+    make_workers(hub, Square, 1, gibbs_authkey=KEY)  # connects over TCP, not to the squatter
+    hub.wait_for_workers_sync(1, timeout=20)
+    assert hub.submit(9).result(timeout=30) == 81
+    assert hub.workers()[0]["address"] != "local socket"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import multiprocessing
 import os
 import socket
@@ -25,6 +26,8 @@ from .errors import AuthenticationError, ProtocolError
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5019
 AUTHKEY_ENV = "GIBBS_AUTHKEY"
+
+_logger = logging.getLogger("gibbs")
 
 _CHALLENGE = b"#GIBBS-CHALLENGE#"
 _SAME_USER = b"#GIBBS-SAME-USER#"  # server: "the kernel says you are my user; keys needed?"
@@ -128,6 +131,10 @@ def local_name(port: int) -> str:
 
 
 def listen_local(port: int) -> Optional[socket.socket]:
+    """The hub's local socket, or None where there is none: another hub of
+    this user on this port number (TCP only, quietly), or a process of
+    another user that took the name first (said loudly: workers of this
+    user will not connect to it, see :func:`connect_local`, and go by TCP)."""
     if not sys.platform.startswith("linux"):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -135,12 +142,35 @@ def listen_local(port: int) -> Optional[socket.socket]:
         sock.bind(local_name(port))
         sock.listen(128)
     except OSError:
-        sock.close()  # another hub on this port number: TCP only
+        sock.close()
+        holder = _local_holder(port)
+        if holder is not None and holder != os.geteuid():
+            _logger.error(
+                "gibbs hub: the local socket name %r is held by another user (uid %d): not listening on it; "
+                "workers on this machine connect over TCP",
+                local_name(port).lstrip("\0"), holder,
+            )
         return None
     return sock
 
 
+def _local_holder(port: int) -> Optional[int]:
+    """The user id of the process listening on the local socket of ``port``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(local_name(port))
+        return peer_uid(probe)
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
 def connect_local(port: int, timeout: Optional[float]) -> Optional[socket.socket]:
+    """A connection to the local socket of the hub on ``port``, or None. A
+    listener of another user is not ours: anyone can take an abstract name
+    first, so it is refused (loudly) and the caller goes by TCP."""
     if not sys.platform.startswith("linux"):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -149,6 +179,14 @@ def connect_local(port: int, timeout: Optional[float]) -> Optional[socket.socket
         sock.connect(local_name(port))
     except OSError:
         sock.close()
+        return None
+    uid = peer_uid(sock)
+    if uid is not None and uid != os.geteuid():
+        sock.close()
+        _logger.warning(
+            "gibbs: the local socket name %r is held by another user (uid %d), not the hub's; connecting over TCP",
+            local_name(port).lstrip("\0"), uid,
+        )
         return None
     return sock
 
