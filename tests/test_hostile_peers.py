@@ -702,3 +702,62 @@ def test_a_local_socket_name_taken_by_another_user_is_refused_on_both_sides(
     hub.wait_for_workers_sync(1, timeout=20)
     assert hub.submit(9).result(timeout=30) == 81
     assert hub.workers()[0]["address"] != "local socket"
+
+
+# ------------------------------------------------------------------ roles are privileges
+
+OBSERVER_KEY = b"observer-only-key"
+WORKER_KEY = b"worker-only-key"
+
+
+def _try_role(port: int, key: bytes, kind: int, info: dict[str, Any]) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(10)
+    t.client_handshake(sock, key)
+    sock.sendall(p.pack_json(kind, info))
+    return sock
+
+
+def _stats_of(sock: socket.socket) -> dict[str, Any]:
+    sock.sendall(frame(p.STATS, 0))
+    reader = p.FrameReader(1 << 20)
+    _, _, body = read_frame(sock, reader, p.STATS)
+    return p.unpack_json(body)
+
+
+def test_a_key_limited_to_observing_or_serving_gives_no_other_role(make_hub, make_workers) -> None:
+    hub = make_hub(authkey=KEY, observer_key=OBSERVER_KEY, worker_key=WORKER_KEY)
+    make_workers(hub, Square, 1, gibbs_authkey=WORKER_KEY)  # a worker key serves
+    hub.wait_for_workers_sync(1, timeout=30)
+    assert hub.submit(3).result(timeout=30) == 9
+
+    observer = _try_role(hub.port, OBSERVER_KEY, p.HELLO, hello_info(role="observer", name="status"))
+    try:
+        assert _stats_of(observer)["statistics"]["workers"] == 1  # an observer key observes
+    finally:
+        observer.close()
+    refused = {
+        "observer key as client": (OBSERVER_KEY, p.HELLO, hello_info(role="client")),
+        "observer key as worker": (OBSERVER_KEY, p.HELLO, hello_info(model=EVIL)),
+        "observer key loading": (OBSERVER_KEY, p.LOADING, hello_info(model=EVIL)),
+        "worker key as client": (WORKER_KEY, p.HELLO, hello_info(role="client")),
+        "worker key as observer": (WORKER_KEY, p.HELLO, hello_info(role="observer")),
+    }
+    for what, (key, kind, info) in refused.items():
+        assert closed_by_hub(_try_role(hub.port, key, kind, info)), f"{what}: let in"
+    assert workers_of(hub) == 1
+    assert hub._bridge is not None and hub._bridge.loading() == []
+    # The hub's own key still gives every role.
+    full = _try_role(hub.port, KEY, p.HELLO, hello_info(role="observer", name="status"))
+    try:
+        assert _stats_of(full)["statistics"]["workers"] == 1
+    finally:
+        full.close()
+    assert hub.submit(4).result(timeout=30) == 16
+
+
+def test_limited_keys_must_differ_from_the_hubs() -> None:
+    with pytest.raises(ValueError):
+        Hub(port=0, authkey=KEY, observer_key=KEY)
+    with pytest.raises(ValueError):
+        Hub(port=0, authkey=KEY, observer_key=WORKER_KEY, worker_key=WORKER_KEY)

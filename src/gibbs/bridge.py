@@ -75,7 +75,7 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
-from .transport import describe, peer_pid, peer_uid, server_handshake, tune
+from .transport import GRANT_ALL, authenticate, describe, peer_pid, peer_uid, tune
 
 logger = logging.getLogger("gibbs")
 
@@ -366,10 +366,12 @@ class Bridge:
         on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
         max_lent_bytes: int = 512 << 20,
         request_pool: Optional[protocol.SegmentPool] = None,
+        limited_keys: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
         self._explicit = authkey_explicit
+        self._limited_keys = list(limited_keys)  # (role, key): keys that give one role only
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
         self._max_frame = max_frame
@@ -1205,7 +1207,7 @@ class Bridge:
             sock.setblocking(True)
             sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
             tune(sock)
-            server_handshake(sock, self._authkey, self._explicit)
+            grant = authenticate(sock, self._authkey, self._explicit, self._limited_keys)
             with self._lock:  # authenticated: out of the unauthenticated pools, into its own room
                 pending = self._handshaking.get(sock)
                 if pending is None:
@@ -1232,6 +1234,8 @@ class Bridge:
                 frames = reader.feed(data)
             kind, _, body = frames[0]
             early = frames[1:]
+            if kind in (protocol.LOADING, protocol.INIT_FAILED) and grant not in GRANT_ALL and grant != "worker":
+                raise ProtocolError(f"a key limited to {grant} may not report a worker's model")
             if kind == protocol.LOADING:
                 self._hold_loading(sock, Loading.from_wire(protocol.unpack_json(body)))
                 return
@@ -1252,6 +1256,10 @@ class Bridge:
             if kind != protocol.HELLO:
                 raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
             info = Hello.from_wire(protocol.unpack_json(body))
+            if grant not in GRANT_ALL and info.role != grant:
+                # Roles are privileges: a client hub submits work, a worker
+                # answers calls; a key limited to one role gives no other.
+                raise ProtocolError(f"a key limited to {grant} may not join as {info.role}")
             if (early or reader.pending) and info.role == "worker":
                 # A worker speaks only when spoken to.
                 raise ProtocolError("unexpected bytes after HELLO")

@@ -91,6 +91,7 @@ from .transport import (
     client_handshake,
     connect,
     is_loopback,
+    limited_keys,
     listen,
     listen_local,
     parse_address,
@@ -129,6 +130,11 @@ class Hub:
         max_frame_bytes: largest message accepted from a worker; a bigger one
             closes that connection.
         handshake_timeout: seconds a new connection has to authenticate.
+        observer_key: a key that lets a peer only read statistics
+            (``gibbs status``); default ``GIBBS_OBSERVER_KEY``, else none.
+        worker_key: a key that lets a peer only serve as a worker (not
+            submit work as a client hub, nor observe); default
+            ``GIBBS_WORKER_KEY``, else none. ``authkey`` gives every role.
         pipeline_depth: most calls a worker may hold at once. A busy worker
             gets another only while the work committed to it stays under 1 ms
             (by its measured service time): fast models do not wait a round
@@ -179,6 +185,8 @@ class Hub:
         close_grace: float = 10.0,
         address: Optional[str] = None,
         max_lent_bytes: int = 512 << 20,
+        observer_key: KeyLike = None,
+        worker_key: KeyLike = None,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
@@ -232,6 +240,7 @@ class Hub:
             raise ValueError(f"max_lent_bytes must be an int >= 0, got {max_lent_bytes!r}")
         self._max_lent_bytes = max_lent_bytes
         self._close_grace = float(close_grace)
+        self._limited_keys = limited_keys(observer_key, worker_key, key)
         self._authkey = key
         self._explicit = explicit
         self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
@@ -318,6 +327,7 @@ class Hub:
                 local_workers=lambda: _local_workers_of(port, created),
                 max_lent_bytes=self._max_lent_bytes,
                 request_pool=self._pool,
+                limited_keys=self._limited_keys,
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.start()

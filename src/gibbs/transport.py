@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -58,6 +58,28 @@ def resolve_authkey(authkey: KeyLike) -> tuple[bytes, bool]:
     if env:
         return env.encode(), True
     return bytes(multiprocessing.current_process().authkey), False
+
+
+OBSERVER_KEY_ENV = "GIBBS_OBSERVER_KEY"
+WORKER_KEY_ENV = "GIBBS_WORKER_KEY"
+
+
+def limited_keys(observer_key: KeyLike, worker_key: KeyLike, full_key: bytes) -> list[tuple[str, bytes]]:
+    """(role, key) pairs of the keys that give one role only: the arguments,
+    else ``GIBBS_OBSERVER_KEY`` and ``GIBBS_WORKER_KEY``. Each must differ
+    from the hub's key and from the other."""
+    out: list[tuple[str, bytes]] = []
+    for role, given, env in (("observer", observer_key, OBSERVER_KEY_ENV), ("worker", worker_key, WORKER_KEY_ENV)):
+        value: KeyLike = given if given is not None else (os.environ.get(env) or None)
+        if value is None:
+            continue
+        key = value.encode() if isinstance(value, str) else bytes(value)
+        if not key:
+            raise ValueError(f"the {role} key must not be empty")
+        if key == full_key or any(key == k for _, k in out):
+            raise ValueError(f"the {role} key must differ from the hub's key and from the other limited key")
+        out.append((role, key))
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -217,14 +239,16 @@ def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, role + nonce, hashlib.sha256).digest()
 
 
-def deliver_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
-    """Challenge the peer to prove it holds ``key``; raise if it does not."""
+def deliver_challenge(sock: socket.socket, key: bytes, role: bytes, others: Sequence[bytes] = ()) -> int:
+    """Challenge the peer to prove it holds ``key`` (or one of ``others``);
+    raise if it does not. Returns which: 0 for ``key``, i + 1 for ``others[i]``."""
     nonce = os.urandom(_NONCE_SIZE)
     _send_small(sock, _CHALLENGE + nonce)
     answer = _recv_small(sock)
-    if hmac.compare_digest(answer, _digest(key, role, nonce)):
-        _send_small(sock, _WELCOME)
-        return
+    for i, k in enumerate((key, *others)):
+        if hmac.compare_digest(answer, _digest(k, role, nonce)):
+            _send_small(sock, _WELCOME)
+            return i
     try:
         _send_small(sock, _FAILURE)
     except OSError:
@@ -285,6 +309,33 @@ def same_user(sock: socket.socket) -> bool:
 # Role tags keep a hub's answer from being replayed as a worker's and back.
 ROLE_WORKER = b"gibbs-worker:"
 ROLE_HUB = b"gibbs-hub:"
+
+
+#: What a peer that passed the handshake may do (``authenticate``): "uid"
+#: (same user, keyless) and "key" (the hub's key) anything; a limited key
+#: only what its name says: "observer" (read statistics) or "worker" (serve).
+GRANT_ALL = ("uid", "key")
+LIMITED_ROLES = ("observer", "worker")
+
+
+def authenticate(
+    sock: socket.socket, key: bytes, explicit: bool = True, limited: Sequence[tuple[str, bytes]] = ()
+) -> str:
+    """The server side of the handshake, with keys of limited rights beside
+    the hub's key: returns "uid" (the peer is this user, keyless), "key"
+    (it holds the hub's key) or the name of the limited key it holds
+    (``limited``: (role, key) pairs). The hub proves itself back with the
+    same key."""
+    if not explicit and same_user(sock):
+        _send_small(sock, _SAME_USER)
+        reply = _recv_small(sock)
+        if reply == _SAME_USER_OK:
+            return "uid"
+        if reply != _USE_KEY:
+            raise ProtocolError("unexpected reply to the same-user offer")
+    i = deliver_challenge(sock, key, ROLE_WORKER, [k for _, k in limited])
+    answer_challenge(sock, key if i == 0 else limited[i - 1][1], ROLE_HUB)
+    return "key" if i == 0 else limited[i - 1][0]
 
 
 def server_handshake(sock: socket.socket, key: bytes, explicit: bool = True) -> bool:
