@@ -761,3 +761,14 @@ def test_limited_keys_must_differ_from_the_hubs() -> None:
         Hub(port=0, authkey=KEY, observer_key=KEY)
     with pytest.raises(ValueError):
         Hub(port=0, authkey=KEY, observer_key=WORKER_KEY, worker_key=WORKER_KEY)
+
+
+def test_the_limited_keys_example_runs() -> None:
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "limited_keys.py")
+    env = dict(os.environ, HUB_PORT=str(_free_port()))
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert "worker key: 49" in out.stdout
+    assert 'gibbs status with the observer key: {"statistics"' in out.stdout
