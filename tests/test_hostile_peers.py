@@ -772,3 +772,33 @@ def test_the_limited_keys_example_runs() -> None:
     assert out.returncode == 0, out.stderr
     assert "worker key: 49" in out.stdout
     assert 'gibbs status with the observer key: {"statistics"' in out.stdout
+
+
+# ------------------------------------------------------------------ a bug met on a peer's bytes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bug_met_reading_one_peer_drops_that_peer_not_the_hub(
+    hubs: dict[str, Hub], mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault put in the reading path (as a bug would be) for one body only:
+    that peer is dropped with the traceback logged; the hub serves on, in
+    either reading mode."""
+    hub = hubs[mode]
+    real = p.is_shm
+
+    def buggy(body: Any) -> bool:
+        if bytes(body[:4]) == b"\x00BUG":
+            raise RuntimeError("a bug in the hub")
+        return real(body)
+
+    monkeypatch.setattr(p, "is_shm", buggy)
+
+    def attack() -> None:
+        sock = join_fake_worker(hub)
+        send_quietly(sock, frame(p.RESULT, 1, b"\x00BUG"))
+        assert closed_by_hub(sock), "the peer whose bytes met the bug was kept"
+
+    with caplog.at_level(logging.ERROR, logger="gibbs"):
+        in_mode(hub, mode, attack)
+    assert any("internal error reading" in r.getMessage() and r.exc_info for r in caplog.records)
