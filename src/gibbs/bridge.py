@@ -75,10 +75,17 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
-from .transport import ANY_APP, describe, server_handshake, tune
+from .records import Hello, InitFailed, Loading, Welcome
+from .transport import ANY_APP, GRANT_ALL, authenticate, describe, peer_pid, peer_uid, tune
 
 logger = logging.getLogger("gibbs")
 
+#: Connections that have not authenticated yet, at most, per pool: TCP, and
+#: the local socket for this user (another user's connections on the local
+#: socket count as TCP's do, by user id): a flood on TCP never holds out a
+#: local worker. From one source (an address, or another user) at most
+#: _MAX_PER_SOURCE of them; they have _AUTH_DEADLINE seconds (or the
+#: handshake timeout, if shorter) to pass the challenge.
 _MAX_HANDSHAKES = 64
 #: How long a pool asking why a worker failed waits for its report.
 INIT_REPORT_WAIT = 2.0
@@ -86,6 +93,28 @@ INIT_REPORT_WAIT = 2.0
 #: repeated at most this often per model.
 _ABSENT_WARN_AFTER = 1.0
 _ABSENT_WARN_EVERY = 30.0
+_MAX_PER_SOURCE = 8
+_AUTH_DEADLINE = 2.0
+#: Authenticated connections that have not said HELLO yet (their own room:
+#: never queued behind unauthenticated ones).
+_MAX_AUTHENTICATED = 256
+#: Workers building their model (LOADING), at most; each is listed until it
+#: closes its connection or _LOADING_DEADLINE seconds pass. The bridge
+#: thread watches them (no thread each).
+_MAX_LOADING = 1024
+_LOADING_DEADLINE = 3600.0
+
+
+class _Pending:
+    """A connection in its handshake (owned by ``Bridge._lock``): its deadline,
+    where it comes from, and whether it has authenticated."""
+
+    __slots__ = ("deadline", "source", "authed")
+
+    def __init__(self, deadline: float, source: tuple[str, Any]) -> None:
+        self.deadline = deadline
+        self.source = source
+        self.authed = False
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5
@@ -182,17 +211,18 @@ class Peer:
     __slots__ = (
         "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm", "deadlines",
         "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
-        "owner", "rlock", "token", "version",
+        "owner", "rlock", "hello", "vouched", "segments", "token", "version",
     )
 
-    def __init__(self, sock: socket.socket, hello: dict[str, Any], max_frame: int) -> None:
+    def __init__(self, sock: socket.socket, hello: Hello, max_frame: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = protocol.FrameReader(max_frame)
         self.out: collections.deque[Buffer] = collections.deque()
-        self.pid = int(hello.get("pid", 0))
-        self.host = str(hello.get("host", "?"))
-        self.name = str(hello.get("name", "worker"))
+        self.hello = hello  # checked at the edge (records.Hello.from_wire)
+        self.pid = hello.pid
+        self.host = hello.host
+        self.name = hello.name
         if sock.family == socket.AF_UNIX:
             self.address = "local socket"
         else:
@@ -200,9 +230,16 @@ class Peer:
                 self.address = describe(sock.getpeername())
             except OSError:
                 self.address = "?"
-        self.interval = max(0.01, float(hello.get("heartbeat_interval", 1.0)))
-        self.shm = bool(hello.get("shm", False))
-        self.deadlines = bool(hello.get("deadlines", False))  # it reads DEADLINE frames
+        self.interval = max(0.01, hello.heartbeat_interval)
+        self.shm = hello.shm
+        # Whether the kernel vouches for the pid it claims (a local socket:
+        # SO_PEERCRED). Only then does its pid name its process, and its
+        # shared-memory files, with authority: a pid over TCP is a claim.
+        self.vouched = peer_pid(sock) == hello.pid
+        # Its shared-memory segments the hub has read (its names, checked):
+        # removed when it is lost, if its pid cannot be trusted to name them.
+        self.segments: set[str] = set()
+        self.deadlines = hello.deadlines  # it reads DEADLINE frames
         now = time.monotonic()
         self.last_heard = now
         self.last_sent = now
@@ -211,14 +248,12 @@ class Peer:
         # it is attached to. Changed, and the socket read, under ``rlock``.
         self.owner: Optional[_Attachment] = None
         self.rlock = threading.Lock()
-        self.batched = int(hello.get("batch_size", 1)) > 1
-        device = hello.get("device")
-        self.device: Optional[str] = str(device) if device else None
-        token, version = hello.get("token"), hello.get("version")
-        self.token: Optional[str] = token if isinstance(token, str) else None
-        self.version: Optional[str] = version[:64] if isinstance(version, str) else None
+        self.batched = hello.batch_size > 1
+        self.device: Optional[str] = hello.device
+        self.token: Optional[str] = hello.token
+        self.version: Optional[str] = hello.version
         self.gone = False  # closed; its loss may still wait for an exit status
-        self.role = str(hello.get("role", "worker"))  # "worker", "client" (routes through us), "router" (we route through it)
+        self.role = hello.role  # "worker", "client" (routes through us), "observer", "router" (we route through it)
         # A client's open calls: its call id -> our call (owned by _lock).
         self.calls: Optional[dict[int, Call]] = {} if self.role == "client" else None
         self.info: WorkerInfo  # set by the bridge (workers only)
@@ -302,15 +337,19 @@ def exc_to_json(exc: Optional[BaseException]) -> bytes:
 
 
 def exc_from_json(body: bytes) -> Optional[BaseException]:
-    """None for "cancelled"."""
-    record = json.loads(body)
+    """None for "cancelled". Raises :class:`ProtocolError` for a record that
+    is not one."""
+    record = protocol.unpack_json(body)
     name = record.get("type", "")
+    failures = record.get("failures") or []
+    if not isinstance(name, str) or not isinstance(failures, list):
+        raise ProtocolError("malformed EXC record")
     if not name:
         return None
     cls = _EXC_TYPES.get(name, GibbsError)
     message = str(record.get("message", ""))
     if cls is errors.WorkerDiedError:
-        return errors.WorkerDiedError(message, list(record.get("failures") or []))
+        return errors.WorkerDiedError(message, [str(f) for f in failures])
     if name == "DeadlineExceededError":
         return errors.DeadlineExceededError(message, in_queue=bool(record.get("in_queue", True)))
     exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
@@ -345,13 +384,20 @@ class Bridge:
         request_pool: Optional[protocol.SegmentPool] = None,
         app: Optional[str] = None,
         no_worker_timeout: Optional[float] = None,
+        limited_keys: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         self._listeners = listeners  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
         self._explicit = authkey_explicit
+        self._limited_keys = list(limited_keys)  # (role, key): keys that give one role only
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
         self._max_frame = max_frame
+        # Bytes of incomplete frames held from all peers together, at most
+        # (each may hold up to max_frame): two frames' worth.
+        self._max_buffered = 2 * max_frame
+        self._buffered_lock = threading.Lock()  # owns _buffered
+        self._buffered: dict[Peer, int] = {}  # peers holding part of a frame -> bytes
         self._handshake_timeout = handshake_timeout
         self._depth = pipeline_depth
         self._shm_probe = shm_probe
@@ -381,7 +427,7 @@ class Bridge:
         self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
         # (socket, HELLO, frames that came after HELLO in the same read,
         # bytes of a frame begun after it).
-        self._new_peers: list[tuple[socket.socket, dict[str, Any], list[tuple[int, int, bytes]], bytes]] = []
+        self._new_peers: list[tuple[socket.socket, Hello, list[tuple[int, int, bytes]], bytes]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
         self._init_failures: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)  # (pid, text)
         self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
@@ -395,8 +441,9 @@ class Bridge:
         self._crashed: Optional[BaseException] = None
         self._wake_pending = False
         self._wake_at = 0.0  # (under _lock) when the loop's select ends, at the latest
-        self._handshaking: dict[socket.socket, float] = {}  # sockets in handshake threads -> deadline
+        self._handshaking: dict[socket.socket, _Pending] = {}  # sockets in handshake threads
         self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
+        self._new_loading: list[socket.socket] = []  # for the bridge thread to watch
         self._next_id = 1
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
@@ -1122,6 +1169,8 @@ class Bridge:
                 elif isinstance(data, tuple):
                     if data[0] == "listener":
                         self._accept(data[1])
+                    elif data[0] == "loading":
+                        self._read_loading(data[1])
                     else:  # ("exit", peer): a lost local worker's process is ending
                         self._sentinel_fired(data[1])
                 else:
@@ -1131,6 +1180,11 @@ class Bridge:
                     if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
+            if self._new_loading:
+                with self._lock:
+                    new_loading, self._new_loading = self._new_loading, []
+                for sock in new_loading:
+                    self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
             if self._new_peers or self._dirty or self._returned:
                 with self._lock:
                     new_peers, self._new_peers = self._new_peers, []
@@ -1144,7 +1198,11 @@ class Bridge:
                     else:
                         self._update_registration(peer)
                 for sock, hello, early, partial in new_peers:
-                    self._add_peer(sock, hello, early, partial)
+                    try:
+                        self._add_peer(sock, hello, early, partial)
+                    except Exception as exc:  # noqa: BLE001 - that connection only
+                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host)
+                        self._forget_new_peer(sock, exc)
                 if new_peers and self._home is not None:
                     self._home_changed = True
             if self._loans_back:
@@ -1229,21 +1287,44 @@ class Bridge:
             except OSError as exc:
                 logger.warning("gibbs hub: accept failed: %s", exc)
                 return
+            source = _source_of(sock, addr)
             with self._lock:
-                if self._core.closing or len(self._handshaking) >= _MAX_HANDSHAKES:
+                why = self._admit_locked(source)
+                if why is not None:
                     sock.close()
-                    logger.warning("gibbs hub: refused connection from %s (busy or closing)", describe(addr))
+                    logger.warning("gibbs hub: refused connection from %s (%s)", describe(addr) if addr else "local socket", why)
                     continue
-                self._handshaking[sock] = time.monotonic() + self._handshake_timeout
+                deadline = time.monotonic() + min(self._handshake_timeout, _AUTH_DEADLINE)
+                self._handshaking[sock] = _Pending(deadline, source)
             threading.Thread(
                 target=self._handshake, args=(sock, addr), name="gibbs-handshake", daemon=True
             ).start()
 
+    def _admit_locked(self, source: tuple[str, Any]) -> Optional[str]:
+        """Why a new connection from ``source`` is refused, if it is."""
+        if self._core.closing:
+            return "closing"
+        pool = source[0]
+        in_pool = in_source = 0
+        for pending in self._handshaking.values():
+            if not pending.authed and pending.source[0] == pool:
+                in_pool += 1
+                in_source += pending.source == source
+        if in_pool >= _MAX_HANDSHAKES:
+            return f"{in_pool} connections are authenticating already"
+        if pool != "local" and in_source >= _MAX_PER_SOURCE:
+            return f"{in_source} connections from there are authenticating already"
+        return None
+
     def _check_handshakes(self, now: float) -> None:
-        """A handshake has ``handshake_timeout`` in all, not per read: a peer
-        that trickles a byte at a time is cut off at the deadline."""
+        """A handshake has its deadline in all, not per read: a peer that
+        trickles a byte at a time is cut off at the deadline. LOADING
+        connections past theirs are closed too."""
         with self._lock:
-            late = [s for s, deadline in self._handshaking.items() if now > deadline]
+            late = [s for s, pending in self._handshaking.items() if now > pending.deadline]
+            stale = [s for s, e in self._loading.items() if now - e["since"] > _LOADING_DEADLINE]
+        for sock in stale:
+            self._end_loading(sock)
         for sock in late:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # the handshake thread's recv returns
@@ -1255,9 +1336,19 @@ class Bridge:
         who = describe(addr) if addr else "local socket"
         try:
             sock.setblocking(True)
-            sock.settimeout(self._handshake_timeout)
+            sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
             tune(sock)
-            server_handshake(sock, self._authkey, self._explicit)
+            grant = authenticate(sock, self._authkey, self._explicit, self._limited_keys)
+            with self._lock:  # authenticated: out of the unauthenticated pools, into its own room
+                pending = self._handshaking.get(sock)
+                if pending is None:
+                    raise ConnectionAbortedError("closed meanwhile")
+                authed = sum(1 for q in self._handshaking.values() if q.authed)
+                if authed >= _MAX_AUTHENTICATED:
+                    raise ConnectionRefusedError(f"{authed} authenticated connections have not said HELLO yet")
+                pending.authed = True
+                pending.deadline = time.monotonic() + self._handshake_timeout
+            sock.settimeout(self._handshake_timeout)
             welcome = {
                 "heartbeat_interval": self._interval,
                 "shm_probe": self._shm_probe,
@@ -1275,15 +1366,18 @@ class Bridge:
                 frames = reader.feed(data)
             kind, _, body = frames[0]
             early = frames[1:]
-            info = protocol.unpack_json(body)
+            if kind in (protocol.LOADING, protocol.INIT_FAILED) and grant not in GRANT_ALL and grant != "worker":
+                raise ProtocolError(f"a key limited to {grant} may not report a worker's model")
             if kind == protocol.LOADING:
-                self._hold_loading(sock, info)
+                self._hold_loading(sock, Loading.from_wire(protocol.unpack_json(body)))
                 return
-            if kind == protocol.INIT_FAILED and info.get("final") is True:
-                model = str(info.get("model") or DEFAULT_MODEL)
+            if kind == protocol.INIT_FAILED:
+                failed = InitFailed.from_wire(protocol.unpack_json(body))
+            if kind == protocol.INIT_FAILED and failed.final:
+                model = failed.model or DEFAULT_MODEL
                 why = (
-                    f"the supervisor {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) stopped "
-                    f"starting workers of model {model!r}: {info.get('message')}"
+                    f"the supervisor {failed.name} (pid {failed.pid} on {failed.host}) stopped "
+                    f"starting workers of model {model!r}: {failed.message}"
                 )
                 logger.error("gibbs hub: %s", why)
                 sock.close()
@@ -1291,30 +1385,34 @@ class Bridge:
                 return
             if kind == protocol.INIT_FAILED:
                 line = (
-                    f"worker {info.get('name')} (pid {info.get('pid')} on {info.get('host')}) "
-                    f"failed to build model {info.get('model', DEFAULT_MODEL)!r}: "
-                    f"{info.get('exc_type')}: {info.get('message')}\n{info.get('traceback', '')}"
+                    f"worker {failed.name} (pid {failed.pid} on {failed.host}) "
+                    f"failed to build model {failed.model or DEFAULT_MODEL!r}: "
+                    f"{failed.exc_type}: {failed.message}\n{failed.traceback}"
                 )
                 logger.error("gibbs hub: %s", line)
                 with self._lock:
-                    self._init_failures.append((int(info.get("pid", 0) or 0), line))
+                    self._init_failures.append((failed.pid, line))
                     self._check_locals = True
                     self._wake_locked()
                 sock.close()
                 return
             if kind != protocol.HELLO:
                 raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
-            theirs = info.get("app")
-            if info.get("role") == "client" and isinstance(theirs, str) and self._app not in (None, ANY_APP, theirs):
+            info = Hello.from_wire(protocol.unpack_json(body))
+            if grant not in GRANT_ALL and info.role != grant:
+                # Roles are privileges: a client hub submits work, a worker
+                # answers calls; a key limited to one role gives no other.
+                raise ProtocolError(f"a key limited to {grant} may not join as {info.role}")
+            if info.role == "client" and info.app is not None and self._app not in (None, ANY_APP, info.app):
                 # A hub of another program found our address: never route
                 # its calls to our models (it is told why, and raises).
                 reason = (
                     f"this address is held by the hub of another application ({self._app}); "
-                    f"the client hub's application is {theirs}"
+                    f"the client hub's application is {info.app}"
                 )
                 sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": reason, "app": self._app}))
-                raise ProtocolError(f"refused a client hub of another application ({theirs})")
-            if (early or reader.pending) and info.get("role", "worker") == "worker":
+                raise ProtocolError(f"refused a client hub of another application ({info.app})")
+            if (early or reader.pending) and info.role == "worker":
                 # A worker speaks only when spoken to.
                 raise ProtocolError("unexpected bytes after HELLO")
             # A client or an observer may send its first request right
@@ -1340,36 +1438,61 @@ class Bridge:
             with self._lock:
                 self._handshaking.pop(sock, None)
 
-    def _hold_loading(self, sock: socket.socket, info: dict[str, Any]) -> None:
+    def _hold_loading(self, sock: socket.socket, info: Loading) -> None:
         """A worker building its model: listed as loading until it closes
-        this connection (built, or failed). Runs in its handshake thread."""
+        this connection (built, or failed), watched by the bridge thread.
+        Runs in its handshake thread, which ends here."""
         entry = {
-            "pid": int(info.get("pid", 0) or 0),
-            "host": str(info.get("host", "?")),
-            "name": str(info.get("name", "worker")),
-            "model": str(info.get("model") or DEFAULT_MODEL),
-            "device": info.get("device"),
+            "pid": info.pid,
+            "host": info.host,
+            "name": info.name,
+            "model": info.model or DEFAULT_MODEL,
+            "device": info.device,
             "since": time.monotonic(),
         }
         with self._lock:
             self._handshaking.pop(sock, None)
-            closing = self._core.closing
-            if not closing:
+            refused = "closing" if self._core.closing else None
+            if refused is None and len(self._loading) >= _MAX_LOADING:
+                refused = f"{len(self._loading)} workers are loading already"
+            if refused is None:
+                sock.setblocking(False)
                 self._loading[sock] = entry
+                self._new_loading.append(sock)
                 self._count_loading_locked(str(entry["model"]))
-        if not closing:
-            self._notify_waiters()
-            try:
-                sock.settimeout(None)
-                while sock.recv(64):
-                    pass
-            except OSError:
-                pass
-            with self._lock:
-                self._loading.pop(sock, None)
+                self._wake_locked()
+        if refused is not None:
+            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused)
+            sock.close()
+            return
+        self._notify_waiters()
+
+    def _read_loading(self, sock: socket.socket) -> None:
+        """Bridge thread: a LOADING connection is readable: its end (the model
+        is built, or failed), or bytes it had no reason to send."""
+        try:
+            if sock.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_loading(sock)
+
+    def _end_loading(self, sock: socket.socket) -> None:
+        with self._lock:
+            entry = self._loading.pop(sock, None)
+            if entry is not None:
                 self._count_loading_locked(str(entry["model"]))
                 self._wake_locked()  # a deadline of the core may have moved
+        if entry is None:
+            return
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
         sock.close()
+        self._notify_waiters()
 
     def _count_loading_locked(self, model: str) -> None:
         n = sum(1 for e in self._loading.values() if e["model"] == model)
@@ -1443,7 +1566,7 @@ class Bridge:
     def _add_peer(
         self,
         sock: socket.socket,
-        hello: dict[str, Any],
+        hello: Hello,
         early: Sequence[tuple[int, int, bytes]] = (),
         partial: bytes = b"",
     ) -> None:
@@ -1471,28 +1594,39 @@ class Bridge:
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
             sock.close()
             return
-        model = str(hello.get("model") or DEFAULT_MODEL)
+        if peer.shm:
+            with self._lock:
+                twin = next((q for q in self._peers.values() if q.pid == peer.pid and q.shm and not q.gone), None)
+            if twin is not None and (not peer.vouched or not twin.vouched):
+                # Two peers on one machine cannot share a pid: one of them lies,
+                # and the pid names the shared-memory files the hub reads and removes.
+                logger.warning(
+                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe()
+                )
+                sock.close()
+                return
+        model = hello.model or DEFAULT_MODEL
         peer.info = WorkerInfo(
             peer,
             model,
-            str(hello.get("cls", "")),
-            slots=int(hello.get("concurrency", 1)),
-            batch_size=int(hello.get("batch_size", 1)),
+            hello.cls,
+            slots=hello.concurrency,
+            batch_size=hello.batch_size,
             depth=self._depth,
             describe=peer.describe(),
         )
         self._selector.register(sock, selectors.EVENT_READ, peer)
         with self._lock:
             self._peers[peer.fd] = peer
-            actions = self._core.worker_joined(peer.info, time.monotonic(), float(hello.get("batch_wait", 0.0)))
+            actions = self._core.worker_joined(peer.info, time.monotonic(), hello.batch_wait)
             self._apply_locked(actions)
             if peer.gone:  # refused
                 del self._peers[peer.fd]
             else:
-                self._joined_pids.add(peer.pid)
-                token = hello.get("token")
-                if isinstance(token, str) and token:
-                    self._joined_tokens.add(token)
+                if peer.vouched:
+                    self._joined_pids.add(peer.pid)
+                if hello.token:
+                    self._joined_tokens.add(hello.token)
                 self._refresh_batched_locked(model)
                 self._broadcast_pool_locked()
         if peer.gone:
@@ -1504,13 +1638,31 @@ class Bridge:
         logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model)
         self._notify_waiters()
 
+    def _forget_new_peer(self, sock: socket.socket, exc: BaseException) -> None:
+        """Bridge thread: ``_add_peer`` failed on a bug: close that
+        connection, and if it got as far as joining, its loss reaches the core."""
+        with self._lock:
+            peer = self._peers.get(sock.fileno()) or self._clients.get(sock.fileno())
+        if peer is not None and peer.sock is sock:
+            self._drop(peer, f"internal error: {exc!r}")
+            return
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
     # ---------------------------------------------------------------- reading
 
     def _read(self, peer: Peer) -> None:
-        if peer.role != "worker":
-            self._read_hub(peer)
-            return
-        why = self._read_worker(peer, self._rbuf, self._rview)
+        why: Optional[str]
+        try:
+            if peer.role != "worker":
+                self._read_hub(peer)
+                return
+            why = self._read_worker(peer, self._rbuf, self._rview)
+        except Exception as exc:  # noqa: BLE001 - a bug met on one peer's bytes drops that peer, not the hub
+            why = _internal_error(peer, exc)
         if why is not None:
             self._drop(peer, why)
 
@@ -1528,15 +1680,21 @@ class Bridge:
         if not n:
             return "connection closed (end of file)"
         peer.last_heard = time.monotonic()
+        held = peer.reader.pending
         try:
             frames = peer.reader.feed(view[:n])
         except ProtocolError as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             return f"protocol error: {exc}"
+        if held or peer.reader.pending:
+            why = self._account_buffered(peer)
+            if why is not None:
+                return why
         if not frames:
             return None
         releases: list[Buffer] = []
         answers: list[tuple[int, int, Optional[Outcome]]] = []
+        bad: Optional[str] = None  # a malformed frame: the answers before it count, then the peer goes
         for kind, req_id, body in frames:
             if kind == protocol.RESULT:
                 if protocol.is_shm(body):
@@ -1545,7 +1703,11 @@ class Bridge:
                     # what is lent, copied out so that the worker can reuse
                     # its segment at once (RELEASE below).
                     try:
-                        pickled, views, name, size = protocol.read_views(body, self._maps, readonly=False)
+                        pickled, views, name, size = protocol.read_views(
+                            body, self._maps, readonly=False, owner=f"{protocol.SHM_PREFIX}w{peer.pid}-"
+                        )
+                        if not peer.vouched and len(peer.segments) < 4096:
+                            peer.segments.add(name)
                         with self._loan_lock:
                             lend = self._loans_open and self._lent_bytes + size <= self._max_lent
                             if lend:
@@ -1559,7 +1721,11 @@ class Bridge:
                         else:
                             buffers = [bytearray(v) for v in views]
                         del views
-                    except (OSError, ValueError, ProtocolError) as exc:
+                    except ProtocolError as exc:
+                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                        bad = f"protocol error: {exc}"
+                        break
+                    except (OSError, ValueError) as exc:
                         err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
                         answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
                     else:
@@ -1592,9 +1758,35 @@ class Bridge:
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
-        return None
+        return bad
 
     # ---------------------------------------------------------------- lent answers
+
+    def _account_buffered(self, peer: Peer) -> Optional[str]:
+        """Any reading thread: ``peer`` holds this many bytes of a frame not
+        complete yet. Over ``max_buffered`` bytes from all peers together,
+        the peer that holds the most is dropped: returned here if it is
+        this one, else handed to the bridge thread to drop."""
+        pending = peer.reader.pending
+        with self._buffered_lock:
+            if pending:
+                self._buffered[peer] = pending
+            else:
+                self._buffered.pop(peer, None)
+            total = sum(self._buffered.values())
+            if total <= self._max_buffered:
+                return None
+            worst = max(self._buffered, key=self._buffered.__getitem__)
+            del self._buffered[worst]
+        why = (
+            f"bytes buffered from peers over the hub's bound of {self._max_buffered} "
+            f"({total} in all, {worst.reader.pending} from this one)"
+        )
+        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why)
+        if worst is peer:
+            return why
+        self._give_back(worst, why)
+        return None
 
     def _loan_back(self, peer: Peer, name: str, size: int) -> None:
         """Any thread: a lent segment was freed by its caller."""
@@ -1698,7 +1890,10 @@ class Bridge:
         """In the home loop: the worker's socket is readable."""
         with peer.rlock:
             mine = peer.owner is att
-            why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+            try:
+                why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+            except Exception as exc:  # noqa: BLE001 - as in the bridge thread: drop that peer only
+                why = _internal_error(peer, exc)
             if mine and why is not None:
                 peer.owner = None
         if not mine:  # taken back: stop watching (the bridge thread reads it now)
@@ -1791,6 +1986,8 @@ class Bridge:
         exit status of a local worker process is known (or soon anyway)."""
         if peer.gone:
             return
+        with self._buffered_lock:
+            self._buffered.pop(peer, None)
         if peer.role in ("client", "observer"):
             self._drop_client(peer, reason)
             return
@@ -1812,7 +2009,7 @@ class Bridge:
             pass
         peer.sock.close()
         local = None
-        if not peer.info.leaving:
+        if not peer.info.leaving and peer.vouched:
             local = next((w for w in self._local_workers() if w.pid == peer.pid), None)
         if local is not None and local.exitcode() is None:
             # Its socket closes a moment before its exit status is known:
@@ -1861,9 +2058,15 @@ class Bridge:
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
-            self._maps.forget(prefix)
-            if not peer.info.leaving:
-                protocol.remove_segments(prefix)
+            if peer.vouched:
+                self._maps.forget(prefix)
+                if not peer.info.leaving:
+                    protocol.remove_segments(prefix)
+            else:  # its pid is a claim: only the files it showed us are its own
+                for name in peer.segments:
+                    self._maps.forget(name)
+                    if not peer.info.leaving:
+                        protocol.remove_segments(name)
         self._notify_waiters()
 
     def _refresh_batched_locked(self, model: str) -> None:
@@ -1968,11 +2171,8 @@ class Bridge:
                     pass
         with self._lock:
             loading = list(self._loading)
-        for sock in loading:  # their handshake threads close them
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for sock in loading:
+            self._end_loading(sock)
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         if self._upstream is not None:
             socks.append(self._upstream.sock)
@@ -1991,7 +2191,7 @@ class Bridge:
         a finalizer giving an answer back; this process gets a fresh one)."""
         self._loan_lock = threading.RLock()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers]
+        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers] + list(self._loading)
         if self._upstream is not None:
             socks.append(self._upstream.sock)
         socks += self._rendezvous_sockets(self._pending_upstream)
@@ -2073,6 +2273,10 @@ class Bridge:
         peer.last_heard = time.monotonic()
         try:
             frames = peer.reader.feed(self._rview[:n])
+            why = self._account_buffered(peer) if peer.reader.pending or peer in self._buffered else None
+            if why is not None:
+                self._drop(peer, why)
+                return
             if peer.role == "client":
                 self._client_frames(peer, frames)
             elif peer.role == "observer":
@@ -2198,17 +2402,28 @@ class Bridge:
         ``sock``; ``reader`` and ``frames`` hold what it sent after taking us
         in (its POOL)."""
         sock.setblocking(False)
-        hello = {
-            "role": "router",
-            "name": "router",
-            "pid": welcome.get("pid", 0),
-            "host": welcome.get("host", "?"),
-            "heartbeat_interval": welcome.get("heartbeat_interval", self._interval),
-        }
+        try:
+            w = Welcome.from_wire(welcome)
+        except ProtocolError as exc:
+            logger.warning("gibbs hub: the router hub sent a bad WELCOME (%s); looking again", exc)
+            sock.close()
+            self._start_rendezvous()
+            return
+        hello = Hello(role="router", name="router", pid=w.pid, host=w.host, heartbeat_interval=w.heartbeat_interval)
         peer = Peer(sock, hello, self._max_frame)
         peer.reader = reader
         self._selector.register(sock, selectors.EVENT_READ, peer)
-        self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
+        try:
+            self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
+        except ProtocolError as exc:
+            logger.warning("gibbs hub: the router hub sent a bad frame (%s); looking again", exc)
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+            self._start_rendezvous()
+            return
         with self._lock:
             self._upstream = peer
             for model in list(self._core.models):
@@ -2249,7 +2464,10 @@ class Bridge:
                     del self._relay_of[cid]
                     self._apply_locked(core.answered(relay.id, cid, outcome, now))
                 elif kind == protocol.POOL:
-                    self._pool_info = dict(protocol.unpack_json(body).get("models", {}))
+                    models = protocol.unpack_json(body).get("models", {})
+                    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+                        raise ProtocolError("malformed POOL")
+                    self._pool_info = dict(models)
                     for name, v in self._pool_info.items():
                         if v.get("batched"):
                             self._batched_models.add(name)
@@ -2377,6 +2595,25 @@ def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
         entry = out.setdefault(version, {"class": w.cls, "workers": 0})
         entry["workers"] += 1
     return out
+
+
+def _source_of(sock: socket.socket, addr: Any) -> tuple[str, Any]:
+    """Where a new connection comes from, for the handshake limits: ("tcp",
+    address) over TCP; on the local socket ("local", uid) for this user, and
+    ("tcp", "uid N") for another user (counted as strangers are)."""
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        uid = peer_uid(sock)
+        if uid is not None and uid == os.geteuid():
+            return ("local", uid)
+        return ("tcp", f"uid {uid}")
+    return ("tcp", addr[0] if isinstance(addr, tuple) and addr else str(addr))
+
+
+def _internal_error(peer: Peer, exc: BaseException) -> str:
+    """A bug met while reading a peer: said loudly, with the traceback; the
+    caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
+    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
+    return f"internal error reading its frames: {exc!r}"
 
 
 def describe_exit(code: int) -> str:

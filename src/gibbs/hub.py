@@ -99,6 +99,7 @@ from .transport import (
     default_app,
     default_port,
     is_loopback,
+    limited_keys,
     listen,
     listen_local,
     parse_address,
@@ -138,6 +139,11 @@ class Hub:
         max_frame_bytes: largest message accepted from a worker; a bigger one
             closes that connection.
         handshake_timeout: seconds a new connection has to authenticate.
+        observer_key: a key that lets a peer only read statistics
+            (``gibbs status``); default ``GIBBS_OBSERVER_KEY``, else none.
+        worker_key: a key that lets a peer only serve as a worker (not
+            submit work as a client hub, nor observe); default
+            ``GIBBS_WORKER_KEY``, else none. ``authkey`` gives every role.
         pipeline_depth: most calls a worker may hold at once. A busy worker
             gets another only while the work committed to it stays under 1 ms
             (by its measured service time): fast models do not wait a round
@@ -204,6 +210,8 @@ class Hub:
         max_lent_bytes: int = 512 << 20,
         app: Optional[str] = None,
         no_worker_timeout: Optional[float] = 30.0,
+        observer_key: KeyLike = None,
+        worker_key: KeyLike = None,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
@@ -265,6 +273,7 @@ class Hub:
         self._close_grace = float(close_grace)
         self._no_worker_timeout = None if no_worker_timeout is None else float(no_worker_timeout)
         self._app = app if app is not None else default_app()
+        self._limited_keys = limited_keys(observer_key, worker_key, key)
         self._authkey = key
         self._explicit = explicit
         self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
@@ -355,6 +364,7 @@ class Hub:
                 request_pool=self._pool,
                 app=self._app,
                 no_worker_timeout=self._no_worker_timeout,
+                limited_keys=self._limited_keys,
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.explain_source = weakref.WeakMethod(self._explain_absence)
@@ -1321,7 +1331,7 @@ def _deliver_sync(call: Call, outcome: Outcome) -> None:
 def _unwrap_chunk(value: Any) -> Any:
     try:
         return protocol.decode(value)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
         raise SerializationError(f"a streamed item could not be unpickled in the hub: {exc!r}") from exc
 
 
@@ -1413,13 +1423,13 @@ def _unwrap(outcome: Outcome) -> Any:
     if kind is OutcomeKind.RESULT:
         try:
             return protocol.decode(value)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
             raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
     if kind is OutcomeKind.COPIED:
         pickled, buffers = value
         try:
             return pickle.loads(pickled, buffers=buffers)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - as above
             # The error's traceback keeps this frame and the caller's (and
             # their locals) alive as long as the caller keeps the error: let
             # go of the buffers so that a lent segment goes back now.
@@ -1447,18 +1457,27 @@ def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
 
 
 def _error_from_record(body: bytes) -> GibbsError:
-    record = pickle.loads(body)
+    """The caller's exception for an ERROR frame. Its body is the worker's
+    pickle: whatever it holds or raises on loading (``SystemExit`` too) ends
+    as a :class:`SerializationError`, with the cause chained."""
+    try:
+        record = pickle.loads(body)
+    except BaseException as exc:  # noqa: BLE001 - a peer's pickle: never the caller's own exception
+        raise SerializationError(f"the worker's error record could not be unpickled in the hub: {exc!r}") from exc
+    if not isinstance(record, dict):
+        raise SerializationError(f"the worker's error record is not a record: {type(record).__name__}")
     kind = record.get("kind")
-    type_name = f"{record.get('type')}"
-    message = record.get("message", "")
-    tb = record.get("traceback", "")
+    type_name = str(record.get("type"))
+    message = str(record.get("message", ""))
+    tb = str(record.get("traceback", ""))
     if kind == protocol.ERR_USER:
         original: Optional[BaseException] = None
         if record.get("exception") is not None:
             try:
-                original = pickle.loads(record["exception"])
-            except Exception:
-                original = None
+                loaded = pickle.loads(record["exception"])
+            except BaseException:  # noqa: BLE001 - as above: the message and traceback still say what happened
+                loaded = None
+            original = loaded if isinstance(loaded, BaseException) else None
         err = UserCodeException(
             f"Exception raised in user-defined code: {type_name}: {message}\n"
             f"Remote traceback:\n{tb}",

@@ -261,7 +261,7 @@ def pack_json(kind: int, obj: Any) -> bytes:
 def unpack_json(body: Buffer) -> Any:
     try:
         obj = json.loads(bytes(body))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
         raise ProtocolError(f"malformed control message: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("malformed control message: not an object")

@@ -171,7 +171,7 @@ class MappingCache:
             if mm is not None:
                 self._maps.move_to_end(name)
                 return memoryview(mm)  # under the lock: no eviction closes it first
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY if self._readonly else os.O_RDWR)
+        fd = os.open(os.path.join(SHM_DIR, name), (os.O_RDONLY if self._readonly else os.O_RDWR) | os.O_NOFOLLOW)
         try:
             if self._readonly:
                 mm = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
@@ -250,12 +250,18 @@ def read_copy(body: Buffer, cache: MappingCache) -> tuple[bytes, list[bytearray]
     return bytes(mv[pos:]), copies, name
 
 
-def read_views(body: Buffer, cache: MappingCache, readonly: bool) -> tuple[bytes, list[memoryview], str, int]:
+def read_views(
+    body: Buffer, cache: MappingCache, readonly: bool, owner: str = SHM_PREFIX
+) -> tuple[bytes, list[memoryview], str, int]:
     """Read a shared-memory payload in place: (pickle, views of its buffers
     on the peer's segment, segment name, segment size). Nothing is copied;
-    the peer must not reuse the segment while a view is alive."""
+    the peer must not reuse the segment while a view is alive. A name that
+    does not start with ``owner`` (the sending peer's own prefix) is a
+    :class:`ProtocolError`: a peer reads out of its own segments only."""
     mv = memoryview(body)
     name, bufs, pos = _parse_shm_head(mv)
+    if not name.startswith(owner):
+        raise ProtocolError(f"shared-memory segment {name!r} is not the sender's (its names start {owner!r})")
     whole = cache.view(name)
     size = whole.nbytes
     if readonly:
@@ -269,11 +275,23 @@ def read_views(body: Buffer, cache: MappingCache, readonly: bool) -> tuple[bytes
 
 
 def _parse_shm_head(mv: memoryview) -> tuple[str, list[tuple[int, int]], int]:
+    """The segment name and (offset, length) of each buffer of a payload that
+    refers to shared memory. Raises :class:`ProtocolError`, and nothing else,
+    for a header that is short, names a file outside ``/dev/shm/gibbs-*``, or
+    lists more buffers than it carries."""
+    end = len(mv)
+    if end < 1 + SHM_HEAD.size:
+        raise ProtocolError("malformed shared-memory payload: short header")
     name_len, count = SHM_HEAD.unpack_from(mv, 1)
     pos = 1 + SHM_HEAD.size
-    name = bytes(mv[pos : pos + name_len]).decode()
+    if end - pos < name_len + count * SHM_BUF.size:
+        raise ProtocolError(f"malformed shared-memory payload: {count} buffers announced, not carried")
+    try:
+        name = bytes(mv[pos : pos + name_len]).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("malformed shared-memory payload: the name is not UTF-8") from None
     pos += name_len
-    if "/" in name or not name.startswith(SHM_PREFIX):
+    if "/" in name or "\0" in name or not name.startswith(SHM_PREFIX):
         raise ProtocolError(f"bad shared-memory name {name!r}")
     bufs = []
     for _ in range(count):
@@ -302,7 +320,7 @@ def map_payload(body: Buffer) -> tuple[memoryview, list[memoryview]]:
     views of its out-of-band buffers (the mapping lives as long as they do)."""
     mv = memoryview(body)
     name, bufs, pos = _parse_shm_head(mv)
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
         mm = mmap.mmap(fd, size)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import multiprocessing
 import os
 import shlex
 import socket
 import struct
 import sys
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -31,6 +32,8 @@ APP_ENV = "GIBBS_APP"
 #: The application name of a hub that routes for client hubs of any
 #: application (``python -m gibbs hub``).
 ANY_APP = "*"
+
+_logger = logging.getLogger("gibbs")
 
 _CHALLENGE = b"#GIBBS-CHALLENGE#"
 _SAME_USER = b"#GIBBS-SAME-USER#"  # server: "the kernel says you are my user; keys needed?"
@@ -100,6 +103,28 @@ def default_app() -> str:
         where = "?"
     text = f"{shlex.join([prog, *argv[1:]])} (in {where})"
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+OBSERVER_KEY_ENV = "GIBBS_OBSERVER_KEY"
+WORKER_KEY_ENV = "GIBBS_WORKER_KEY"
+
+
+def limited_keys(observer_key: KeyLike, worker_key: KeyLike, full_key: bytes) -> list[tuple[str, bytes]]:
+    """(role, key) pairs of the keys that give one role only: the arguments,
+    else ``GIBBS_OBSERVER_KEY`` and ``GIBBS_WORKER_KEY``. Each must differ
+    from the hub's key and from the other."""
+    out: list[tuple[str, bytes]] = []
+    for role, given, env in (("observer", observer_key, OBSERVER_KEY_ENV), ("worker", worker_key, WORKER_KEY_ENV)):
+        value: KeyLike = given if given is not None else (os.environ.get(env) or None)
+        if value is None:
+            continue
+        key = value.encode() if isinstance(value, str) else bytes(value)
+        if not key:
+            raise ValueError(f"the {role} key must not be empty")
+        if key == full_key or any(key == k for _, k in out):
+            raise ValueError(f"the {role} key must differ from the hub's key and from the other limited key")
+        out.append((role, key))
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -173,6 +198,10 @@ def local_name(port: int) -> str:
 
 
 def listen_local(port: int) -> Optional[socket.socket]:
+    """The hub's local socket, or None where there is none: another hub of
+    this user on this port number (TCP only, quietly), or a process of
+    another user that took the name first (said loudly: workers of this
+    user will not connect to it, see :func:`connect_local`, and go by TCP)."""
     if not sys.platform.startswith("linux"):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,12 +209,35 @@ def listen_local(port: int) -> Optional[socket.socket]:
         sock.bind(local_name(port))
         sock.listen(128)
     except OSError:
-        sock.close()  # another hub on this port number: TCP only
+        sock.close()
+        holder = _local_holder(port)
+        if holder is not None and holder != os.geteuid():
+            _logger.error(
+                "gibbs hub: the local socket name %r is held by another user (uid %d): not listening on it; "
+                "workers on this machine connect over TCP",
+                local_name(port).lstrip("\0"), holder,
+            )
         return None
     return sock
 
 
+def _local_holder(port: int) -> Optional[int]:
+    """The user id of the process listening on the local socket of ``port``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(local_name(port))
+        return peer_uid(probe)
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
 def connect_local(port: int, timeout: Optional[float]) -> Optional[socket.socket]:
+    """A connection to the local socket of the hub on ``port``, or None. A
+    listener of another user is not ours: anyone can take an abstract name
+    first, so it is refused (loudly) and the caller goes by TCP."""
     if not sys.platform.startswith("linux"):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -194,6 +246,14 @@ def connect_local(port: int, timeout: Optional[float]) -> Optional[socket.socket
         sock.connect(local_name(port))
     except OSError:
         sock.close()
+        return None
+    uid = peer_uid(sock)
+    if uid is not None and uid != os.geteuid():
+        sock.close()
+        _logger.warning(
+            "gibbs: the local socket name %r is held by another user (uid %d), not the hub's; connecting over TCP",
+            local_name(port).lstrip("\0"), uid,
+        )
         return None
     return sock
 
@@ -224,14 +284,16 @@ def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, role + nonce, hashlib.sha256).digest()
 
 
-def deliver_challenge(sock: socket.socket, key: bytes, role: bytes) -> None:
-    """Challenge the peer to prove it holds ``key``; raise if it does not."""
+def deliver_challenge(sock: socket.socket, key: bytes, role: bytes, others: Sequence[bytes] = ()) -> int:
+    """Challenge the peer to prove it holds ``key`` (or one of ``others``);
+    raise if it does not. Returns which: 0 for ``key``, i + 1 for ``others[i]``."""
     nonce = os.urandom(_NONCE_SIZE)
     _send_small(sock, _CHALLENGE + nonce)
     answer = _recv_small(sock)
-    if hmac.compare_digest(answer, _digest(key, role, nonce)):
-        _send_small(sock, _WELCOME)
-        return
+    for i, k in enumerate((key, *others)):
+        if hmac.compare_digest(answer, _digest(k, role, nonce)):
+            _send_small(sock, _WELCOME)
+            return i
     try:
         _send_small(sock, _FAILURE)
     except OSError:
@@ -269,6 +331,20 @@ def peer_uid(sock: socket.socket) -> Optional[int]:
     return uid
 
 
+def peer_pid(sock: socket.socket) -> Optional[int]:
+    """The pid of the process at the other end of a local (unix) socket, as
+    the kernel recorded it (``SO_PEERCRED``), in this process's pid
+    namespace. None over TCP or where unknown."""
+    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, _uid, _gid = struct.unpack("3i", raw)
+    return pid if pid > 0 else None
+
+
 def same_user(sock: socket.socket) -> bool:
     """Whether the kernel vouches that the peer runs as this process's user."""
     uid = peer_uid(sock)
@@ -278,6 +354,33 @@ def same_user(sock: socket.socket) -> bool:
 # Role tags keep a hub's answer from being replayed as a worker's and back.
 ROLE_WORKER = b"gibbs-worker:"
 ROLE_HUB = b"gibbs-hub:"
+
+
+#: What a peer that passed the handshake may do (``authenticate``): "uid"
+#: (same user, keyless) and "key" (the hub's key) anything; a limited key
+#: only what its name says: "observer" (read statistics) or "worker" (serve).
+GRANT_ALL = ("uid", "key")
+LIMITED_ROLES = ("observer", "worker")
+
+
+def authenticate(
+    sock: socket.socket, key: bytes, explicit: bool = True, limited: Sequence[tuple[str, bytes]] = ()
+) -> str:
+    """The server side of the handshake, with keys of limited rights beside
+    the hub's key: returns "uid" (the peer is this user, keyless), "key"
+    (it holds the hub's key) or the name of the limited key it holds
+    (``limited``: (role, key) pairs). The hub proves itself back with the
+    same key."""
+    if not explicit and same_user(sock):
+        _send_small(sock, _SAME_USER)
+        reply = _recv_small(sock)
+        if reply == _SAME_USER_OK:
+            return "uid"
+        if reply != _USE_KEY:
+            raise ProtocolError("unexpected reply to the same-user offer")
+    i = deliver_challenge(sock, key, ROLE_WORKER, [k for _, k in limited])
+    answer_challenge(sock, key if i == 0 else limited[i - 1][1], ROLE_HUB)
+    return "key" if i == 0 else limited[i - 1][0]
 
 
 def server_handshake(sock: socket.socket, key: bytes, explicit: bool = True) -> bool:
