@@ -195,6 +195,13 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_exists() -> None:
     assert nav == set(pages())
 
 
+def test_every_how_to_guide_is_listed_on_the_guides_page() -> None:
+    with open(os.path.join(DOCS, "how-to", "index.md")) as f:
+        listed = set(re.findall(r"\]\(([\w.-]+\.md)\)", f.read()))
+    guides = {p.split("/", 1)[1] for p in pages() if p.startswith("how-to/") and p != "how-to/index.md"}
+    assert guides and guides == listed
+
+
 def reference_text() -> str:
     ref = os.path.join(DOCS, "reference")
     return "".join(open(os.path.join(ref, f)).read() for f in sorted(os.listdir(ref)) if f.endswith(".md"))
