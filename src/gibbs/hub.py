@@ -295,6 +295,7 @@ class Hub:
 
     @property
     def host(self) -> str:
+        """The address the hub binds (or, for a client hub, dials)."""
         return self._host
 
     @property
@@ -305,10 +306,12 @@ class Hub:
 
     @property
     def address(self) -> tuple[str, int]:
+        """``(host, port)``; the port is the bound one once the hub started."""
         return (self._host, self.port)
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` (or ``aclose()``) was called."""
         return self._closed
 
     @property
@@ -983,6 +986,7 @@ class Hub:
         return prometheus_text(self.statistics())
 
     PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE
+    """The ``Content-Type`` to serve ``prometheus()`` with (text format 0.0.4)."""
 
     def statistics(self) -> dict[str, Any]:
         """Counters and current state: workers, busy, idle, queued, in_flight,

@@ -327,19 +327,25 @@ class Worker:
             self._process.kill()
 
     def join(self, timeout: Optional[float] = None) -> None:
+        """Wait for the worker process to end, at most ``timeout`` seconds
+        (``None``: as long as it takes), as ``multiprocessing.Process.join``."""
         if self._process is None:
             raise RuntimeError("this Worker was not started")
         self._process.join(timeout)
 
     def is_alive(self) -> bool:
+        """True while the process started by ``start()`` runs."""
         return self._process is not None and self._process.is_alive()
 
     @property
     def pid(self) -> Optional[int]:
+        """The worker process's id; ``None`` before ``start()``."""
         return self._process.pid if self._process is not None else None
 
     @property
     def exitcode(self) -> Optional[int]:
+        """The process's exit code once it ended (negative: the signal that
+        ended it); ``None`` while it runs or before ``start()``."""
         return self._process.exitcode if self._process is not None else None
 
     def peek_exitcode(self) -> Optional[int]:
@@ -369,6 +375,8 @@ class Worker:
 
     @property
     def sentinel(self) -> int:
+        """A descriptor that becomes ready when the process ends (for
+        ``multiprocessing.connection.wait`` or a selector)."""
         if self._process is None:
             raise RuntimeError("this Worker was not started")
         return self._process.sentinel
