@@ -606,3 +606,70 @@ class AsyncRemaining:
 
         await asyncio.sleep(sleep)
         return gibbs.remaining()
+
+
+class CallsSquare:
+    """A sync model that calls another model through a plain Hub() made in
+    its constructor: inside a worker, that hub is a client of this worker's."""
+
+    def __init__(self) -> None:
+        from gibbs import Hub
+
+        self.hub = Hub()
+
+    def __call__(self, x: Any) -> Any:
+        return self.hub.submit(x, gibbs_model="square").result(timeout=30) + 1
+
+
+class AsyncCalls:
+    """An async model awaiting another model's answer; notes its own cancellation."""
+
+    def __init__(self, inner: str = "square", log: str = "") -> None:
+        from gibbs import Hub
+
+        self.hub = Hub()
+        self.inner = inner
+        self.log = log
+
+    async def __call__(self, x: Any) -> Any:
+        import asyncio
+
+        try:
+            return await self.hub.request(x, gibbs_model=self.inner)
+        except asyncio.CancelledError:
+            if self.log:
+                with open(self.log, "a") as f:
+                    f.write(f"outer cancelled {time.monotonic()}\n")
+            raise
+
+
+class AsyncSlowNotes:
+    """An async model that sleeps, and notes when it was cancelled."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    async def __call__(self, seconds: float) -> Any:
+        import asyncio
+
+        try:
+            await asyncio.sleep(seconds)
+            return "slept"
+        except asyncio.CancelledError:
+            with open(self.log, "a") as f:
+                f.write(f"inner cancelled {time.monotonic()}\n")
+            raise
+
+
+class CallsItself:
+    """A model that calls its own model (which can wait on itself)."""
+
+    def __init__(self) -> None:
+        from gibbs import Hub
+
+        self.hub = Hub()
+
+    def __call__(self, depth: int) -> Any:
+        if depth <= 0:
+            return 0
+        return self.hub.submit(depth - 1, gibbs_model="self").result() + 1

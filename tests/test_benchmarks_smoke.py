@@ -126,3 +126,16 @@ def test_realmodel_report_and_usage() -> None:
     assert "at 2.50× LitServe (target ≥ 2×: met)" in text
     assert "target: no worse: missed" in text
     assert "torch at 1.50× NumPy (target ≤ 1.3×: missed)" in text
+
+
+@pytest.mark.timeout(120)
+def test_composition_benchmark_runs() -> None:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.composition", "--calls", "100", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["A -> B"]["calls"] == res["direct B"]["calls"] == 100 and res["ratio"] > 1

@@ -151,6 +151,21 @@ class CoreMachine(RuleBasedStateMachine):
         self.calls[call.id] = call
         self.apply(actions)
 
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def submit_nested(self, data: st.DataObject) -> None:
+        """A worker's model calls a model (maybe its own) while it serves."""
+        wid = data.draw(st.sampled_from(sorted(self.live)))
+        call = Call(self.next_call, data.draw(st.sampled_from(MODELS)), payload=b"x")
+        call.origin = f"t{wid}"
+        self.next_call += 1
+        try:
+            actions = self.core.submit(call, self.now)
+        except (HubClosedError, QueueFullError, NoWorkersError, OverloadedError):
+            return
+        self.calls[call.id] = call
+        self.apply(actions)
+
     @precondition(lambda self: any(c.id not in self.outcomes for c in self.calls.values()))
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
@@ -206,7 +221,7 @@ class CoreMachine(RuleBasedStateMachine):
     def join(self, model: str, cls: str, slots: int, batch: int, depth: int) -> None:
         wid = self.next_worker
         self.next_worker += 1
-        w = WorkerInfo(wid, model, cls, slots=slots, batch_size=batch, depth=depth)
+        w = WorkerInfo(wid, model, cls, slots=slots, batch_size=batch, depth=depth, token=f"t{wid}")
         self.live[wid] = w
         self.holding[wid] = []
         self.apply(self.core.worker_joined(w, self.now))
@@ -663,3 +678,42 @@ def test_admission_sheds_at_once_with_retry_after() -> None:
     # A call with no deadline is never shed by prediction (max_queued still applies).
     core.submit(Call(5000, "default", b""), now)
     assert issubclass(QueueFullError, OverloadedError)
+
+
+def test_a_nested_call_is_never_pipelined_behind_the_call_that_waits_on_it() -> None:
+    """A fast worker may be sent a call ahead while busy (pipelining), but
+    never the call its own running call waits on: it would wait behind it."""
+    core = _core()
+    w = WorkerInfo(1, "m", token="w1", depth=4)
+    core.worker_joined(w, 0.0)
+    warm = Call(1, "m", b"")
+    core.submit(warm, 0.0)
+    core.answered(1, 1, Outcome(OutcomeKind.RESULT, b""), 0.0001)  # 100 us: pipelining is on
+    outer = Call(2, "m", b"")
+    assert core.submit(outer, 1.0) == [Send(1, (outer,))]
+    nested = Call(3, "m", b"")
+    nested.origin = "w1"  # made by the model running ``outer`` on worker 1
+    acts = core.submit(nested, 1.0)
+    assert not any(isinstance(a, Send) for a in acts), "the nested call was queued behind its own waiter"
+    other = Call(4, "m", b"")
+    assert core.submit(other, 1.0) == [Send(1, (other,))]  # anything else may go ahead
+    core.check_invariants()
+
+
+def test_a_model_waiting_on_itself_with_no_worker_free_fails_its_nested_call() -> None:
+    core = _core()
+    for wid in (1, 2):
+        core.worker_joined(WorkerInfo(wid, "m", token=f"w{wid}"), 0.0)
+    a, b = Call(1, "m", b""), Call(2, "m", b"")
+    core.submit(a, 0.0)
+    core.submit(b, 0.0)
+    n1 = Call(3, "m", b"")
+    n1.origin = "w1"
+    assert not any(isinstance(x, Resolve) for x in core.submit(n1, 0.0))  # w2 might still finish b
+    n2 = Call(4, "m", b"")
+    n2.origin = "w2"
+    acts = core.submit(n2, 0.0)  # now both wait on calls to m itself: neither can be served
+    failed = {x.call.id: x.outcome.value for x in acts if isinstance(x, Resolve)}
+    assert set(failed) == {3, 4}
+    assert all(isinstance(e, NoWorkersError) and "itself" in str(e) for e in failed.values())
+    core.check_invariants()

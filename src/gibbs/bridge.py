@@ -1614,6 +1614,7 @@ class Bridge:
             batch_size=hello.batch_size,
             depth=self._depth,
             describe=peer.describe(),
+            token=hello.token,
         )
         self._selector.register(sock, selectors.EVENT_READ, peer)
         with self._lock:
@@ -2300,6 +2301,7 @@ class Bridge:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
                     call = Call(self._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
+                    call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._next_id += 1
                     err: Optional[BaseException] = None
                     if model in self._batched_models and (stream or not flags & protocol.FWD_SINGLE):

@@ -160,7 +160,7 @@ class Call:
     __slots__ = (
         "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
-        "timeout", "retries", "deadline", "windows",
+        "timeout", "retries", "deadline", "windows", "origin",
     )
 
     def __init__(
@@ -197,6 +197,9 @@ class Call:
         self.retries = retries
         self.deadline: Optional[float] = None
         self.windows = 1  # attempt windows opened so far
+        # The worker (its token) whose own call made this one (a model
+        # calling a model), when the driver knows: see Core._self_wait.
+        self.origin: Optional[str] = None
 
     @property
     def final_deadline(self) -> Optional[float]:
@@ -231,7 +234,7 @@ class WorkerInfo:
 
     __slots__ = (
         "id", "model", "cls", "slots", "batch_size", "depth", "units", "held",
-        "ewma", "last_done", "leaving", "served", "describe", "relay",
+        "ewma", "last_done", "leaving", "served", "describe", "relay", "token",
     )
 
     def __init__(
@@ -245,8 +248,10 @@ class WorkerInfo:
         depth: int = 1,
         describe: str = "",
         relay: bool = False,
+        token: Optional[str] = None,
     ) -> None:
         self.id = worker_id
+        self.token = token  # its identity across connections (HELLO's token), when it gave one
         # A relay hands calls to another hub, which owns their attempts: a
         # retry is asked of it (Resend), and its timing says nothing of the model.
         self.relay = relay
@@ -540,7 +545,32 @@ class Core:
         if model.workers:
             self._dispatch(model, now, out)
         self._absence(model, now)
+        if call.origin is not None and call.queued:
+            self._self_wait(model, out)
         return out
+
+    def _self_wait(self, model: _Model, out: list[Action]) -> None:
+        """Calls a model's own workers made to it, queued while every worker
+        of the model is busy waiting on such a call: none can ever be served
+        (a model calling itself with no worker free). They fail at once,
+        saying so, rather than wait forever or until their deadline.
+
+        A worker counts as waiting when it has one slot (a sync model), is
+        running, and a call it made to this model is still open; a worker
+        with more slots (an async model) may free one: never counted."""
+        live = [w for w in model.workers.values() if not w.leaving]
+        if not live:
+            return
+        waiting = {c.origin for c in self.calls.values() if c.origin is not None and c.model == model.name}
+        if not all(w.slots == 1 and w.load >= 1 and w.token is not None and w.token in waiting for w in live):
+            return
+        for call in [c for c in model.queue.values() if c.origin is not None and not c.holders]:
+            err = NoWorkersError(
+                f"every worker of model {model.name!r} is busy waiting on a call it made to {model.name!r} itself, "
+                "so none is free to serve it (a model calling itself can wait on itself): give the model more "
+                "workers than it makes nested calls to itself, or call another model"
+            )
+            self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
 
     def _count_shed(self, model: _Model, reason: str) -> None:
         self.stats[reason] += 1
@@ -1037,10 +1067,13 @@ class Core:
             # What the worker needs to answer a call sent now: its service
             # time, and the units committed to it before (pipelining).
             est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + w.load // w.slots)
+            full = w.load >= w.slots
             for call in queue.values() if self.discipline == "fifo" else reversed(queue.values()):
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
-                if w.id not in call.holders:
+                # Nor is a call ever queued behind the call that waits on it
+                # (pipelined onto its own busy worker): a free slot only.
+                if w.id not in call.holders and not (full and call.origin is not None and call.origin == w.token):
                     if call.deadline is not None:
                         final = call.final_deadline
                         if final is not None and (now >= final or now + est > final):
@@ -1128,6 +1161,10 @@ class Core:
             assert sorted(ids) == sorted(w.held), (ids, list(w.held))
             for unit in w.units:
                 assert 0 < len(unit) <= w.batch_size
+            if w.token is not None:
+                for unit in list(w.units)[w.slots:]:
+                    for cid in unit:
+                        assert w.held[cid].origin != w.token, "a call was queued behind the call that waits on it"
             for cid, call in w.held.items():
                 assert call.holders.count(wid) == 1
                 if not call.done:

@@ -71,6 +71,7 @@ import weakref
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
+from . import worker as _worker_module
 from .bridge import Bridge, LocalWorker, describe_exit
 from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
 from .errors import (
@@ -239,6 +240,13 @@ class Hub:
         key, explicit = resolve_authkey(authkey)
         if address is None:
             address = os.environ.get(HUB_ENV) or None
+        inside = _worker_module.serving
+        if address is None and inside is not None:
+            # Made inside a worker (a model that calls models): a client of
+            # the hub this worker serves, with the worker's own key.
+            address = f"[{inside.host}]:{inside.port}" if ":" in inside.host else f"{inside.host}:{inside.port}"
+            if authkey is None:
+                key, explicit = inside.authkey, inside.explicit
         self._router: Optional[tuple[str, int]] = None  # set: a client of the hub there, never a router
         if address is not None:
             try:
@@ -563,6 +571,7 @@ class Hub:
             HubClosedError: the hub was closed.
         """
         _check_deadline_args(gibbs_timeout, gibbs_retries)
+        gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut: asyncio.Future[Outcome] = loop.create_future()
@@ -596,6 +605,7 @@ class Hub:
         :class:`~gibbs.DeadlineExceededError`. Its done-callbacks run on a
         gibbs delivery thread, never under a lock of the hub."""
         _check_deadline_args(gibbs_timeout, gibbs_retries)
+        gibbs_timeout = _within_caller(gibbs_timeout)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut = _SubmitFuture()
         try:
@@ -628,6 +638,7 @@ class Hub:
         followed by :class:`~gibbs.DeadlineExceededError`.
         """
         _check_deadline_args(gibbs_timeout, 0)
+        gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         sink = _AsyncStream(loop)
@@ -665,6 +676,7 @@ class Hub:
         ``next``). Call ``close()`` (or leave a ``with`` block) to stop early:
         the generator is closed on the worker."""
         _check_deadline_args(gibbs_timeout, 0)
+        gibbs_timeout = _within_caller(gibbs_timeout)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         it = StreamIterator(bridge)
         try:
@@ -1120,6 +1132,9 @@ class _Place:
             hello = {
                 "role": "client",
                 "app": None if self.router is not None else self.app,
+                # Inside a worker: whose calls these are (the router tells a
+                # model waiting on itself from a busy one).
+                "within": _worker_module.serving.token if _worker_module.serving is not None else None,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "name": f"hub-{os.getpid()}",
@@ -1458,6 +1473,19 @@ def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
         raise ValueError("gibbs_timeout must be > 0 or None")
     if retries < -1:
         raise ValueError("gibbs_retries must be >= -1")
+
+
+def _within_caller(timeout: Optional[float]) -> Optional[float]:
+    """A call made while a worker serves a call with a deadline (a model
+    calling a model) inherits what is left of it: never more."""
+    left = _worker_module.remaining()
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise DeadlineExceededError(
+            "the request this call is made for has passed its deadline: the call is not sent", in_queue=True
+        )
+    return left if timeout is None else min(timeout, left)
 
 
 def _error_from_record(body: bytes) -> GibbsError:

@@ -118,6 +118,7 @@ class Hello:
     token: Optional[str] = None
     version: Optional[str] = None  # a label of the worker's model version (a pool's rolling update)
     app: Optional[str] = None  # a client hub's application (see Hub(app=...))
+    within: Optional[str] = None  # a client hub inside a worker: that worker's token
     deadlines: bool = False  # the worker reads DEADLINE frames
 
     @classmethod
@@ -144,6 +145,7 @@ class Hello:
             token=token or None,
             version=_opt_str(o, what, "version") or None,
             app=_opt_str(o, what, "app") or None,
+            within=_opt_str(o, what, "within") or None,
             deadlines=_bool(o, what, "deadlines", False),
         )
 

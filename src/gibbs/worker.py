@@ -59,11 +59,33 @@ from .transport import (
     resolve_authkey,
 )
 
-__all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT"]
+__all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
 
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.
 _DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
+
+
+class Serving:
+    """Where this process serves as a worker: its hub's address and key, and
+    its model. A plain ``Hub()`` made here (in a model's constructor or
+    call) becomes a client of that hub, so that a model calls other models
+    (``hub.request(..., gibbs_model="b")``) with no address to pass."""
+
+    __slots__ = ("host", "port", "authkey", "explicit", "model", "token")
+
+    def __init__(self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str) -> None:
+        self.host = host
+        self.port = port
+        self.authkey = authkey
+        self.explicit = explicit
+        self.model = model
+        self.token = token
+
+
+#: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
+#: actor); read by ``Hub()``.
+serving: Optional[Serving] = None
 
 
 def remaining() -> Optional[float]:
@@ -631,6 +653,10 @@ class _Runtime:
                 handler = self._on_signal if sig in self.stop_signals else signal.SIG_IGN
                 old[sig] = signal.signal(sig, handler)
         heartbeat: Optional[threading.Thread] = None
+        global serving
+        serving = Serving(
+            self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model, self.spec.token
+        )
         try:
             # start() blocked these signals across the fork, so that a terminate()
             # right after start() reaches our handler rather than the default one.
