@@ -488,3 +488,50 @@ def test_standalone_hub_with_clients_and_workers_on_another_host(netns: NetnsPai
     assert hub_proc.poll() is None, tail(hub_err)
     hub_proc.send_signal(signal.SIGTERM)
     assert hub_proc.wait(15) == 0, tail(hub_err)
+
+
+NESTED_CLIENT_SCRIPT = """
+import asyncio, json
+from gibbs import Hub
+
+async def main():
+    hub = Hub()  # GIBBS_HUB names the standalone hub
+    await hub.wait_for_workers(2, timeout=30)
+    results = await asyncio.gather(*(hub.request(i, gibbs_model="sync-caller") for i in range(20)))
+    print(json.dumps({"ok": results == [i * i + 1 for i in range(20)]}), flush=True)
+    await hub.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(75)
+def test_a_model_on_another_host_calls_another_model(netns: NetnsPair, procs: list, tmp_path: Path) -> None:
+    """The hub in namespace A; in B, a worker of ``square`` and one of a model
+    that calls it through a plain Hub() (over TCP, with the explicit key):
+    the nested calls cross the link twice and every answer is right."""
+    env = env_with_key(secrets.token_hex(16))
+    port = "5019"
+    hub_err = tmp_path / "hub.stderr"
+    with open(hub_err, "w") as err:
+        procs.append(subprocess.Popen(
+            netns.exec_argv(netns.a, sys.executable, "-m", "gibbs", "hub", "--bind", f"{HUB_IP}:{port}",
+                            "--heartbeat-interval", str(HEARTBEAT)),
+            stderr=err, env=env, cwd=TESTS, preexec_fn=_die_with_parent,
+        ))
+    for target, model in (("gibbs_test_models:Square", "square"), ("gibbs_test_models:CallsSquare", "sync-caller")):
+        with open(tmp_path / f"{model}.stderr", "w") as err:
+            procs.append(subprocess.Popen(
+                netns.exec_argv(netns.b, sys.executable, "-m", "gibbs", "worker", target, "--model", model,
+                                "--hub", f"{HUB_IP}:{port}"),
+                stderr=err, env=env, cwd=TESTS, preexec_fn=_die_with_parent,
+            ))
+    client = subprocess.Popen(
+        netns.exec_argv(netns.a, sys.executable, "-c", NESTED_CLIENT_SCRIPT),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(env, GIBBS_HUB=f"{HUB_IP}:{port}"),
+        cwd=TESTS, preexec_fn=_die_with_parent,
+    )
+    procs.append(client)
+    out, errtext = client.communicate(timeout=60)
+    assert client.returncode == 0, errtext[-3000:] + "\nhub:\n" + tail(hub_err) + tail(tmp_path / "sync-caller.stderr")
+    assert json.loads(out.strip().splitlines()[-1]) == {"ok": True}
