@@ -717,3 +717,59 @@ def test_a_model_waiting_on_itself_with_no_worker_free_fails_its_nested_call() -
     assert set(failed) == {3, 4}
     assert all(isinstance(e, NoWorkersError) and "itself" in str(e) for e in failed.values())
     core.check_invariants()
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    service=st.floats(0.001, 0.05),
+    n_workers=st.integers(1, 3),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["submit", "submit", "answer", "tick"]), st.floats(0.0, 0.01),
+                  st.one_of(st.none(), st.floats(0.005, 0.3))),
+        max_size=60,
+    ),
+)
+def test_a_shed_call_gets_its_error_at_once(service: float, n_workers: int, ops: list[Any]) -> None:
+    """Admission control, with measured workers: a new call whose predicted
+    wait and service exceed its share of the deadline raises OverloadedError
+    from submit itself (nothing kept, no action); every call admitted fits
+    the prediction; a call without a deadline is never shed by prediction."""
+    core = _core()
+    for wid in range(1, n_workers + 1):
+        core.worker_joined(WorkerInfo(wid, "default"))
+    warm = [Call(1000 + wid, "default", b"") for wid in range(1, n_workers + 1)]
+    for send in [a for c in warm for a in core.submit(c, 0.0)]:
+        core.answered(send.worker, send.calls[0].id, Outcome(OutcomeKind.RESULT, b""), service)
+    now = service
+    held: dict[int, list[int]] = {wid: [] for wid in range(1, n_workers + 1)}
+    n = 0
+
+    def sent(actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                held[a.worker].extend(c.id for c in a.calls)
+
+    for op, dt, timeout in ops:
+        now += dt
+        if op == "submit":
+            n += 1
+            call = Call(n, "default", b"", timeout=timeout)
+            pred = core.predicted_wait("default")
+            assert pred is not None
+            before = dict(core.calls)
+            try:
+                sent(core.submit(call, now))
+            except OverloadedError as exc:
+                assert timeout is not None, "a call without a deadline was shed by prediction"
+                assert pred[0] + pred[1] > core.queue_share * ((now + timeout) - now)
+                assert core.calls == before and call.state.value == "new", "a shed call left a trace"
+                assert exc.retry_after > 0
+                continue
+            if timeout is not None:
+                assert pred[0] + pred[1] <= core.queue_share * ((now + timeout) - now), "admitted past the prediction"
+        elif op == "answer":
+            busy = [w for w, ids in held.items() if ids]
+            if busy:
+                wid = busy[0]
+                sent(core.answered(wid, held[wid].pop(0), Outcome(OutcomeKind.RESULT, b""), now))
+        else:
+            sent(core.tick(now))
