@@ -647,7 +647,9 @@ def test_bytes_buffered_from_all_peers_together_are_bounded(make_hub, make_worke
         for i, s in enumerate(socks):  # three frames begun, never finished: 3 MiB held, over the 2 MiB bound
             s.sendall(p.HEADER.pack(p.RESULT, 1, limit) + b"x" * (part - i * 1000))
         closed = [closed_by_hub(s, within=3) for s in socks]
-        assert closed[0] and not any(closed[1:]), closed  # the first holds the most
+        # One is dropped (the one holding the most when the bound was passed:
+        # which, depends on how far the hub had read each), and that is enough.
+        assert sum(closed) == 1, closed
         assert hub.submit(6).result(timeout=30) == 36
     finally:
         for s in socks:

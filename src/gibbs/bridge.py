@@ -8,10 +8,15 @@ and:
 
 * hands each new connection to a short-lived handshake thread (HMAC
   challenge both ways, WELCOME/HELLO) under a deadline for the whole
-  handshake; an authenticated worker becomes ``core.worker_joined``;
+  handshake, within bounds (connections not yet authenticated: per pool,
+  per source, a short deadline; authenticated ones apart); the HELLO is
+  checked field by field (``records.Hello``) and an authenticated worker
+  becomes ``core.worker_joined``; a LOADING connection is watched here
+  until it closes;
 * reads frames without ever blocking on a partial one: RESULT/ERROR become
   ``core.answered``, GOODBYE ``core.worker_leaving``; end of file, a bad
-  frame or silence beyond the heartbeat bound become ``core.worker_lost``
+  frame (or a bug met reading it: logged, that peer only), too many bytes
+  buffered from all peers, or silence beyond the heartbeat bound become ``core.worker_lost``
   (for a worker process started here, once its exit status is known, so the
   error says how it died);
 * carries out the actions: ``Send`` writes frames (non-blocking; the rest
@@ -115,6 +120,8 @@ class _Pending:
         self.deadline = deadline
         self.source = source
         self.authed = False
+
+
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from .errors import ProtocolError
 
-__all__ = ["Hello", "Loading", "InitFailed", "Welcome", "MAX_NAME", "MAX_TEXT"]
+__all__ = ["Hello", "Loading", "InitFailed", "Welcome", "MAX_NAME", "MAX_TEXT", "MAX_SLOTS", "MAX_SECONDS", "MAX_PID", "ROLES"]
 
 #: Longest name a peer may give (a host, a worker, a model, a class, a token).
 MAX_NAME = 1024
@@ -37,10 +37,6 @@ MAX_SECONDS = 86400.0
 MAX_PID = (1 << 31) - 1
 
 ROLES = ("worker", "client", "observer")
-
-
-def _field(obj: dict[str, Any], what: str, key: str) -> Any:
-    return obj.get(key)
 
 
 def _int(obj: dict[str, Any], what: str, key: str, default: Optional[int], lo: int, hi: int) -> int:
