@@ -260,23 +260,51 @@ def test_worker_with_a_wrong_key_says_so(make_hub: Callable[..., Hub]) -> None:
         proc.wait(30)
 
 
-def test_serve_in_a_client_hub_starts_no_second_pool(make_hub: Callable[..., Hub]) -> None:
-    """hub.serve in every web process of a family: one pool works, the
-    client's waits (standby) and starts only when its hub takes the
-    address over."""
+ROUTER_SERVES = textwrap.dedent(
+    """
+    import sys
+    from gibbs import Hub
+    from gibbs_test_models import Square
+
+    hub = Hub(port=int(sys.argv[1]), heartbeat_interval=0.2)
+    hub.serve(Square, gibbs_workers=2)
+    hub.wait_for_workers_sync(2, timeout=60)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    hub.close(grace=0)
+    """
+)
+
+
+def test_serve_in_a_client_hub_starts_no_second_pool(
+    make_hub: Callable[..., Hub], procs: list[subprocess.Popen[str]]
+) -> None:
+    """hub.serve in every web process of a family: the router's pool works,
+    the client's waits (standby) and starts only when its hub takes the
+    address over. The router is another process, as a web process is."""
     port = free_port()
-    router = make_hub(port=port)
-    client = make_hub(port=port)
-    assert (router.role, client.role) == ("router", "client")
-    served = router.serve(Square, gibbs_workers=2)
+    router = subprocess.Popen(
+        [sys.executable, "-c", ROUTER_SERVES, str(port)], env=env(GIBBS_APP="family"), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+    procs.append(router)
+    assert router.stdout is not None and router.stdin is not None
+    assert router.stdout.readline().strip() == "ready"
+    os.environ["GIBBS_APP"] = "family"
+    try:
+        client = make_hub(port=port)
+    finally:
+        del os.environ["GIBBS_APP"]
+    assert client.role == "client"
     standby = client.serve(Square, gibbs_workers=2)
-    assert standby.standby and not served.standby
-    run(router.wait_for_workers(2, timeout=30))
+    assert standby.standby
     assert run(client.request(4), timeout=30) == 16
     time.sleep(0.5)
-    assert router.statistics()["workers"] == 2, "the client's pool started workers of its own"
-    assert standby.workers() == []
-    router.close(grace=0)
+    assert standby.workers() == [], "the client's pool started workers of its own"
+    assert client.statistics()["workers"] == 2  # the router's two
+    router.stdin.write("close\n")
+    router.stdin.flush()
+    assert router.wait(30) == 0
     assert wait_until(lambda: client.role == "router", timeout=30)
     assert wait_until(lambda: not standby.standby and len(standby.workers()) == 2, timeout=30)
     assert run(client.request(5), timeout=60) == 25
