@@ -704,8 +704,7 @@ class Bridge:
             models = {}
             now = time.monotonic()
             loading = collections.Counter(e["model"] for e in self._loading.values())
-            for name in loading:
-                core._model(name)  # a model whose first worker is loading is known
+            # (a model whose first worker is loading is known to the core: workers_loading)
             for name, m in core.models.items():
                 ws = [w for w in m.workers.values() if not w.leaving]
                 busy_n = sum(1 for w in ws if w.units)
