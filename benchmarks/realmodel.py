@@ -214,6 +214,7 @@ class IdentityTorchPickle:
         from gibbs import _torch
 
         _torch._table = dict(copyreg.dispatch_table)
+        _torch._seen = len(copyreg.dispatch_table)
 
     def __call__(self, x: Any) -> Any:
         return x
@@ -266,6 +267,7 @@ def round_trips(n: int) -> dict[str, list[float]]:
                 asyncio.run(turns(hub))
             else:
                 _torch._table = dict(copyreg.dispatch_table)  # this side too: torch's own pickling both ways
+                _torch._seen = len(copyreg.dispatch_table)
                 label = "torch float32, torch's own pickling"
                 out[label] = asyncio.run(own(hub, payloads["torch float32"], max(2, n // 4)))
         finally:

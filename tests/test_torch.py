@@ -246,3 +246,28 @@ def test_a_cuda_tensor_travels_through_the_host(hub: Hub, make_workers: Any) -> 
     t = torch.randn(1024, 1024, device="cuda")
     out = run(hub.request(t))
     assert out.device.type == "cpu" and torch.equal(out, t.cpu())
+
+
+class Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def _point(x: int) -> Point:
+    return Point(x + 1000)  # marks that the reducer registered with copyreg ran
+
+
+def test_reducers_registered_with_copyreg_still_apply() -> None:
+    """The tensor path adds to copyreg's table; a reducer registered there
+    later (after gibbs pickled a tensor) is honoured too."""
+    import copyreg
+
+    from gibbs import protocol
+
+    protocol.decode(protocol.encode(torch.ones(3)).body)
+    copyreg.pickle(Point, lambda p: (_point, (p.x,)))
+    try:
+        out = protocol.decode(protocol.encode({"p": Point(1), "t": torch.ones(3)}).body)
+    finally:
+        del copyreg.dispatch_table[Point]
+    assert out["p"].x == 1001 and torch.equal(out["t"], torch.ones(3))

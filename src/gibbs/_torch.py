@@ -38,18 +38,22 @@ from typing import Any, Callable, Optional
 __all__ = ["dumps"]
 
 _table: Optional[dict[Any, Callable[[Any], Any]]] = None
+_seen = -1  # len(copyreg.dispatch_table) when _table was made
 _torch: Any = None
 
 
 def _dispatch_table() -> Optional[dict[Any, Callable[[Any], Any]]]:
-    global _table, _torch
-    if _table is None:
+    """copyreg's table plus torch tensors (made again when a reducer was
+    registered with copyreg since)."""
+    global _table, _torch, _seen
+    if _table is None or _seen != len(copyreg.dispatch_table):
         torch = sys.modules.get("torch")
         if torch is None or not hasattr(torch, "Tensor"):  # not loaded, or still loading
             return None
         _torch = torch
         table = dict(copyreg.dispatch_table)
-        table[torch.Tensor] = _reduce_tensor
+        table.setdefault(torch.Tensor, _reduce_tensor)  # a reducer the user registered for tensors wins
+        _seen = len(copyreg.dispatch_table)
         _table = table
     return _table
 
