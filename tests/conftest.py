@@ -100,3 +100,37 @@ def shm_files(prefix: str = "gibbs-") -> list[str]:
         return []
 
 
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class InThreadServer:
+    """An ASGI app under a real uvicorn server, in a thread of this process
+    (its lifespan runs); ``url`` once started; ``stop()`` waits for it."""
+
+    def __init__(self, app: Any, timeout: float = 60.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        if not wait_until(lambda: self._server.started or not self._thread.is_alive(), timeout=timeout):
+            self.stop()
+            raise RuntimeError(f"uvicorn did not start within {timeout} s")
+        if not self._server.started:
+            raise RuntimeError("uvicorn stopped while starting (see its log)")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)

@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable
 
 import pytest
-from conftest import run, wait_until
+from conftest import InThreadServer, free_port, run, wait_until
 
 from gibbs import DeadlineExceededError, Hub, UserCodeException
 
@@ -133,33 +133,20 @@ def retrieval_app(monkeypatch: pytest.MonkeyPatch) -> Any:
     """examples/retrieval_app.py under a real uvicorn (its lifespan starts
     the three pools), on free ports."""
     import importlib
-    import socket
     import sys
-    import threading
 
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
     monkeypatch.setenv("GIBBS_PORT", str(free_port()))
     monkeypatch.syspath_prepend(examples)
     sys.modules.pop("retrieval_app", None)
     mod = importlib.import_module("retrieval_app")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(mod.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = InThreadServer(mod.app)
     try:
-        assert wait_until(lambda: server.started, timeout=60)
         mod.hub.wait_for_workers_sync(3, timeout=60)
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(60)
+        server.stop()
         mod.hub.close(grace=0)
         sys.modules.pop("retrieval_app", None)
 

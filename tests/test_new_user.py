@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import run, wait_until
+from conftest import InThreadServer, free_port, run, wait_until
 from gibbs_test_models import Square
 
 from gibbs import AddressInUseError, Hub, NoWorkersError, Worker
@@ -25,12 +24,6 @@ from gibbs import AddressInUseError, Hub, NoWorkersError, Worker
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -334,7 +327,7 @@ def test_status_into_a_closed_pipe_is_not_the_hubs_fault(make_hub: Callable[...,
 @pytest.fixture
 def errors_app() -> Iterator[str]:
     """examples/errors_app.py under a real uvicorn, with its hub and workers."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     sys.path.insert(0, EXAMPLES)
     try:
         import errors_app as mod
@@ -345,17 +338,12 @@ def errors_app() -> Iterator[str]:
     workers = [Worker(mod.Model, gibbs_port=mod.hub.port, gibbs_heartbeat_interval=0.2) for _ in range(1)]
     for w in workers:
         w.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(mod.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = InThreadServer(mod.app)
     try:
-        assert wait_until(lambda: server.started, timeout=30)
         mod.hub.wait_for_workers_sync(1, timeout=30)
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(30)
+        server.stop()
         mod.hub.close(grace=0)
         for w in workers:
             w.kill()
