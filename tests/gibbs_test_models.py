@@ -673,3 +673,15 @@ class CallsItself:
         if depth <= 0:
             return 0
         return self.hub.submit(depth - 1, gibbs_model="self").result() + 1
+
+
+class Scaled:
+    """Sleeps ``base * multiplier`` (a worker's own multiplier: one slow
+    worker among fast ones); answers its pid."""
+
+    def __init__(self, multiplier: float = 1.0) -> None:
+        self.multiplier = multiplier
+
+    def __call__(self, base: float) -> Any:
+        time.sleep(base * self.multiplier)
+        return os.getpid()

@@ -139,3 +139,16 @@ def test_composition_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["A -> B"]["calls"] == res["direct B"]["calls"] == 100 and res["ratio"] > 1
+
+
+@pytest.mark.timeout(120)
+def test_hedging_benchmark_runs() -> None:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.hedging", "--seconds", "0.5", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    assert res["without hedging"]["hedged"] == 0 and res["with hedging"]["calls"] > 0

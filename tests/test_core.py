@@ -44,6 +44,11 @@ class CoreMachine(RuleBasedStateMachine):
         no_worker_timeout=st.one_of(st.none(), st.sampled_from([0.005, 0.02])),
     )
     def setup(self, max_attempts: int, max_queued: Any, no_worker_timeout: Any) -> None:
+        import gibbs.core
+
+        # Hedging after a couple of answers (not 32), so that short runs reach it.
+        self._hedge_consts = (gibbs.core.HEDGE_EVERY, gibbs.core.HEDGE_MIN_SAMPLES)
+        gibbs.core.HEDGE_EVERY, gibbs.core.HEDGE_MIN_SAMPLES = 1, 1
         self.core = Core(max_attempts=max_attempts, max_queued=max_queued, no_worker_timeout=no_worker_timeout)
         self.now = 0.0
         self.next_call = 1
@@ -119,6 +124,18 @@ class CoreMachine(RuleBasedStateMachine):
             elif isinstance(a, Credit):
                 assert a.worker in self.live and a.call.id not in self.outcomes
 
+    def teardown(self) -> None:
+        import gibbs.core
+
+        if hasattr(self, "_hedge_consts"):
+            gibbs.core.HEDGE_EVERY, gibbs.core.HEDGE_MIN_SAMPLES = self._hedge_consts
+
+    @invariant()
+    def a_hedged_call_has_at_most_two_attempts_from_hedging(self) -> None:
+        for call in self.core.calls.values():
+            if call.hedge == 2 and not call.retries:
+                assert len(call.holders) <= 2 + call.attempts, call
+
     # ------------------------------------------------------------ callers
 
     @rule(
@@ -126,9 +143,11 @@ class CoreMachine(RuleBasedStateMachine):
         stream=st.booleans(),
         timeout=st.one_of(st.none(), st.floats(0.001, 0.03)),
         retries=st.sampled_from([0, 0, 1, 2, -1]),
+        hedge=st.booleans(),
     )
-    def submit(self, model: str, stream: bool, timeout: Any, retries: int) -> None:
+    def submit(self, model: str, stream: bool, timeout: Any, retries: int, hedge: bool) -> None:
         call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries)
+        call.hedge = 1 if hedge and not stream else 0
         self.next_call += 1
         pred = self.core.predicted_wait(model)
         n_calls = len(self.core.calls)
@@ -773,3 +792,131 @@ def test_a_shed_call_gets_its_error_at_once(service: float, n_workers: int, ops:
                 sent(core.answered(wid, held[wid].pop(0), Outcome(OutcomeKind.RESULT, b""), now))
         else:
             sent(core.tick(now))
+
+
+def _fast_model(core: Core, workers: int, service: float) -> float:
+    """Join workers of model m and answer enough calls for a p95 service time."""
+    from gibbs.core import HEDGE_MIN_SAMPLES
+
+    for wid in range(1, workers + 1):
+        core.worker_joined(WorkerInfo(wid, "m"), 0.0)
+    now = 0.0
+    for i in range(HEDGE_MIN_SAMPLES):
+        c = Call(1000 + i, "m", b"")
+        (send,) = [a for a in core.submit(c, now) if isinstance(a, Send)]
+        now += service
+        core.answered(send.worker, c.id, Outcome(OutcomeKind.RESULT, b""), now)
+    assert core.models["m"].hedge_after == pytest.approx(service)
+    return now
+
+
+def test_a_hedged_call_gets_a_second_attempt_past_the_p95_and_the_first_answer_wins() -> None:
+    core = _core()
+    now = _fast_model(core, 2, 0.01)
+    c = Call(1, "m", b"")
+    c.hedge = 1
+    (first,) = core.submit(c, now)
+    assert isinstance(first, Send)
+    assert core.next_deadline() == pytest.approx(now + 0.01)
+    assert core.tick(now + 0.005) == []  # not past the p95 yet
+    acts = core.tick(now + 0.011)
+    (second,) = [a for a in acts if isinstance(a, Send)]
+    assert second.worker != first.worker and second.calls == (c,)
+    assert core.stats["hedged"] == 1
+    acts = core.answered(second.worker, 1, Outcome(OutcomeKind.RESULT, b"fast"), now + 0.012)
+    assert [a.outcome.value for a in acts if isinstance(a, Resolve)] == [b"fast"]
+    assert [a.worker for a in acts if isinstance(a, Stop)] == [first.worker]  # the loser is stopped
+    late = core.answered(first.worker, 1, Outcome(OutcomeKind.RESULT, b"slow"), now + 0.1)
+    assert not any(isinstance(a, Resolve) for a in late)  # dropped
+    assert any(isinstance(a, Release) for a in late)
+    core.check_invariants()
+
+
+def test_no_hedge_without_an_idle_worker_or_without_the_flag() -> None:
+    core = _core()
+    now = _fast_model(core, 2, 0.01)
+    plain = Call(1, "m", b"")
+    core.submit(plain, now)
+    assert not any(isinstance(a, Send) for a in core.tick(now + 1.0))  # not asked for
+    hedged = Call(2, "m", b"")
+    hedged.hedge = 1
+    core.submit(hedged, now + 1.0)  # the other worker is busy with ``plain``
+    assert not any(isinstance(a, Send) for a in core.tick(now + 2.0))
+    plain_worker = plain.holders[0]
+    core.answered(plain_worker, 1, Outcome(OutcomeKind.RESULT, b""), now + 2.0)  # it frees up
+    acts = core.tick(now + 2.0)
+    assert [a.calls for a in acts if isinstance(a, Send)] == [(hedged,)]
+    core.check_invariants()
+
+
+def test_a_models_default_hedges_its_calls() -> None:
+    core = _core()
+    now = _fast_model(core, 2, 0.01)
+    core.models["m"].hedge = True
+    c = Call(1, "m", b"")
+    core.submit(c, now)
+    assert c.hedge == 1
+    assert any(isinstance(a, Send) for a in core.tick(now + 0.02))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    n_workers=st.integers(2, 4),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["submit", "submit", "answer", "tick", "lose"]), st.floats(0.0, 0.03),
+                  st.booleans()),
+        max_size=50,
+    ),
+)
+def test_hedging_first_answer_wins_and_the_loser_is_stopped(n_workers: int, ops: list[Any]) -> None:
+    """Random hedged and plain calls, answers in any order, time passing,
+    workers lost: every call resolves once; a second attempt goes out only
+    past the p95 and to an idle worker; when one attempt answers, the other
+    worker is told to stop; the core's invariants hold after every event."""
+    core = _core()
+    now = _fast_model(core, n_workers, 0.01)
+    live = set(range(1, n_workers + 1))
+    holding: dict[int, list[int]] = {w: [] for w in live}
+    resolved: dict[int, int] = {}
+    next_id = 1
+
+    def apply(acts: list[Any]) -> None:
+        for a in acts:
+            if isinstance(a, Send):
+                assert a.worker in live
+                for c in a.calls:
+                    if len(c.holders) > 1 and c.hedge == 2:
+                        others = [h for h in c.holders if h != a.worker]
+                        assert now - c.sent_at >= (core.models["m"].hedge_after or 0.0) - 1e-9, "hedged early"
+                        assert all(h in live for h in others)
+                    holding[a.worker].append(c.id)
+            elif isinstance(a, Resolve):
+                resolved[a.call.id] = resolved.get(a.call.id, 0) + 1
+                assert resolved[a.call.id] == 1, "a call resolved twice"
+            elif isinstance(a, Stop):
+                assert a.call.done and a.worker in a.call.holders
+
+    for op, dt, flag in ops:
+        now += dt
+        if op == "submit":
+            c = Call(next_id, "m", b"")
+            c.hedge = 1 if flag else 0
+            next_id += 1
+            apply(core.submit(c, now))
+        elif op == "answer":
+            busy = [w for w in live if holding[w]]
+            if busy:
+                w = busy[0] if flag else busy[-1]
+                cid = holding[w].pop(0)
+                apply(core.answered(w, cid, Outcome(OutcomeKind.RESULT, b""), now))
+        elif op == "lose" and len(live) > 1 and flag:
+            w = max(live)
+            live.discard(w)
+            holding.pop(w)
+            apply(core.worker_lost(w, "killed", now))
+        else:
+            apply(core.tick(now))
+        core.check_invariants()
+        for call in core.calls.values():
+            if call.hedge == 2:
+                assert len(call.holders) <= 2, f"{call} hedged more than once"

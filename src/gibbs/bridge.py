@@ -529,6 +529,12 @@ class Bridge:
             else:
                 self._core.default_timeouts[model] = seconds
 
+    def set_hedging(self, model: str, on: bool) -> None:
+        """Hedge the model's calls by default (a second attempt on an idle
+        worker once one has run past the model's p95 service time)."""
+        with self._lock:
+            self._core._model(model).hedge = on
+
     def is_batched(self, model: str) -> bool:
         return model in self._batched_models
 
@@ -580,6 +586,7 @@ class Bridge:
         stream: bool = False,
         timeout: Optional[float] = None,
         retries: int = 0,
+        hedge: bool = False,
     ) -> Call:
         home = self._home
         if home is not None and not home.is_running():
@@ -592,6 +599,8 @@ class Bridge:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
             call = Call(self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries)
+            if hedge and not stream:
+                call.hedge = 1
             self._next_id += 1
             if self._upstream is not None and model not in self._relays and not self._core.closing:
                 self._add_relay_locked(model)
@@ -600,6 +609,8 @@ class Bridge:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
             elif call.deadline is not None and call.deadline < self._wake_at and not call.done:
                 self._wake_locked()  # its deadline comes before the loop's next tick
+            elif call.hedge and not call.done:
+                self._wake_locked()  # its hedging time is the loop's next tick
         if self._outcomes:
             self._hand_over()
         return call
@@ -725,6 +736,7 @@ class Bridge:
                     "expired": {"queued": ms["expired_queued"], "running": ms["expired_running"]},
                     "shed": {"deadline": ms["shed_deadline"], "max_queued": ms["shed_max_queued"]},
                     "resent": ms["resent"],
+                    "hedged": ms["hedged"],
                     "retried": ms["retried"],
                     "states": {
                         "loading": loading.get(name, 0),
@@ -764,6 +776,7 @@ class Bridge:
                 "errors": stats["errors"],
                 "retried": stats["retried"],
                 "resent": stats["resent"],
+                "hedged": stats["hedged"],
                 "cancelled": stats["cancelled"],
                 "abandoned": stats["abandoned"],
                 # of the cancelled and abandoned: those that their deadline ended

@@ -91,6 +91,11 @@ __all__ = [
 
 DEFAULT_MODEL = "default"
 
+#: Hedging: a model's p95 service time is recomputed every this many
+#: answers, once it has at least HEDGE_MIN_SAMPLES of them.
+HEDGE_EVERY = 16
+HEDGE_MIN_SAMPLES = 32
+
 #: Queue disciplines the core knows (see Core.discipline).
 DISCIPLINES = ("fifo", "lifo")
 
@@ -160,7 +165,7 @@ class Call:
     __slots__ = (
         "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
-        "timeout", "retries", "deadline", "windows", "origin",
+        "timeout", "retries", "deadline", "windows", "origin", "hedge", "sent_at",
     )
 
     def __init__(
@@ -200,6 +205,11 @@ class Call:
         # The worker (its token) whose own call made this one (a model
         # calling a model), when the driver knows: see Core._self_wait.
         self.origin: Optional[str] = None
+        # Hedging (gibbs_hedge): a second attempt may go to an idle worker
+        # once this one has run past the model's recent p95 service time:
+        # 0 no, 1 it may, 2 its second attempt went out. ``sent_at``: first sent.
+        self.hedge = 0
+        self.sent_at = 0.0
 
     @property
     def final_deadline(self) -> Optional[float]:
@@ -277,7 +287,7 @@ class WorkerInfo:
 class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
-        "loading", "absent_since", "next_cls",
+        "loading", "absent_since", "next_cls", "service", "hedge_after", "hedge",
     )
 
     def __init__(self, name: str) -> None:
@@ -293,6 +303,9 @@ class _Model:
         self.stats: collections.Counter[str] = collections.Counter()
         self.latency = Window()  # submit -> answer, answered calls
         self.queue_wait = Window()  # submit -> first sent to a worker
+        self.service = Window(256)  # first sent -> first answer, answered calls (for hedging)
+        self.hedge_after: Optional[float] = None  # its recent p95 service time, refreshed every HEDGE_EVERY
+        self.hedge = False  # its calls are hedged by default (serve(gibbs_hedge=True))
         self.loading = 0  # workers building this model (announced, not joined yet)
         # Since when no worker of the model is there (none joined and none
         # loading, or all leaving); None while one is.
@@ -441,6 +454,8 @@ class Core:
         self._deadlines: list[tuple[float, int]] = []
         # model name -> gibbs_timeout for its calls that give none
         self.default_timeouts: dict[str, float] = {}
+        # Running calls that may still be hedged (call id -> call); owned here.
+        self._hedging: dict[int, Call] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -472,6 +487,8 @@ class Core:
         else:
             call._move(CallState.DONE)
         self.calls.pop(call.id, None)
+        if call.hedge:
+            self._hedging.pop(call.id, None)
         out.append(Resolve(call, outcome))
         if not call.holders:
             out.append(Release(call))
@@ -534,6 +551,8 @@ class Core:
                     )
         if call.deadline is not None:
             heapq.heappush(self._deadlines, (call.deadline, call.id))
+        if model.hedge and not call.hedge and not call.stream:
+            call.hedge = 1
         self.calls[call.id] = call
         call.t0 = now
         model.stats["requests"] += 1
@@ -548,6 +567,36 @@ class Core:
         if call.origin is not None and call.queued:
             self._self_wait(model, out)
         return out
+
+    def _hedge_due(self, now: float, out: list[Action]) -> None:
+        """Running calls that may be hedged, past their model's p95 service
+        time, with an idle worker of the model: a second attempt goes out
+        (the first answer of either wins). One hedge per call, at most."""
+        for cid, call in list(self._hedging.items()):
+            m = self.models.get(call.model)
+            if call.done or call.queued or len(call.holders) != 1 or m is None:
+                del self._hedging[cid]
+                continue
+            if m.hedge_after is None or now - call.sent_at < m.hedge_after:
+                continue
+            holder = call.holders[0]
+            if not any(w.id != holder and not w.leaving and w.load == 0 for w in m.workers.values()):
+                continue  # no idle worker: a hedge would only queue behind the others
+            del self._hedging[cid]
+            call.hedge = 2
+            self.stats["hedged"] += 1
+            m.stats["hedged"] += 1
+            self._enqueue(call, front=True)
+            self._dispatch(m, now, out)
+
+    def _next_hedge(self) -> Optional[float]:
+        best: Optional[float] = None
+        for call in self._hedging.values():
+            m = self.models.get(call.model)
+            if m is not None and m.hedge_after is not None and not call.done:
+                t = call.sent_at + m.hedge_after
+                best = t if best is None else min(best, t)
+        return best
 
     def _self_wait(self, model: _Model, out: list[Action]) -> None:
         """Calls a model's own workers made to it, queued while every worker
@@ -871,8 +920,18 @@ class Core:
                 out.append(Release(call))
         else:
             self.stats["completed" if outcome.kind is not OutcomeKind.ERROR else "errors"] += 1
-            self.models[call.model].latency.add(now - call.t0)
+            m = self.models[call.model]
+            m.latency.add(now - call.t0)
+            if call.dispatched:
+                m.service.add(now - call.sent_at)
+                if m.service.count % HEDGE_EVERY == 0 and m.service.count >= HEDGE_MIN_SAMPLES:
+                    m.hedge_after = m.service.snapshot()["p95"]
+            hedged = call.hedge == 2 and len(call.holders) > 0
             self._resolve(call, outcome, out)
+            if hedged:
+                # The first answer won: the other attempt is stopped (an
+                # async model's coroutine cancelled; a sync one's answer dropped).
+                self._stop_holders(call, out)
         if not w.leaving:
             self._dispatch(self.models[w.model], now, out)
         return out
@@ -973,6 +1032,8 @@ class Core:
             return out
         if self._deadlines and self._deadlines[0][0] <= now:
             self._expire_due(now, out)
+        if self._hedging:
+            self._hedge_due(now, out)
         for model in self.models.values():
             if model.batch_wait and model.queue and model.workers:
                 self._dispatch(model, now, out)
@@ -1003,6 +1064,10 @@ class Core:
                 t2 = self._no_worker_deadline(model)
                 if t2 is not None:
                     best = t2 if best is None else min(best, t2)
+        if self._hedging:
+            t3 = self._next_hedge()
+            if t3 is not None:
+                best = t3 if best is None else min(best, t3)
         return best
 
     def abort(self, error: BaseException) -> list[Action]:
@@ -1106,7 +1171,10 @@ class Core:
                 w.held[call.id] = call
                 if not call.dispatched:
                     call.dispatched = True
+                    call.sent_at = now
                     model.queue_wait.add(now - call.t0)
+                    if call.hedge == 1 and not call.stream:
+                        self._hedging[call.id] = call
             if w.batch_size > 1:
                 model.batch_sizes[len(calls)] += 1
             out.append(Send(w.id, tuple(calls)))
@@ -1146,6 +1214,8 @@ class Core:
             elif any(not c.holders for c in model.queue.values()):
                 assert not model.absent(), f"calls of {name!r} wait with no worker, and no clock runs for them"
         assert n == self.n_queued
+        for cid, call in self._hedging.items():
+            assert call.hedge == 1 and not call.done and self.calls.get(cid) is call, call
         if self.closing:
             assert n == 0, "a call was queued while the hub was closing: nothing would ever send it"
         for call in self.calls.values():

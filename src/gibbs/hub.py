@@ -539,6 +539,7 @@ class Hub:
         gibbs_timeout: Optional[float] = None,
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
+        gibbs_hedge: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
@@ -559,6 +560,14 @@ class Hub:
                 -1: forever.
             gibbs_model: the name of the model to run (default ``"default"``):
                 only workers serving that model get the request.
+            gibbs_hedge: when the call has run past the model's recent p95
+                service time and another worker of the model is idle, a
+                second attempt goes to it; the first answer wins, the other
+                attempt is stopped (an async model's coroutine cancelled) or
+                its answer dropped. Off by default (a model's default:
+                ``serve(gibbs_hedge=True)``). Decided by the hub whose workers
+                run the call: from a client hub, set it on the router's
+                ``serve``.
 
         Raises:
             UserCodeException: the model raised (type, message, traceback kept).
@@ -577,7 +586,7 @@ class Hub:
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
-            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries)
+            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
         except BaseException:
             payload.release()
             raise
@@ -596,6 +605,7 @@ class Hub:
         gibbs_timeout: Optional[float] = None,
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
+        gibbs_hedge: bool = False,
         **kwargs: Any,
     ) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
@@ -609,7 +619,7 @@ class Hub:
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut = _SubmitFuture()
         try:
-            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries)
+            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
         except BaseException:
             payload.release()
             raise
@@ -847,6 +857,7 @@ class Hub:
         gibbs_threads: Union[int, str, None] = None,
         gibbs_pin_cpus: bool = False,
         gibbs_timeout: Optional[float] = None,
+        gibbs_hedge: bool = False,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -887,6 +898,8 @@ class Hub:
         """
         if gibbs_timeout is not None:
             self.set_default_timeout(gibbs_timeout, gibbs_model)
+        if gibbs_hedge:
+            self._ensure_started().set_hedging(gibbs_model, True)
         launcher: Launcher = gibbs_launcher if gibbs_launcher is not None else LocalLauncher()
         devices = resolve_devices(gibbs_devices)
         if not isinstance(gibbs_workers_per_device, int) or gibbs_workers_per_device < 1:
