@@ -168,3 +168,22 @@ def test_retrieval_pipeline_over_http(retrieval_app: str) -> None:
     top = {q: a.json()["results"][0]["document"] for q, a in zip(queries, answers)}
     assert "bread" in top["bake bread"] and "market" in top["the market on monday"]
     assert "garden" in top["dogs in a garden"]
+
+
+def test_a_worker_run_in_this_process_leaves_its_hubs_alone() -> None:
+    """Worker.run() here (it raises: the constructor fails) must not leave
+    this process's later Hub() pointed at that worker's hub."""
+    from gibbs_test_models import BadInit
+
+    import gibbs.worker
+    from gibbs import Worker
+
+    with pytest.raises(RuntimeError):
+        Worker(BadInit, gibbs_port=1).run()
+    assert gibbs.worker.serving is None
+    hub = Hub(port=0)
+    try:
+        hub.start()
+        assert hub.role == "router"
+    finally:
+        hub.close()

@@ -99,6 +99,7 @@ class _GibbsActor:
         from .worker import _Runtime
 
         runtime = _Runtime(worker)
+        runtime.serves_process = True  # the actor's process serves this model: Hub() there reaches its hub
         with self._lock:
             self._runtime = runtime
             if self._stop_asked:

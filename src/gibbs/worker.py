@@ -518,6 +518,7 @@ def _process_main(worker: Worker, parent_pid: int, plan: Optional[_threads.Plan]
     # graceful shutdown can finish its in-flight and queued requests.
     runtime = _Runtime(worker, stop_signals={signal.SIGTERM})
     runtime.built_flag = built
+    runtime.serves_process = True
     try:
         runtime.run(parent_pid=parent_pid)
     except WorkerRefusedError as exc:
@@ -633,6 +634,7 @@ class _Runtime:
         self._in_main_thread = threading.current_thread() is threading.main_thread()
         self._initial_ppid = os.getppid()
         self.built_flag: Any = None  # the parent's shared byte (Worker.built), when started by one
+        self.serves_process = False  # the whole process serves this model (set for started workers, Ray actors)
         self._said_refused_key = False
 
     # -------------------------------------------------------------- signals
@@ -654,9 +656,14 @@ class _Runtime:
                 old[sig] = signal.signal(sig, handler)
         heartbeat: Optional[threading.Thread] = None
         global serving
-        serving = Serving(
-            self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model, self.spec.token
-        )
+        before = serving
+        if self._in_main_thread or self.serves_process:
+            # This process serves the model (not a Worker.run() in a thread of
+            # an app that makes its own hubs): Hub() here reaches this hub.
+            serving = Serving(
+                self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model,
+                self.spec.token,
+            )
         try:
             # start() blocked these signals across the fork, so that a terminate()
             # right after start() reaches our handler rather than the default one.
@@ -701,6 +708,7 @@ class _Runtime:
             self.maps.clear()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            serving = before
 
     def _warm_up(self, model: Any) -> None:
         """The model's own ``warmup()``, then the sample inputs, before the
