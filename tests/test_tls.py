@@ -334,3 +334,37 @@ def test_worker_and_hub_commands_with_tls_files(pki, tmp_path) -> None:
             except ProcessLookupError:
                 pass
             p.communicate(timeout=20)
+
+
+def test_the_tls_example_runs() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = TESTS.parent / "examples" / "tls.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIBBS_")}
+    env["HUB_PORT"] = str(port)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "7 squared over TLS: 49" in out.stdout
+    assert 'gibbs status over TLS: {"statistics"' in out.stdout
+    assert "a worker without TLS is refused: True" in out.stdout
+
+
+def test_a_client_hub_joins_its_router_over_tls(pki, over_tcp, monkeypatch, make_hub, make_workers) -> None:
+    """A web process's hub (address=) reaches the router over TCP with TLS;
+    with no client certificate, the router refuses it."""
+    from gibbs_test_models import Square
+
+    router = make_hub(authkey=KEY, ssl_context=hub_context(pki))
+    client_env(monkeypatch, pki)
+    make_workers(router, Square, 1, gibbs_authkey=KEY)
+    router.wait_for_workers_sync(1, timeout=30)
+    client = make_hub(address=f"127.0.0.1:{router.port}", authkey=KEY)  # its client context from GIBBS_TLS_*
+    assert run(client.request(7), timeout=60) == 49
+    assert router.statistics()["clients"] >= 1
+    before = failures(router)
+    client_env(monkeypatch, pki, cert=None)
+    lone = make_hub(address=f"127.0.0.1:{router.port}", authkey=KEY, no_worker_timeout=3)
+    with pytest.raises(Exception):  # noqa: B017 - whichever GibbsError: it never reaches the router
+        run(lone.request(7), timeout=60)
+    assert failures(router) > before
