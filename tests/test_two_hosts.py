@@ -243,11 +243,54 @@ def assert_no_traceback(path: Path) -> None:
 # ---------------------------------------------------------------- the two-host test
 
 
-@pytest.mark.timeout(75)
-def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_path: Path) -> None:
+# Read by the capture on the link: in clear, the WELCOME and HELLO show them.
+CLEAR_MARKERS = (b"heartbeat_interval", b"SquarePid", b"#GIBBS-CHALLENGE#")
+CAPTURE = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # every frame on the interface
+s.bind((sys.argv[2], 0))
+with open(sys.argv[1], "ab", buffering=0) as f:
+    while True:
+        f.write(s.recv(1 << 17))
+"""
+
+
+def make_link_certificates(d: Path) -> dict[str, dict[str, str]]:
+    """An authority, the hub's certificate (for HUB_IP; also a client one,
+    which the hub script's own workers show) and a remote worker's."""
+    from test_tls import _authority, _leaf
+
+    _authority(d, "ca")
+    _leaf(d, "hub", "ca", f"subjectAltName=IP:{HUB_IP}\nextendedKeyUsage=serverAuth,clientAuth")
+    _leaf(d, "remote", "ca", "extendedKeyUsage=clientAuth")
+    return {
+        who: {"GIBBS_TLS_CERT": str(d / f"{who}.pem"), "GIBBS_TLS_KEY": str(d / f"{who}.key"), "GIBBS_TLS_CA": str(d / "ca.pem")}
+        for who in ("hub", "remote")
+    }
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_path: Path, tls: bool) -> None:
+    """Also with TLS on the link (certificates from GIBBS_TLS_* for the hub
+    script's plain Hub() and Worker(), --tls-* for the worker command): a
+    capture of the link shows the handshake's and HELLO's markers in clear
+    without TLS, and none of them with it."""
     env = env_with_key(secrets.token_hex(16))
+    hub_env, worker_env, worker_tls = dict(env), dict(env), []
+    if tls:
+        files = make_link_certificates(tmp_path)
+        hub_env.update(files["hub"])
+        r = files["remote"]
+        worker_tls = ["--tls-cert", r["GIBBS_TLS_CERT"], "--tls-key", r["GIBBS_TLS_KEY"], "--tls-ca", r["GIBBS_TLS_CA"]]
     hub_err = tmp_path / "hub.stderr"
     worker_err = tmp_path / "worker.stderr"
+    capture_path = tmp_path / "link.capture"
+    capture = subprocess.Popen(
+        netns.exec_argv(netns.a, sys.executable, "-c", CAPTURE, str(capture_path), netns.veth_a),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+    )
+    procs.append(capture)
 
     # Namespace A: the hub (explicit key, short heartbeats), one local worker, 16 callers.
     with open(hub_err, "w") as err:
@@ -257,7 +300,7 @@ def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_
                 "--local-workers", "1", "--wait-time", "0.005",
                 "--heartbeat-interval", str(HEARTBEAT), "--heartbeat-misses", str(MISSES),
             ),
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=TESTS,
+            stdout=subprocess.PIPE, stderr=err, text=True, env=hub_env, cwd=TESTS,
             preexec_fn=_die_with_parent,
         )
     procs.append(hub_proc)
@@ -271,9 +314,9 @@ def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_
             netns.exec_argv(
                 netns.b, sys.executable, "-m", "gibbs", "worker", "_two_hosts_hub:SquarePid",
                 "--hub", f"{HUB_IP}:{ready['port']}", "-n", "2",
-                "--heartbeat-interval", str(HEARTBEAT), "0.005",
+                "--heartbeat-interval", str(HEARTBEAT), *worker_tls, "0.005",
             ),
-            stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=TESTS,
+            stdout=subprocess.DEVNULL, stderr=err, env=worker_env, cwd=TESTS,
             preexec_fn=_die_with_parent,
         )
     procs.append(worker_cmd)
@@ -291,6 +334,11 @@ def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_
             20, "answers from both the remote and the local workers",
         )
         assert not hub.problems(), hub.problems()[:5]
+        # What crossed the link: some hundreds of answers, in clear or not.
+        seen = capture_path.read_bytes()
+        assert len(seen) > 20_000 and capture.poll() is None, (len(seen), capture.poll())
+        in_clear = [m for m in CLEAR_MARKERS if m in seen]
+        assert in_clear == ([] if tls else list(CLEAR_MARKERS)), in_clear
 
         # 2. Cut the link under load: the hub notices within its heartbeat
         #    bound and re-sends to the local worker; no caller sees an error.
@@ -337,6 +385,8 @@ def test_remote_workers_link_cut_and_restore(netns: NetnsPair, procs: list, tmp_
         assert done["errors"] == 0 and done["wrong"] == 0 and done["stuck_callers"] == 0, done
         assert done["local_exitcodes"] == [0], done
         assert not hub.problems(), hub.problems()[:5]
+        capture.kill()
+        capture.wait(10)
         for ns in (netns.a, netns.b):
             assert netns_pids(ns) == [], (ns, netns_pids(ns))
         assert not any(Path(f"/proc/{pid}").exists() for pid in local_pids | remote_pids)

@@ -54,6 +54,7 @@ import os
 import queue
 import selectors
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -81,7 +82,8 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
-from .transport import ANY_APP, GRANT_ALL, authenticate, describe, peer_pid, peer_uid, tune
+from .tls import tunnel
+from .transport import ANY_APP, GRANT_ALL, authenticate, describe, is_local, peer_pid, peer_uid, tune
 
 logger = logging.getLogger("gibbs")
 
@@ -230,7 +232,7 @@ class Peer:
         self.pid = hello.pid
         self.host = hello.host
         self.name = hello.name
-        if sock.family == socket.AF_UNIX:
+        if is_local(sock):
             self.address = "local socket"
         else:
             try:
@@ -392,8 +394,10 @@ class Bridge:
         app: Optional[str] = None,
         no_worker_timeout: Optional[float] = None,
         limited_keys: Sequence[tuple[str, bytes]] = (),
+        ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
-        self._listeners = listeners  # TCP, and on Linux a local (unix) socket
+        self._listeners = listeners
+        self._ssl_context = ssl_context  # set: TCP connections carry TLS (the local socket does not)  # TCP, and on Linux a local (unix) socket
         self._authkey = authkey
         self._explicit = authkey_explicit
         self._limited_keys = list(limited_keys)  # (role, key): keys that give one role only
@@ -1357,6 +1361,9 @@ class Bridge:
             sock.setblocking(True)
             sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
             tune(sock)
+            if self._ssl_context is not None and sock.family != getattr(socket, "AF_UNIX", None):
+                sock = self._tls_handshake(sock, addr)
+                sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
             grant = authenticate(sock, self._authkey, self._explicit, self._limited_keys)
             with self._lock:  # authenticated: out of the unauthenticated pools, into its own room
                 pending = self._handshaking.get(sock)
@@ -1456,6 +1463,37 @@ class Bridge:
         finally:
             with self._lock:
                 self._handshaking.pop(sock, None)
+
+    def _tls_handshake(self, sock: socket.socket, addr: Any) -> socket.socket:
+        """TLS on a new TCP connection, within its handshake deadline (the
+        TLS socket, then the tunnel, take the raw socket's place among the
+        pending handshakes, so the deadline still cuts them off). Returns
+        the tunnel's socket: a TCP stranger to the key check, whatever the
+        kernel says of a socketpair (:func:`gibbs.transport.is_local`)."""
+        assert self._ssl_context is not None
+        tls = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        current: socket.socket = tls
+        try:
+            self._rekey_handshake(sock, tls)
+            try:
+                tls.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                raise ConnectionRefusedError(f"TLS handshake failed (a peer without TLS, or an untrusted certificate?): {exc}") from None
+            current = tunnel(tls, addr, name="gibbs-tls-hub")
+            self._rekey_handshake(tls, current)
+            return current
+        except BaseException:
+            with self._lock:
+                self._handshaking.pop(current, None)
+            current.close()  # the tunnel's end: its pump closes the TLS socket
+            raise
+
+    def _rekey_handshake(self, old: socket.socket, new: socket.socket) -> None:
+        with self._lock:
+            pending = self._handshaking.pop(old, None)
+            if pending is None:
+                raise ConnectionAbortedError("closed meanwhile")
+            self._handshaking[new] = pending
 
     def _hold_loading(self, sock: socket.socket, info: Loading) -> None:
         """A worker building its model: listed as loading until it closes

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from types import FrameType
@@ -121,6 +122,36 @@ def read_authkey(path: Optional[str], loopback: bool = False) -> Optional[bytes]
     )
 
 
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    from .tls import CA_ENV, CERT_ENV, KEY_ENV
+
+    for option, env, what in (
+        ("--tls-cert", CERT_ENV, "this process's certificate (PEM): TCP to or from the hub carries TLS"),
+        ("--tls-key", KEY_ENV, "the certificate's private key (PEM), if not in the certificate's file"),
+        ("--tls-ca", CA_ENV, "the authority (PEM) that signed the peers' certificates: the hub asks clients for one"),
+    ):
+        parser.add_argument(option, metavar="PATH", help=f"{what} (default: ${env})")
+
+
+def _apply_tls_options(ns: argparse.Namespace) -> None:
+    """--tls-* set GIBBS_TLS_*: the hub, its workers (started by any method)
+    and the observer read them there."""
+    from .tls import CA_ENV, CERT_ENV, KEY_ENV, files_from_env
+
+    for attr, env in (("tls_cert", CERT_ENV), ("tls_key", KEY_ENV), ("tls_ca", CA_ENV)):
+        path = getattr(ns, attr, None)
+        if path is not None:
+            os.environ[env] = path
+    try:
+        files = files_from_env()
+        if files is not None:
+            if ns.command == "hub":
+                files.server_context()
+            files.client_context()
+    except (OSError, ValueError) as exc:
+        raise CliError(f"bad TLS files: {exc}") from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gibbs",
@@ -168,6 +199,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("-n", "--workers", type=int, default=None, help="worker processes to run (default 1, or one per device)")
     worker.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    _add_tls_options(worker)
     worker.add_argument(
         "--heartbeat-interval",
         type=float,
@@ -266,6 +298,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"the address to listen on (default 127.0.0.1:{port}; 0.0.0.0:{port} for other machines)",
     )
     hub.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    _add_tls_options(hub)
     hub.add_argument(
         "--heartbeat-interval", type=float, default=1.0, metavar="SECONDS", help="seconds between heartbeats (default 1.0)"
     )
@@ -284,6 +317,7 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--hub", default=f"127.0.0.1:{port}", metavar="HOST:PORT",
                         help=f"the hub's address (default 127.0.0.1:{port})")
     status.add_argument("--authkey-file", metavar="PATH", help=f"file holding the key (default: ${AUTHKEY_ENV})")
+    _add_tls_options(status)
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
     status.add_argument("--json", action="store_true", help="print the statistics as JSON (with --once: one line)")
     status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1.0)")
@@ -311,6 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if ns.workers < 1 or ns.requests < 1 or ns.wait_time < 0:
                 raise CliError("--workers and --requests must be >= 1, --wait-time >= 0")
             return run_demo(ns.workers, ns.requests, ns.wait_time)
+        if ns.command in ("hub", "status", "worker"):
+            _apply_tls_options(ns)
         if ns.command == "hub":
             return _hub_command(ns)
         if ns.command == "status":
@@ -370,7 +406,9 @@ def _hub_command(ns: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_status(host: str, port: int, key: Optional[bytes], timeout: float = 5.0) -> Any:
+def fetch_status(
+    host: str, port: int, key: Optional[bytes], timeout: float = 5.0, ssl_context: Optional[ssl.SSLContext] = None
+) -> Any:
     """Connect to a hub as an observer; return a function that fetches
     {"statistics": ..., "workers": [...]} each time it is called, and the socket."""
     import json
@@ -378,7 +416,7 @@ def fetch_status(host: str, port: int, key: Optional[bytes], timeout: float = 5.
     from . import protocol
     from .transport import client_handshake, connect
 
-    sock = connect(host, port, timeout=timeout)
+    sock = connect(host, port, timeout=timeout, ssl_context=ssl_context)
     sock.settimeout(timeout)
     try:
         client_handshake(sock, key or b"", key is not None)
@@ -461,7 +499,10 @@ def _status_command(ns: argparse.Namespace) -> int:
         raise CliError("--interval must be > 0")
     key = read_authkey(ns.authkey_file, loopback=is_loopback(host))
     try:
-        fetch, sock = fetch_status(host, port, key)
+        from .tls import files_from_env
+
+        files = files_from_env()
+        fetch, sock = fetch_status(host, port, key, ssl_context=files.client_context() if files is not None else None)
     except AuthenticationError as exc:
         raise CliError(f"the hub at {host}:{port} refused our key: {exc}") from None
     except (OSError, ProtocolError) as exc:

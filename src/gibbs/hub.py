@@ -63,6 +63,7 @@ import os
 import pickle
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -88,6 +89,7 @@ from .errors import (
 from .metrics import CONTENT_TYPE, prometheus_text
 from .pool import DeviceSpec, Launcher, LocalLauncher, Pool, WorkerFactory, resolve_devices
 from .scaling import Autoscaler
+from .tls import files_from_env
 from .transport import (
     ANY_APP,
     APP_ENV,
@@ -189,6 +191,14 @@ class Hub:
             wait with no worker. ``None``: wait for workers forever.
         resp_buffer_size: accepted for gibbs 0.2 code and unused: gibbs keeps
             every pending request's answer (0.2 dropped the oldest ones).
+        ssl_context: a server ``ssl.SSLContext``: TCP connections carry TLS
+            and a peer without it is refused (the local socket stays
+            plaintext). Default: built from ``GIBBS_TLS_CERT``,
+            ``GIBBS_TLS_KEY`` and ``GIBBS_TLS_CA`` when set (with a CA,
+            clients must show a certificate it signed). The key is still
+            required off loopback.
+        client_ssl_context: a client ``ssl.SSLContext`` for joining another
+            hub over TCP (``address=``). Default: from the same variables.
     """
 
     def __init__(
@@ -213,6 +223,8 @@ class Hub:
         no_worker_timeout: Optional[float] = 30.0,
         observer_key: KeyLike = None,
         worker_key: KeyLike = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        client_ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         # resp_buffer_size: accepted for gibbs 0.2 code, unused: gibbs never
         # drops a pending request's answer, so there is no buffer to size.
@@ -284,7 +296,14 @@ class Hub:
         self._limited_keys = limited_keys(observer_key, worker_key, key)
         self._authkey = key
         self._explicit = explicit
+        tls_files = files_from_env()  # GIBBS_TLS_CERT, GIBBS_TLS_KEY, GIBBS_TLS_CA
+        if ssl_context is None and tls_files is not None and tls_files.cert and self._router is None:
+            ssl_context = tls_files.server_context()
+        if client_ssl_context is None and tls_files is not None:
+            client_ssl_context = tls_files.client_context()
+        self._ssl_context = ssl_context  # set: the TCP listener speaks TLS
         self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
+        self._place.ssl_context = client_ssl_context
         self._place.max_frame = int(max_frame_bytes)
         self._place.app = self._app
         self._state_lock = threading.Lock()  # owns: _bridge, _closed, _probe_path
@@ -376,6 +395,7 @@ class Hub:
                 app=self._app,
                 no_worker_timeout=self._no_worker_timeout,
                 limited_keys=self._limited_keys,
+                ssl_context=self._ssl_context,
             )
             bridge.stats_source = weakref.WeakMethod(self.statistics)
             bridge.explain_source = weakref.WeakMethod(self._explain_absence)
@@ -1091,6 +1111,7 @@ class _Place:
         self.max_frame = protocol.DEFAULT_MAX_FRAME  # the hub sets its own
         self.app = default_app()  # the hub sets its own
         self.standby: list[Pool] = []  # pools started if this hub takes the address over
+        self.ssl_context: Optional[ssl.SSLContext] = None  # set: joining the router over TCP carries TLS
 
     def listen(self) -> list[socket.socket]:
         """The TCP listener, and on loopback the local (unix) one. With a
@@ -1118,7 +1139,7 @@ class _Place:
         the socket, the router's WELCOME, and the reader with the frames
         that followed our HELLO (at least the router's first POOL): nothing
         is sent on the connection until the router has taken us in."""
-        sock = connect(self.host, self.port, timeout=timeout)
+        sock = connect(self.host, self.port, timeout=timeout, ssl_context=self.ssl_context)
         try:
             sock.settimeout(timeout)
             client_handshake(sock, self.authkey, self.explicit)

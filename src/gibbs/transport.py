@@ -20,7 +20,10 @@ import shlex
 import socket
 import struct
 import sys
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    import ssl
 
 from .errors import AuthenticationError, ProtocolError
 
@@ -29,6 +32,8 @@ DEFAULT_PORT = 5019
 AUTHKEY_ENV = "GIBBS_AUTHKEY"
 PORT_ENV = "GIBBS_PORT"
 APP_ENV = "GIBBS_APP"
+#: "0": connect over TCP even to a hub on this machine (not its local socket).
+LOCAL_SOCKET_ENV = "GIBBS_LOCAL_SOCKET"
 #: The application name of a hub that routes for client hubs of any
 #: application (``python -m gibbs hub``).
 ANY_APP = "*"
@@ -317,11 +322,18 @@ def answer_challenge(sock: socket.socket, key: bytes, role: bytes, message: Opti
         )
 
 
+def is_local(sock: socket.socket) -> bool:
+    """Whether ``sock`` is a unix socket to a process of this machine (the
+    local socket). A TLS tunnel is a unix socket too, to this very process:
+    its peer is a TCP stranger, never local (see :mod:`gibbs.tls`)."""
+    return sock.family == getattr(socket, "AF_UNIX", None) and not getattr(sock, "tunnelled", False)
+
+
 def peer_uid(sock: socket.socket) -> Optional[int]:
     """The user id of the process at the other end of a local (unix) socket,
     as the kernel recorded it when the connection was made (``SO_PEERCRED``;
     for the connecting side, the listener's owner). None where unknown."""
-    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+    if not is_local(sock) or not hasattr(socket, "SO_PEERCRED"):
         return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -335,7 +347,7 @@ def peer_pid(sock: socket.socket) -> Optional[int]:
     """The pid of the process at the other end of a local (unix) socket, as
     the kernel recorded it (``SO_PEERCRED``), in this process's pid
     namespace. None over TCP or where unknown."""
-    if sock.family != getattr(socket, "AF_UNIX", None) or not hasattr(socket, "SO_PEERCRED"):
+    if not is_local(sock) or not hasattr(socket, "SO_PEERCRED"):
         return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -418,16 +430,28 @@ def client_handshake(sock: socket.socket, key: bytes, explicit: bool = True) -> 
     return False
 
 
-def connect(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+def connect(
+    host: str, port: int, timeout: Optional[float], ssl_context: Optional["ssl.SSLContext"] = None
+) -> socket.socket:
     """Connect to a hub: through its local socket when it is on this machine's
-    loopback, else TCP."""
-    if is_loopback(host):
+    loopback (unless ``GIBBS_LOCAL_SOCKET=0``), else TCP; with
+    ``ssl_context``, TCP carries TLS (checking the hub's certificate is for
+    ``host``) and the socket returned is the tunnel's (:mod:`gibbs.tls`)."""
+    if is_loopback(host) and os.environ.get(LOCAL_SOCKET_ENV, "1") != "0":
         local = connect_local(port, timeout)
         if local is not None:
             return local
     sock = socket.create_connection((host, port), timeout=timeout)
     tune(sock)
-    return sock
+    if ssl_context is None:
+        return sock
+    from .tls import client_wrap
+
+    try:
+        return client_wrap(sock, ssl_context, host, timeout)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def describe(sock_name: object) -> str:

@@ -39,6 +39,7 @@ import pickle
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -50,6 +51,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from . import _threads, protocol
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
+from .tls import TLSFiles, files_from_env
 from .transport import (
     KeyLike,
     client_handshake,
@@ -202,6 +204,10 @@ class Worker:
             random hex string per ``Worker``): the hub records it, so a
             pool knows its worker joined even when pids of workers on
             several machines collide (``bridge.has_joined(token)``).
+        gibbs_ssl_context: a client ``ssl.SSLContext``: TCP to the hub carries
+            TLS, and the hub's certificate is checked (default: built from
+            ``GIBBS_TLS_CERT``, ``GIBBS_TLS_KEY``, ``GIBBS_TLS_CA`` when set).
+            The key is still required off loopback.
         worker_cls: gibbs 0.2's name for ``cls``.
     """
 
@@ -227,6 +233,7 @@ class Worker:
         gibbs_version: Optional[str] = None,
         gibbs_threads: _threads.ThreadsOption = None,
         gibbs_pin_cpus: bool = False,
+        gibbs_ssl_context: Optional[ssl.SSLContext] = None,
         worker_cls: Optional[Callable[..., Any]] = None,
         **kwargs: Any,
     ) -> None:
@@ -284,6 +291,11 @@ class Worker:
         # The key is resolved now, in the process that made the Worker, so a
         # worker started with spawn carries the parent's key explicitly.
         self._authkey, self._explicit_key = resolve_authkey(gibbs_authkey)
+        # TLS to the hub over TCP: the context given, else the files of
+        # GIBBS_TLS_CERT/KEY/CA (picklable: a spawned worker builds its own).
+        self._tls: Union[ssl.SSLContext, TLSFiles, None] = (
+            gibbs_ssl_context if gibbs_ssl_context is not None else files_from_env()
+        )
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self.start_method_used: Optional[str] = None
         self.started_at: Optional[float] = None  # time.monotonic() at start()
@@ -413,7 +425,19 @@ class Worker:
         state = self.__dict__.copy()
         state["_process"] = None
         state["_built"] = None  # travels as its own argument (shared memory)
+        if isinstance(self._tls, ssl.SSLContext):
+            raise TypeError(
+                "a Worker with gibbs_ssl_context cannot be sent to another process (an ssl.SSLContext "
+                "does not pickle): start it with gibbs_start_method='fork', or name the files in "
+                "GIBBS_TLS_CERT, GIBBS_TLS_KEY and GIBBS_TLS_CA instead"
+            )
         return state
+
+    def _ssl_context(self) -> Optional[ssl.SSLContext]:
+        """The client context for TCP to the hub, built once per process."""
+        if isinstance(self._tls, TLSFiles):
+            self._tls = self._tls.client_context()
+        return self._tls
 
     def __repr__(self) -> str:
         where = f"{self.host}:{self.port}"
@@ -734,7 +758,7 @@ class _Runtime:
     # -------------------------------------------------------------- connecting
 
     def _connect(self, timeout: float) -> socket.socket:
-        sock = connect(self.spec.host, self.spec.port, timeout=timeout)
+        sock = connect(self.spec.host, self.spec.port, timeout=timeout, ssl_context=self.spec._ssl_context())
         try:
             client_handshake(sock, self.spec._authkey, self.spec._explicit_key)
             reader = protocol.FrameReader(1 << 16)
