@@ -120,7 +120,7 @@ async def serve(ns: argparse.Namespace) -> int:
             "wrong": counts["wrong"],
             "errors": counts["errors"],
             "by_pid": dict(counts["by_pid"]),
-            "workers": [{"pid": w["pid"], "address": w["address"]} for w in hub.workers()],
+            "workers": [{"pid": w["pid"], "address": w["address"]} for w in hub.workers() if w["state"] != "loading"],
             "stats": hub.statistics(),
         })
 
