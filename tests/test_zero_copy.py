@@ -71,6 +71,9 @@ def lent(hub: Hub) -> dict[str, Any]:
 
 
 def served(hub: Hub, make_workers: Callable[..., Any], cls: Any, n: int = 1, **kw: Any) -> None:
+    # These tests are about memory, not liveness: a worker that took 0.4 s of
+    # hub silence (a loaded machine) for a lost hub would drop its segments.
+    kw.setdefault("gibbs_reset_after_n_miss", 25)
     make_workers(hub, cls, n, **kw)
     hub.wait_for_workers_sync(n, timeout=30)
 
