@@ -116,35 +116,53 @@ def test_a_wake_up_during_a_drain_is_never_lost(monkeypatch) -> None:
     write and the bridge sleeps until its next timer). A wake-up from
     another thread is injected at each point of a drain."""
     import os
-    import types
 
-    from gibbs import bridge as bridge_mod
+    from gibbs import _wakeup
 
     real_read = os.read
     for inject_at in range(3):
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        fake = types.SimpleNamespace(_lock=threading.Lock(), _wake_pending=False, _wake_r=r, _wake_w=w)
-        bridge_mod.Bridge._wake_locked(fake)  # a wake-up waiting to be drained
+        wakeup = _wakeup.Wakeup()
+        wakeup.wake()  # a wake-up waiting to be drained
         calls = [0]
 
-        def read(fd: int, n: int, _fake=fake, _at=inject_at, calls=calls) -> bytes:
+        def read(fd: int, n: int, _w=wakeup, _at=inject_at, calls=calls) -> bytes:
             if calls[0] == _at:
-                with _fake._lock:
-                    bridge_mod.Bridge._wake_locked(_fake)  # another thread wakes the bridge now
+                _w.wake()  # another thread wakes the bridge now
             calls[0] += 1
             return real_read(fd, n)
 
-        monkeypatch.setattr(bridge_mod.os, "read", read)
-        bridge_mod.Bridge._drain_wake(fake)
-        monkeypatch.setattr(bridge_mod.os, "read", real_read)
+        monkeypatch.setattr(_wakeup.os, "read", read)
+        wakeup.drain()
+        monkeypatch.setattr(_wakeup.os, "read", real_read)
         try:
-            readable = bool(real_read(r, 4096))
+            readable = bool(real_read(wakeup.fileno(), 4096))
         except BlockingIOError:
             readable = False
-        assert readable or not fake._wake_pending, f"wake-up lost (injected at read {inject_at})"
-        os.close(r)
-        os.close(w)
+        assert readable or not wakeup._pending, f"wake-up lost (injected at read {inject_at})"
+        wakeup.close()
+        wakeup.wake()  # closed: a no-op, never a write to a reused number
+
+
+def test_a_wake_up_wakes_a_wait_once() -> None:
+    import selectors
+
+    from gibbs._wakeup import Wakeup
+
+    wakeup = Wakeup()
+    sel = selectors.DefaultSelector()
+    sel.register(wakeup, selectors.EVENT_READ)
+    try:
+        assert sel.select(0) == []
+        for _ in range(3):
+            wakeup.wake()
+        assert len(sel.select(0)) == 1
+        wakeup.drain()
+        assert sel.select(0) == []
+        wakeup.wake()
+        assert len(sel.select(0)) == 1
+    finally:
+        sel.close()
+        wakeup.close()
 
 
 def test_close_while_a_hand_over_is_still_putting_outcomes_strands_none(make_hub, monkeypatch) -> None:

@@ -82,6 +82,7 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
+from ._wakeup import Wakeup
 from .tls import tunnel
 from .transport import ANY_APP, GRANT_ALL, authenticate, describe, is_local, peer_pid, peer_uid, tune
 
@@ -450,7 +451,6 @@ class Bridge:
         self._next_waiter = 0
         self._closed = False
         self._crashed: Optional[BaseException] = None
-        self._wake_pending = False
         self._wake_at = 0.0  # (under _lock) when the loop's select ends, at the latest
         self._handshaking: dict[socket.socket, _Pending] = {}  # sockets in handshake threads
         self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
@@ -496,12 +496,10 @@ class Bridge:
         self._absence_text: dict[str, str] = {}  # model -> the hub's explanation, kept fresh
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
+        self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
         self._fds_closed = False
         # lost peers waiting for an exit status: [deadline, reason, local worker, exiting]
         self._losing: dict[Peer, list[Any]] = {}
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
         self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
         self._handing = 0  # hand-overs putting outcomes on _sync_queue now (owned by _lock)
@@ -857,12 +855,7 @@ class Bridge:
             on_closed()
 
     def _wake_locked(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            try:
-                os.write(self._wake_w, b"\0")
-            except OSError:
-                pass
+        self._wakeup.wake()
 
     # ================================================================ actions (under _lock)
 
@@ -1165,7 +1158,7 @@ class Bridge:
         for listener in self._listeners:
             listener.setblocking(False)
             sel.register(listener, selectors.EVENT_READ, ("listener", listener))
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._wakeup, selectors.EVENT_READ, "wake")
         if self._initial_upstream is not None:
             joined, self._initial_upstream = self._initial_upstream, None
             self._install_upstream(*joined)
@@ -1188,7 +1181,7 @@ class Bridge:
             for key, mask in events:
                 data = key.data
                 if data == "wake":
-                    self._drain_wake()
+                    self._wakeup.drain()
                 elif isinstance(data, tuple):
                     if data[0] == "listener":
                         self._accept(data[1])
@@ -1285,19 +1278,6 @@ class Bridge:
                     "gibbs hub: requests of model %r have waited %.0f s and %s",
                     name, waited, text.replace("\n", "\n  "),
                 )
-
-    def _drain_wake(self) -> None:
-        # Empty the pipe first, then clear the flag: the other way round, a
-        # wake-up between the two (flag set, byte written) was read away with
-        # the flag left set, and every later wake-up skipped its write: the
-        # bridge slept until its next timer (up to half a heartbeat).
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        with self._lock:
-            self._wake_pending = False
 
     # ---------------------------------------------------------------- new connections
 
@@ -1854,10 +1834,7 @@ class Bridge:
             if not self._loans_open:
                 return  # the hub closed: the worker's connection is gone with it
             self._loans_back.append((peer, name))
-            try:
-                os.write(self._wake_w, b"\0")  # the bridge thread sends the RELEASE
-            except OSError:
-                pass
+        self._wakeup.wake()  # the bridge thread sends the RELEASE
 
     def _send_loans_back(self) -> None:
         """Bridge thread: RELEASE frames for the segments callers freed."""
@@ -2248,6 +2225,7 @@ class Bridge:
         the loans' lock: a thread of the parent may have held it at the fork,
         a finalizer giving an answer back; this process gets a fresh one)."""
         self._loan_lock = threading.RLock()
+        self._wakeup.forget_after_fork()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         socks += list(self._handshaking) + [entry[0] for entry in self._new_peers] + list(self._loading)
         if self._upstream is not None:
@@ -2281,11 +2259,7 @@ class Bridge:
         with self._loan_lock:  # a lent answer freed from now on writes no wake-up
             self._loans_open = False
             self._loans_back.clear()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        self._wakeup.close()
 
 
     # ================================================================ family of hubs

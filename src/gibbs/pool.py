@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
+from ._wakeup import Wakeup
 from .scaling import Autoscaler, Load
 from .worker import Worker, device_name
 
@@ -279,7 +280,7 @@ class Pool:
         self.restarts = 0
         self.recycled = 0
         self.scaled = {"up": 0, "down": 0}
-        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._wakeup = Wakeup()  # wakes the supervisor thread's wait
         self._hub_repr = repr(hub)
         if self._autoscaler is not None:
             n = self._autoscaler.lo
@@ -442,8 +443,7 @@ class Pool:
         from .worker import stop_workers
 
         stop_workers(workers, grace=grace)
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wakeup.close()
 
     def statistics(self) -> dict[str, Any]:
         """Size, version, restarts, recycled workers, scaling decisions."""
@@ -549,17 +549,14 @@ class Pool:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_w.send_bytes(b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake()
 
     def _supervise(self) -> None:
         while True:
             with self._lock:
                 if self._closed:
                     return
-                sentinels: list[Any] = [self._wake_r]
+                sentinels: list[Any] = [self._wakeup]
                 sentinels += [s.worker.sentinel for s in self._slots if s.worker is not None]
                 sentinels += [w.sentinel for w in self._draining]
                 soonest = min((s.not_before for s in self._slots if s.worker is None), default=None)
@@ -569,12 +566,8 @@ class Pool:
             period = 0.1 if watching else 1.0
             timeout = period if soonest is None else max(0.0, min(period, soonest - time.monotonic()))
             ready = multiprocessing.connection.wait(sentinels, timeout)
-            if self._wake_r in ready:
-                try:
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
-                except (OSError, EOFError):
-                    return
+            if self._wakeup in ready:
+                self._wakeup.drain()
             self._step()
 
     def _step(self) -> None:
