@@ -61,6 +61,7 @@ import weakref
 from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
+from ._wakeup import Wakeup
 from .core import (
     CANCELLED,
     DEFAULT_MODEL,
@@ -82,7 +83,6 @@ from .core import (
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
 from .records import Hello, InitFailed, Loading, Welcome
-from ._wakeup import Wakeup
 from .tls import tunnel
 from .transport import ANY_APP, GRANT_ALL, authenticate, describe, is_local, peer_pid, peer_uid, tune
 
