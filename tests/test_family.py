@@ -23,6 +23,8 @@ from conftest import run, wait_until
 from gibbs import (
     Hub,
     HubClosedError,
+    OverloadedError,
+    QueueFullError,
     UserCodeException,
     Worker,
     WorkerDiedError,
@@ -148,6 +150,28 @@ def test_errors_cross_the_router(port: int, hubs: Callable[..., Hub], workers: A
         with pytest.raises(TypeError, match="batched"):
             await client.request(1, 2, gibbs_model="batched")
         assert (await client.request(5, gibbs_model="batched"))[0] == 5
+
+    run(go())
+
+
+def test_a_shed_call_reaches_a_client_hub_as_overloaded(port: int, hubs: Callable[..., Hub]) -> None:
+    """The router's admission control refuses a client hub's call: the
+    client's caller gets the same QueueFullError (an OverloadedError, with
+    retry_after and reason), not a bare GibbsError, so that a web app
+    behind many processes answers 503 as one process would."""
+    hubs(port, max_queued=1)
+    client = hubs(port)
+    wait_until(lambda: client.role == "client", 10)
+
+    async def go() -> None:
+        queued = asyncio.ensure_future(client.request(1))  # no worker: it waits at the router
+        await asyncio.sleep(0.2)
+        with pytest.raises(QueueFullError, match="max_queued=1") as info:
+            await client.request(2)
+        assert isinstance(info.value, OverloadedError)
+        assert info.value.reason == "max_queued" and info.value.retry_after >= 0
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
 
     run(go())
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from gibbs import AuthenticationError, ProtocolError, records
 from gibbs import protocol as p
 from gibbs import transport as t
-from gibbs.bridge import exc_from_json
+from gibbs.records import exc_from_json
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RECORDS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,6 +156,24 @@ def test_an_exc_record_is_an_exception_or_a_protocol_error(obj: Any) -> None:
     except ProtocolError:
         return
     assert got is None or isinstance(got, BaseException)
+
+
+def test_an_overloaded_error_crosses_a_hub_with_its_fields() -> None:
+    """A router's shed call reaches its client hub's caller as the same
+    error: type, retry_after and reason (a web app answers 503 with
+    Retry-After from them)."""
+    from gibbs.errors import DeadlineExceededError, OverloadedError, QueueFullError
+    from gibbs.records import exc_to_json
+
+    for exc in (OverloadedError("busy", retry_after=1.5, reason="deadline"), QueueFullError("full", retry_after=0.25)):
+        got = exc_from_json(exc_to_json(exc))
+        assert type(got) is type(exc) and str(got) == str(exc)
+        assert (got.retry_after, got.reason) == (exc.retry_after, exc.reason)  # type: ignore[union-attr]
+    late = exc_from_json(exc_to_json(DeadlineExceededError("late", in_queue=False)))
+    assert isinstance(late, DeadlineExceededError) and not late.in_queue
+    for bad in ({"type": "OverloadedError", "retry_after": "soon"}, {"type": "OverloadedError", "reason": 3}):
+        with pytest.raises(ProtocolError):
+            exc_from_json(json.dumps(bad).encode())
 
 
 @FAST

@@ -61,6 +61,7 @@ import weakref
 from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
+from ._peers import ClientSink, Forwarded, LocalWorker, Peer, Relay, describe_exit, has_data
 from ._wakeup import Wakeup
 from .core import (
     CANCELLED,
@@ -82,9 +83,9 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
-from .records import Hello, InitFailed, Loading, Welcome
+from .records import Hello, InitFailed, Loading, Welcome, exc_from_json, exc_to_json
 from .tls import tunnel
-from .transport import ANY_APP, GRANT_ALL, authenticate, describe, is_local, peer_pid, peer_uid, tune
+from .transport import ANY_APP, GRANT_ALL, authenticate, describe, peer_uid, tune
 
 logger = logging.getLogger("gibbs")
 
@@ -128,30 +129,6 @@ class _Pending:
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5
-
-
-class LocalWorker:
-    """What the bridge may ask of a worker process started in this process
-    (``Worker.start()``): its pid, model, and exit status (non-blocking)."""
-
-    __slots__ = ("pid", "model", "exitcode", "sentinel")
-
-    def __init__(self, pid: int, model: str, exitcode: Callable[[], Optional[int]], sentinel: int) -> None:
-        self.pid = pid
-        self.model = model
-        self.exitcode = exitcode
-        self.sentinel = sentinel
-
-
-def _has_data(sock: socket.socket) -> bool:
-    """Whether bytes (or the end) wait to be read on ``sock``, without reading."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the end waits
-        return True
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True  # an error waits to be read
 
 
 def _lend(bridge: "Bridge", peer: "Peer", name: str, size: int, views: list[memoryview]) -> list[Any]:
@@ -215,157 +192,10 @@ class _Attachment:
         return self.reader.loop
 
 
-class Peer:
-    """One authenticated worker connection."""
-
-    __slots__ = (
-        "sock", "fd", "reader", "out", "pid", "host", "name", "address", "interval", "shm", "deadlines",
-        "last_heard", "last_sent", "want_write", "info", "batched", "gone", "calls", "role", "device",
-        "owner", "rlock", "hello", "vouched", "segments", "token", "version",
-    )
-
-    def __init__(self, sock: socket.socket, hello: Hello, max_frame: int) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.reader = protocol.FrameReader(max_frame)
-        self.out: collections.deque[Buffer] = collections.deque()
-        self.hello = hello  # checked at the edge (records.Hello.from_wire)
-        self.pid = hello.pid
-        self.host = hello.host
-        self.name = hello.name
-        if is_local(sock):
-            self.address = "local socket"
-        else:
-            try:
-                self.address = describe(sock.getpeername())
-            except OSError:
-                self.address = "?"
-        self.interval = max(0.01, hello.heartbeat_interval)
-        self.shm = hello.shm
-        # Whether the kernel vouches for the pid it claims (a local socket:
-        # SO_PEERCRED). Only then does its pid name its process, and its
-        # shared-memory files, with authority: a pid over TCP is a claim.
-        self.vouched = peer_pid(sock) == hello.pid
-        # Its shared-memory segments the hub has read (its names, checked):
-        # removed when it is lost, if its pid cannot be trusted to name them.
-        self.segments: set[str] = set()
-        self.deadlines = hello.deadlines  # it reads DEADLINE frames
-        now = time.monotonic()
-        self.last_heard = now
-        self.last_sent = now
-        self.want_write = False
-        # Who reads this socket: None, the bridge thread; else the event loop
-        # it is attached to. Changed, and the socket read, under ``rlock``.
-        self.owner: Optional[_Attachment] = None
-        self.rlock = threading.Lock()
-        self.batched = hello.batch_size > 1
-        self.device: Optional[str] = hello.device
-        self.token: Optional[str] = hello.token
-        self.version: Optional[str] = hello.version
-        self.gone = False  # closed; its loss may still wait for an exit status
-        self.role = hello.role  # "worker", "client" (routes through us), "observer", "router" (we route through it)
-        # A client's open calls: its call id -> our call (owned by _lock).
-        self.calls: Optional[dict[int, Call]] = {} if self.role == "client" else None
-        self.info: WorkerInfo  # set by the bridge (workers only)
-
-    def describe(self) -> str:
-        what = {"worker": "worker", "client": "client hub", "observer": "observer"}.get(self.role, "router hub")
-        return f"{what} {self.name} (pid {self.pid} on {self.host}, {self.address})"
-
-    def __repr__(self) -> str:
-        return f"<Peer {self.describe()}>"
-
-
-class Relay:
-    """The worker id, in a client hub's core, of "the router, for model M":
-    one per model, each with room for any number of calls. Its calls go to
-    the router as FORWARD frames; the router's workers run them."""
-
-    __slots__ = ("model",)
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"<Relay {self.model}>"
-
-
-class ClientSink:
-    """The sink of a call a client hub forwarded to us: its answer goes back
-    on the client's connection under the client's call id."""
-
-    __slots__ = ("peer", "cid")
-
-    def __init__(self, peer: Peer, cid: int) -> None:
-        self.peer = peer
-        self.cid = cid
-
-
-class Forwarded:
-    """A forwarded call's payload: inline bytes, nothing to release."""
-
-    __slots__ = ("body",)
-    shm_path = None
-
-    def __init__(self, body: Buffer) -> None:
-        self.body = body
-
-    def inline_body(self) -> Buffer:
-        return self.body
-
-    def release(self) -> None:
-        pass
-
-
 #: Rendezvous outcomes: ("listen", [sockets]) this process took the address
 #: and routes; ("client", (socket, welcome)) it joined the router there.
 Rendezvous = Callable[[], Optional[tuple[str, Any]]]
 
-#: Exceptions a router may name in an EXC frame (rebuilt by type name).
-_EXC_TYPES: dict[str, type[BaseException]] = {
-    name: getattr(errors, name)
-    for name in (
-        "GibbsError", "WorkerDiedError", "HubClosedError", "QueueFullError", "NoWorkersError", "SerializationError",
-    )
-}
-_EXC_TYPES["TypeError"] = TypeError
-_EXC_TYPES["ValueError"] = ValueError
-
-
-def exc_to_json(exc: Optional[BaseException]) -> bytes:
-    if exc is None:
-        return json.dumps({"type": ""}).encode()  # cancelled
-    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, errors.DeadlineExceededError):
-        record["in_queue"] = exc.in_queue
-    failures = getattr(exc, "failures", None)
-    if failures:
-        record["failures"] = list(failures)
-    if exc.__cause__ is not None:
-        record["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
-    return json.dumps(record).encode()
-
-
-def exc_from_json(body: bytes) -> Optional[BaseException]:
-    """None for "cancelled". Raises :class:`ProtocolError` for a record that
-    is not one."""
-    record = protocol.unpack_json(body)
-    name = record.get("type", "")
-    failures = record.get("failures") or []
-    if not isinstance(name, str) or not isinstance(failures, list):
-        raise ProtocolError("malformed EXC record")
-    if not name:
-        return None
-    cls = _EXC_TYPES.get(name, GibbsError)
-    message = str(record.get("message", ""))
-    if cls is errors.WorkerDiedError:
-        return errors.WorkerDiedError(message, [str(f) for f in failures])
-    if name == "DeadlineExceededError":
-        return errors.DeadlineExceededError(message, in_queue=bool(record.get("in_queue", True)))
-    exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
-    if record.get("cause"):
-        exc.__cause__ = GibbsError(f"in the router hub: {record['cause']}")
-    return exc
 
 
 class Bridge:
@@ -1999,7 +1829,7 @@ class Bridge:
                 with self._lock:
                     owned = [p for p in self._peers.values() if p.owner is not None and not p.gone]
                 for peer in owned:
-                    if now - peer.last_heard > min(0.5, peer.interval) and _has_data(peer.sock):
+                    if now - peer.last_heard > min(0.5, peer.interval) and has_data(peer.sock):
                         logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
                                     "thread reads its workers", peer.describe(), now - peer.last_heard)
                         stuck = True
@@ -2649,14 +2479,3 @@ def _internal_error(peer: Peer, exc: BaseException) -> str:
     return f"internal error reading its frames: {exc!r}"
 
 
-def describe_exit(code: int) -> str:
-    """How a process ended, from its exit code (negative: a signal)."""
-    import signal
-
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"process killed by signal {name}"
-    return f"process exit code {code}"

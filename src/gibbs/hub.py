@@ -73,7 +73,8 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
 from . import worker as _worker_module
-from .bridge import Bridge, LocalWorker, describe_exit
+from ._peers import LocalWorker, describe_exit
+from .bridge import Bridge
 from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
 from .errors import (
     AddressInUseError,

@@ -17,13 +17,15 @@ Two rules hold for every record:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import ProtocolError
+from . import errors, protocol
+from .errors import GibbsError, ProtocolError
 
-__all__ = ["Hello", "Loading", "InitFailed", "Welcome", "MAX_NAME", "MAX_TEXT", "MAX_SLOTS", "MAX_SECONDS", "MAX_PID", "ROLES"]
+__all__ = ["Hello", "Loading", "InitFailed", "Welcome", "exc_to_json", "exc_from_json", "MAX_NAME", "MAX_TEXT", "MAX_SLOTS", "MAX_SECONDS", "MAX_PID", "ROLES"]
 
 #: Longest name a peer may give (a host, a worker, a model, a class, a token).
 MAX_NAME = 1024
@@ -222,3 +224,62 @@ class Welcome:
             shm_probe=probe,
             app=_opt_str(o, what, "app") or None,
         )
+
+
+# ---------------------------------------------------------------- EXC: an error named by a hub
+
+#: Exceptions a router may name in an EXC frame (rebuilt by type name).
+_EXC_TYPES: dict[str, type[BaseException]] = {
+    name: getattr(errors, name)
+    for name in (
+        "GibbsError", "WorkerDiedError", "HubClosedError", "OverloadedError", "QueueFullError", "NoWorkersError",
+        "SerializationError",
+    )
+}
+_EXC_TYPES["TypeError"] = TypeError
+_EXC_TYPES["ValueError"] = ValueError
+
+
+def exc_to_json(exc: Optional[BaseException]) -> bytes:
+    if exc is None:
+        return json.dumps({"type": ""}).encode()  # cancelled
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, errors.DeadlineExceededError):
+        record["in_queue"] = exc.in_queue
+    if isinstance(exc, errors.OverloadedError):
+        record["retry_after"] = exc.retry_after
+        record["reason"] = exc.reason
+    failures = getattr(exc, "failures", None)
+    if failures:
+        record["failures"] = list(failures)
+    if exc.__cause__ is not None:
+        record["cause"] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+    return json.dumps(record).encode()
+
+
+def exc_from_json(body: bytes) -> Optional[BaseException]:
+    """None for "cancelled". Raises :class:`ProtocolError` for a record that
+    is not one."""
+    record = protocol.unpack_json(body)
+    name = record.get("type", "")
+    failures = record.get("failures") or []
+    if not isinstance(name, str) or not isinstance(failures, list):
+        raise ProtocolError("malformed EXC record")
+    if not name:
+        return None
+    cls = _EXC_TYPES.get(name, GibbsError)
+    message = str(record.get("message", ""))
+    if cls is errors.WorkerDiedError:
+        return errors.WorkerDiedError(message, [str(f) for f in failures])
+    if name == "DeadlineExceededError":
+        return errors.DeadlineExceededError(message, in_queue=bool(record.get("in_queue", True)))
+    if cls is errors.OverloadedError or cls is errors.QueueFullError:
+        retry_after = record.get("retry_after", 0.0)
+        reason = record.get("reason", "deadline" if cls is errors.OverloadedError else "max_queued")
+        if not isinstance(retry_after, (int, float)) or not math.isfinite(retry_after) or not isinstance(reason, str):
+            raise ProtocolError("malformed EXC record (retry_after, reason)")
+        return cls(message, retry_after=max(0.0, float(retry_after)), reason=reason[:MAX_NAME])
+    exc = cls(message) if cls is not GibbsError or name == "GibbsError" else GibbsError(f"{name}: {message}")
+    if record.get("cause"):
+        exc.__cause__ = GibbsError(f"in the router hub: {record['cause']}")
+    return exc
