@@ -210,7 +210,7 @@ def test_fork_while_an_answer_is_given_back_does_not_hang_the_child() -> None:
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with bridge._loan_lock:
+        with bridge._loans._lock:
             held.set()
             release.wait(30)
 

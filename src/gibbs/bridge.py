@@ -46,7 +46,6 @@ Shared state below is owned by ``_lock`` unless marked "bridge thread only".
 from __future__ import annotations
 
 import collections
-import ctypes
 import itertools
 import json
 import logging
@@ -57,10 +56,10 @@ import socket
 import ssl
 import threading
 import time
-import weakref
 from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
+from ._loans import LoanBook
 from ._peers import ClientSink, Forwarded, LocalWorker, Peer, Relay, describe_exit, has_data
 from ._wakeup import Wakeup
 from .core import (
@@ -131,34 +130,6 @@ class _Pending:
 _EXIT_STATUS_WAIT = 0.5
 
 
-def _lend(bridge: "Bridge", peer: "Peer", name: str, size: int, views: list[memoryview]) -> list[Any]:
-    """The buffers of an answer, lent in place on its worker's segment: one
-    buffer object per view, each keeping the segment's mapping alive. When
-    the last of them (and every array made on it) is freed, in whatever
-    thread, the segment goes back to the worker (a RELEASE frame)."""
-    n = len(views)
-    counter = itertools.count(1)
-    ref = weakref.ref(bridge)
-    lent = []
-    for v in views:
-        buf = (ctypes.c_char * v.nbytes).from_buffer(v)
-        done = weakref.finalize(buf, _returned, ref, peer, name, size, counter, n)
-        done.atexit = False
-        lent.append(buf)
-    return lent
-
-
-def _returned(ref: "weakref.ref[Bridge]", peer: "Peer", name: str, size: int, counter: "itertools.count[int]", n: int) -> None:
-    """A lent buffer was freed; the last of a segment's gives it back. Runs
-    wherever the object died (any thread, or the garbage collector): no lock
-    but the loans' own."""
-    if next(counter) != n:
-        return
-    bridge = ref()
-    if bridge is not None:
-        bridge._loan_back(peer, name, size)
-
-
 class _LoopReader:
     """What an event loop needs to read worker sockets itself: its receive
     buffer (one per loop: two loops never share one)."""
@@ -195,7 +166,6 @@ class _Attachment:
 #: Rendezvous outcomes: ("listen", [sockets]) this process took the address
 #: and routes; ("client", (socket, welcome)) it joined the router there.
 Rendezvous = Callable[[], Optional[tuple[str, Any]]]
-
 
 
 class Bridge:
@@ -250,15 +220,8 @@ class Bridge:
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
         # Answers' shared memory lent to callers (read in place, given back
         # when freed), up to _max_lent bytes; beyond that, answers are copied.
-        self._max_lent = max_lent_bytes
-        self._request_pool = request_pool
-        self._loan_lock = threading.RLock()  # owns the six below (RLock: a finalizer may run under it)
-        self._lent_bytes = 0
-        self._lent_segments = 0
-        self._loans_back: list[tuple[Peer, str]] = []
-        self._loans_open = True
-        self._answers_lent = 0  # counters
-        self._answers_copied = 0
+        self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
+        self._loans = LoanBook(max_lent_bytes, self._wakeup.wake, request_pool)
         self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
@@ -326,7 +289,6 @@ class Bridge:
         self._absence_text: dict[str, str] = {}  # model -> the hub's explanation, kept fresh
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
-        self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
         self._fds_closed = False
         # lost peers waiting for an exit status: [deadline, reason, local worker, exiting]
         self._losing: dict[Peer, list[Any]] = {}
@@ -1051,7 +1013,7 @@ class Bridge:
                         self._forget_new_peer(sock, exc)
                 if new_peers and self._home is not None:
                     self._home_changed = True
-            if self._loans_back:
+            if self._loans.has_returns():
                 self._send_loans_back()
             if self._home_changed:
                 self._sync_home()
@@ -1576,18 +1538,8 @@ class Bridge:
                         )
                         if not peer.vouched and len(peer.segments) < 4096:
                             peer.segments.add(name)
-                        with self._loan_lock:
-                            lend = self._loans_open and self._lent_bytes + size <= self._max_lent
-                            if lend:
-                                self._lent_bytes += size
-                                self._lent_segments += 1
-                                self._answers_lent += 1
-                            else:
-                                self._answers_copied += 1
-                        if lend:
-                            buffers: list[Any] = _lend(self, peer, name, size, views)
-                        else:
-                            buffers = [bytearray(v) for v in views]
+                        lent = self._loans.lend(peer, name, size, views)
+                        buffers: list[Any] = [bytearray(v) for v in views] if lent is None else lent
                         del views
                     except ProtocolError as exc:
                         logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
@@ -1598,7 +1550,7 @@ class Bridge:
                         answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
                     else:
                         answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, buffers))))
-                        if not lend:
+                        if lent is None:
                             releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
                 else:
                     answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
@@ -1628,7 +1580,7 @@ class Bridge:
                 self._flush_locked(peer)
         return bad
 
-    # ---------------------------------------------------------------- lent answers
+    # ---------------------------------------------------------------- bytes held, segments given back
 
     def _account_buffered(self, peer: Peer) -> Optional[str]:
         """Any reading thread: ``peer`` holds this many bytes of a frame not
@@ -1656,20 +1608,9 @@ class Bridge:
         self._give_back(worst, why)
         return None
 
-    def _loan_back(self, peer: Peer, name: str, size: int) -> None:
-        """Any thread: a lent segment was freed by its caller."""
-        with self._loan_lock:
-            self._lent_bytes -= size
-            self._lent_segments -= 1
-            if not self._loans_open:
-                return  # the hub closed: the worker's connection is gone with it
-            self._loans_back.append((peer, name))
-        self._wakeup.wake()  # the bridge thread sends the RELEASE
-
     def _send_loans_back(self) -> None:
         """Bridge thread: RELEASE frames for the segments callers freed."""
-        with self._loan_lock:
-            back, self._loans_back = self._loans_back, []
+        back = self._loans.take_back()
         with self._lock:
             for peer, name in back:
                 if not peer.gone:  # else its worker is gone, or was told to forget its files
@@ -1677,19 +1618,7 @@ class Bridge:
                     self._flush_locked(peer)
 
     def shared_memory(self) -> dict[str, Any]:
-        """What shared memory holds now: the requests' segments (this hub's
-        pool) and the answers lent to callers."""
-        with self._loan_lock:
-            out: dict[str, Any] = {
-                "lent": self._lent_segments,
-                "lent_bytes": self._lent_bytes,
-                "lent_limit_bytes": self._max_lent,
-                "answers_lent": self._answers_lent,
-                "answers_copied": self._answers_copied,
-            }
-        pool = self._request_pool
-        out["requests"] = pool.stats() if pool is not None else {"leased": 0, "leased_bytes": 0, "free": 0, "free_bytes": 0}
-        return out
+        return self._loans.snapshot()
 
     # ---------------------------------------------------------------- the home loop
 
@@ -2054,7 +1983,7 @@ class Bridge:
         been held by a thread that does not exist here: do not take it (nor
         the loans' lock: a thread of the parent may have held it at the fork,
         a finalizer giving an answer back; this process gets a fresh one)."""
-        self._loan_lock = threading.RLock()
+        self._loans.forget_after_fork()
         self._wakeup.forget_after_fork()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         socks += list(self._handshaking) + [entry[0] for entry in self._new_peers] + list(self._loading)
@@ -2086,9 +2015,7 @@ class Bridge:
             self._selector.close()
         except (OSError, RuntimeError):
             pass
-        with self._loan_lock:  # a lent answer freed from now on writes no wake-up
-            self._loans_open = False
-            self._loans_back.clear()
+        self._loans.close()  # a lent answer freed from now on writes no wake-up
         self._wakeup.close()
 
 
