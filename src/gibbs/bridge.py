@@ -59,6 +59,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from . import errors, protocol
+from ._door import Door
 from ._loans import LoanBook
 from ._peers import ClientSink, Forwarded, LocalWorker, Peer, Relay, describe_exit, has_data
 from ._wakeup import Wakeup
@@ -82,48 +83,14 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
-from .records import Hello, InitFailed, Loading, Welcome, exc_from_json, exc_to_json
-from .tls import tunnel
-from .transport import ANY_APP, GRANT_ALL, authenticate, describe, peer_uid, tune
+from .records import Hello, Welcome, exc_from_json, exc_to_json
 
 logger = logging.getLogger("gibbs")
 
-#: Connections that have not authenticated yet, at most, per pool: TCP, and
-#: the local socket for this user (another user's connections on the local
-#: socket count as TCP's do, by user id): a flood on TCP never holds out a
-#: local worker. From one source (an address, or another user) at most
-#: _MAX_PER_SOURCE of them; they have _AUTH_DEADLINE seconds (or the
-#: handshake timeout, if shorter) to pass the challenge.
-_MAX_HANDSHAKES = 64
-#: How long a pool asking why a worker failed waits for its report.
-INIT_REPORT_WAIT = 2.0
 #: Requests waiting this long with no worker of their model make a warning,
 #: repeated at most this often per model.
 _ABSENT_WARN_AFTER = 1.0
 _ABSENT_WARN_EVERY = 30.0
-_MAX_PER_SOURCE = 8
-_AUTH_DEADLINE = 2.0
-#: Authenticated connections that have not said HELLO yet (their own room:
-#: never queued behind unauthenticated ones).
-_MAX_AUTHENTICATED = 256
-#: Workers building their model (LOADING), at most; each is listed until it
-#: closes its connection or _LOADING_DEADLINE seconds pass. The bridge
-#: thread watches them (no thread each).
-_MAX_LOADING = 1024
-_LOADING_DEADLINE = 3600.0
-
-
-class _Pending:
-    """A connection in its handshake (owned by ``Bridge._lock``): its deadline,
-    where it comes from, and whether it has authenticated."""
-
-    __slots__ = ("deadline", "source", "authed")
-
-    def __init__(self, deadline: float, source: tuple[str, Any]) -> None:
-        self.deadline = deadline
-        self.source = source
-        self.authed = False
-
 
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
@@ -198,10 +165,6 @@ class Bridge:
         ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         self._listeners = listeners
-        self._ssl_context = ssl_context  # set: TCP connections carry TLS (the local socket does not)  # TCP, and on Linux a local (unix) socket
-        self._authkey = authkey
-        self._explicit = authkey_explicit
-        self._limited_keys = list(limited_keys)  # (role, key): keys that give one role only
         self._interval = heartbeat_interval
         self._misses = heartbeat_misses
         self._max_frame = max_frame
@@ -210,7 +173,6 @@ class Bridge:
         self._max_buffered = 2 * max_frame
         self._buffered_lock = threading.Lock()  # owns _buffered
         self._buffered: dict[Peer, int] = {}  # peers holding part of a frame -> bytes
-        self._handshake_timeout = handshake_timeout
         self._depth = pipeline_depth
         self._shm_probe = shm_probe
         self._deliver_async = deliver_async
@@ -218,10 +180,8 @@ class Bridge:
         self._local_workers = local_workers
         self._maps = mappings or protocol.MappingCache()  # whichever thread reads the workers (own lock)
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
-        # Answers' shared memory lent to callers (read in place, given back
-        # when freed), up to _max_lent bytes; beyond that, answers are copied.
         self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
-        self._loans = LoanBook(max_lent_bytes, self._wakeup.wake, request_pool)
+        self._loans = LoanBook(max_lent_bytes, self._wakeup.wake, request_pool)  # answers lent in place
         self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
@@ -234,9 +194,6 @@ class Bridge:
         # bytes of a frame begun after it).
         self._new_peers: list[tuple[socket.socket, Hello, list[tuple[int, int, bytes]], bytes]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
-        self._init_failures: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)  # (pid, text)
-        self._handshake_failures: collections.deque[str] = collections.deque(maxlen=16)
-        self._n_handshake_failures = 0
         self._joined_pids: set[int] = set()
         self._joined_tokens: set[str] = set()  # the HELLO's "token" (optional: older workers send none)
         self._check_locals = False  # a report came in: look at local workers now
@@ -245,9 +202,15 @@ class Bridge:
         self._closed = False
         self._crashed: Optional[BaseException] = None
         self._wake_at = 0.0  # (under _lock) when the loop's select ends, at the latest
-        self._handshaking: dict[socket.socket, _Pending] = {}  # sockets in handshake threads
-        self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
-        self._new_loading: list[socket.socket] = []  # for the bridge thread to watch
+        # New connections: handshakes, workers loading, reports of failures.
+        self._door = Door(
+            self,
+            authkey=authkey,
+            authkey_explicit=authkey_explicit,
+            limited_keys=limited_keys,
+            ssl_context=ssl_context,
+            handshake_timeout=handshake_timeout,
+        )
         self._next_id = 1
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
@@ -498,7 +461,7 @@ class Bridge:
         """What the hub saw that explains missing workers: constructors that
         raised, handshakes that failed."""
         with self._lock:
-            return [t for _, t in self._init_failures] + list(self._handshake_failures)
+            return [t for _, t in self._door.init_failures] + list(self._door.handshake_failures)
 
     def statistics(self) -> dict[str, Any]:
         with self._lock:
@@ -508,7 +471,7 @@ class Bridge:
             stats = core.stats
             models = {}
             now = time.monotonic()
-            loading = collections.Counter(e["model"] for e in self._loading.values())
+            loading = collections.Counter(e["model"] for e in self._door.loading_workers.values())
             # (a model whose first worker is loading is known to the core: workers_loading)
             for name, m in core.models.items():
                 ws = [w for w in m.workers.values() if not w.leaving]
@@ -578,8 +541,8 @@ class Bridge:
                 # refused at once (OverloadedError), by reason
                 "shed": {"deadline": stats["shed_deadline"], "max_queued": stats["shed_max_queued"]},
                 "worker_deaths": stats["deaths"],
-                "handshake_failures": self._n_handshake_failures,
-                "init_failures": len(self._init_failures),
+                "handshake_failures": self._door.n_handshake_failures,
+                "init_failures": len(self._door.init_failures),
                 "closing": core.closing,
                 "oldest_queued_seconds": core.oldest_queued(now),
                 "loading": sum(loading.values()),
@@ -743,8 +706,8 @@ class Bridge:
             elif type(action) is Refuse:
                 peer = action.worker  # type: ignore[assignment]
                 logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason)
-                self._handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
-                self._n_handshake_failures += 1
+                self._door.handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
+                self._door.n_handshake_failures += 1
                 try:
                     peer.sock.setblocking(True)
                     peer.sock.settimeout(1.0)
@@ -976,9 +939,9 @@ class Bridge:
                     self._wakeup.drain()
                 elif isinstance(data, tuple):
                     if data[0] == "listener":
-                        self._accept(data[1])
+                        self._door.accept(data[1])
                     elif data[0] == "loading":
-                        self._read_loading(data[1])
+                        self._door.read_loading(data[1])
                     else:  # ("exit", peer): a lost local worker's process is ending
                         self._sentinel_fired(data[1])
                 else:
@@ -988,9 +951,9 @@ class Bridge:
                     if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
-            if self._new_loading:
+            if self._door.new_loading:
                 with self._lock:
-                    new_loading, self._new_loading = self._new_loading, []
+                    new_loading, self._door.new_loading = self._door.new_loading, []
                 for sock in new_loading:
                     self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
             if self._new_peers or self._dirty or self._returned:
@@ -1037,7 +1000,7 @@ class Bridge:
                 self._check_absent(now)
                 self._check_home(now)
                 self._check_heartbeats(now)
-                self._check_handshakes(now)
+                self._door.check(now)
                 self._check_local_workers()
                 next_check = now + min([self._interval / 2] + [p.interval / 2 for p in self._peers.values()])
             if self._outcomes:
@@ -1073,259 +1036,6 @@ class Bridge:
 
     # ---------------------------------------------------------------- new connections
 
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.warning("gibbs hub: accept failed: %s", exc)
-                return
-            source = _source_of(sock, addr)
-            with self._lock:
-                why = self._admit_locked(source)
-                if why is not None:
-                    sock.close()
-                    logger.warning("gibbs hub: refused connection from %s (%s)", describe(addr) if addr else "local socket", why)
-                    continue
-                deadline = time.monotonic() + min(self._handshake_timeout, _AUTH_DEADLINE)
-                self._handshaking[sock] = _Pending(deadline, source)
-            threading.Thread(
-                target=self._handshake, args=(sock, addr), name="gibbs-handshake", daemon=True
-            ).start()
-
-    def _admit_locked(self, source: tuple[str, Any]) -> Optional[str]:
-        """Why a new connection from ``source`` is refused, if it is."""
-        if self._core.closing:
-            return "closing"
-        pool = source[0]
-        in_pool = in_source = 0
-        for pending in self._handshaking.values():
-            if not pending.authed and pending.source[0] == pool:
-                in_pool += 1
-                in_source += pending.source == source
-        if in_pool >= _MAX_HANDSHAKES:
-            return f"{in_pool} connections are authenticating already"
-        if pool != "local" and in_source >= _MAX_PER_SOURCE:
-            return f"{in_source} connections from there are authenticating already"
-        return None
-
-    def _check_handshakes(self, now: float) -> None:
-        """A handshake has its deadline in all, not per read: a peer that
-        trickles a byte at a time is cut off at the deadline. LOADING
-        connections past theirs are closed too."""
-        with self._lock:
-            late = [s for s, pending in self._handshaking.items() if now > pending.deadline]
-            stale = [s for s, e in self._loading.items() if now - e["since"] > _LOADING_DEADLINE]
-        for sock in stale:
-            self._end_loading(sock)
-        for sock in late:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # the handshake thread's recv returns
-            except OSError:
-                pass
-
-    def _handshake(self, sock: socket.socket, addr: Any) -> None:
-        """Runs in its own short-lived thread: a peer that stalls holds up only itself."""
-        who = describe(addr) if addr else "local socket"
-        try:
-            sock.setblocking(True)
-            sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
-            tune(sock)
-            if self._ssl_context is not None and sock.family != getattr(socket, "AF_UNIX", None):
-                sock = self._tls_handshake(sock, addr)
-                sock.settimeout(min(self._handshake_timeout, _AUTH_DEADLINE))
-            grant = authenticate(sock, self._authkey, self._explicit, self._limited_keys)
-            with self._lock:  # authenticated: out of the unauthenticated pools, into its own room
-                pending = self._handshaking.get(sock)
-                if pending is None:
-                    raise ConnectionAbortedError("closed meanwhile")
-                authed = sum(1 for q in self._handshaking.values() if q.authed)
-                if authed >= _MAX_AUTHENTICATED:
-                    raise ConnectionRefusedError(f"{authed} authenticated connections have not said HELLO yet")
-                pending.authed = True
-                pending.deadline = time.monotonic() + self._handshake_timeout
-            sock.settimeout(self._handshake_timeout)
-            welcome = {
-                "heartbeat_interval": self._interval,
-                "shm_probe": self._shm_probe,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "app": self._app,
-            }
-            sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
-            reader = protocol.FrameReader(1 << 16)
-            frames: list[tuple[int, int, bytes]] = []
-            while not frames:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("closed before HELLO")
-                frames = reader.feed(data)
-            kind, _, body = frames[0]
-            early = frames[1:]
-            if kind in (protocol.LOADING, protocol.INIT_FAILED) and grant not in GRANT_ALL and grant != "worker":
-                raise ProtocolError(f"a key limited to {grant} may not report a worker's model")
-            if kind == protocol.LOADING:
-                self._hold_loading(sock, Loading.from_wire(protocol.unpack_json(body)))
-                return
-            if kind == protocol.INIT_FAILED:
-                failed = InitFailed.from_wire(protocol.unpack_json(body))
-            if kind == protocol.INIT_FAILED and failed.final:
-                model = failed.model or DEFAULT_MODEL
-                why = (
-                    f"the supervisor {failed.name} (pid {failed.pid} on {failed.host}) stopped "
-                    f"starting workers of model {model!r}: {failed.message}"
-                )
-                logger.error("gibbs hub: %s", why)
-                sock.close()
-                self.give_up_model(model, why)
-                return
-            if kind == protocol.INIT_FAILED:
-                line = (
-                    f"worker {failed.name} (pid {failed.pid} on {failed.host}) "
-                    f"failed to build model {failed.model or DEFAULT_MODEL!r}: "
-                    f"{failed.exc_type}: {failed.message}\n{failed.traceback}"
-                )
-                logger.error("gibbs hub: %s", line)
-                with self._lock:
-                    self._init_failures.append((failed.pid, line))
-                    self._check_locals = True
-                    self._wake_locked()
-                sock.close()
-                return
-            if kind != protocol.HELLO:
-                raise ProtocolError(f"expected HELLO, got {protocol.KIND_NAMES.get(kind)}")
-            info = Hello.from_wire(protocol.unpack_json(body))
-            if grant not in GRANT_ALL and info.role != grant:
-                # Roles are privileges: a client hub submits work, a worker
-                # answers calls; a key limited to one role gives no other.
-                raise ProtocolError(f"a key limited to {grant} may not join as {info.role}")
-            if info.role == "client" and info.app is not None and self._app not in (None, ANY_APP, info.app):
-                # A hub of another program found our address: never route
-                # its calls to our models (it is told why, and raises).
-                reason = (
-                    f"this address is held by the hub of another application ({self._app}); "
-                    f"the client hub's application is {info.app}"
-                )
-                sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": reason, "app": self._app}))
-                raise ProtocolError(f"refused a client hub of another application ({info.app})")
-            if (early or reader.pending) and info.role == "worker":
-                # A worker speaks only when spoken to.
-                raise ProtocolError("unexpected bytes after HELLO")
-            # A client or an observer may send its first request right
-            # behind its HELLO (e.g. ``gibbs status``): it is read here, in
-            # the same recv, and must reach the peer, not be dropped.
-            partial = reader.take_pending()
-            sock.settimeout(None)
-            sock.setblocking(False)
-            with self._lock:
-                self._handshaking.pop(sock, None)
-                if self._core.closing:
-                    sock.close()
-                    return
-                self._new_peers.append((sock, info, early, partial))
-                self._wake_locked()
-        except Exception as exc:  # noqa: BLE001 - any failure closes this connection only
-            logger.warning("gibbs hub: rejected connection from %s: %s", who, exc)
-            with self._lock:
-                self._n_handshake_failures += 1
-                self._handshake_failures.append(f"a connection from {who} failed its handshake: {exc}")
-            sock.close()
-        finally:
-            with self._lock:
-                self._handshaking.pop(sock, None)
-
-    def _tls_handshake(self, sock: socket.socket, addr: Any) -> socket.socket:
-        """TLS on a new TCP connection, within its handshake deadline (the
-        TLS socket, then the tunnel, take the raw socket's place among the
-        pending handshakes, so the deadline still cuts them off). Returns
-        the tunnel's socket: a TCP stranger to the key check, whatever the
-        kernel says of a socketpair (:func:`gibbs.transport.is_local`)."""
-        assert self._ssl_context is not None
-        tls = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        current: socket.socket = tls
-        try:
-            self._rekey_handshake(sock, tls)
-            try:
-                tls.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                raise ConnectionRefusedError(f"TLS handshake failed (a peer without TLS, or an untrusted certificate?): {exc}") from None
-            current = tunnel(tls, addr, name="gibbs-tls-hub")
-            self._rekey_handshake(tls, current)
-            return current
-        except BaseException:
-            with self._lock:
-                self._handshaking.pop(current, None)
-            current.close()  # the tunnel's end: its pump closes the TLS socket
-            raise
-
-    def _rekey_handshake(self, old: socket.socket, new: socket.socket) -> None:
-        with self._lock:
-            pending = self._handshaking.pop(old, None)
-            if pending is None:
-                raise ConnectionAbortedError("closed meanwhile")
-            self._handshaking[new] = pending
-
-    def _hold_loading(self, sock: socket.socket, info: Loading) -> None:
-        """A worker building its model: listed as loading until it closes
-        this connection (built, or failed), watched by the bridge thread.
-        Runs in its handshake thread, which ends here."""
-        entry = {
-            "pid": info.pid,
-            "host": info.host,
-            "name": info.name,
-            "model": info.model or DEFAULT_MODEL,
-            "device": info.device,
-            "since": time.monotonic(),
-        }
-        with self._lock:
-            self._handshaking.pop(sock, None)
-            refused = "closing" if self._core.closing else None
-            if refused is None and len(self._loading) >= _MAX_LOADING:
-                refused = f"{len(self._loading)} workers are loading already"
-            if refused is None:
-                sock.setblocking(False)
-                self._loading[sock] = entry
-                self._new_loading.append(sock)
-                self._count_loading_locked(str(entry["model"]))
-                self._wake_locked()
-        if refused is not None:
-            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused)
-            sock.close()
-            return
-        self._notify_waiters()
-
-    def _read_loading(self, sock: socket.socket) -> None:
-        """Bridge thread: a LOADING connection is readable: its end (the model
-        is built, or failed), or bytes it had no reason to send."""
-        try:
-            if sock.recv(4096):
-                return
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self._end_loading(sock)
-
-    def _end_loading(self, sock: socket.socket) -> None:
-        with self._lock:
-            entry = self._loading.pop(sock, None)
-            if entry is not None:
-                self._count_loading_locked(str(entry["model"]))
-                self._wake_locked()  # a deadline of the core may have moved
-        if entry is None:
-            return
-        try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-        sock.close()
-        self._notify_waiters()
-
-    def _count_loading_locked(self, model: str) -> None:
-        n = sum(1 for e in self._loading.values() if e["model"] == model)
-        self._apply_locked(self._core.workers_loading(model, n, time.monotonic()))
 
     def roll_out(self, model: str, cls: Optional[str]) -> None:
         """A pool's rolling update begins (the new class may serve the model
@@ -1333,16 +1043,6 @@ class Bridge:
         with self._lock:
             self._apply_locked(self._core.roll_out(model, cls))
 
-    def init_failure_of(self, pid: Optional[int]) -> Optional[str]:
-        """The constructor failure a local worker (by pid) reported, waiting
-        a moment for its report (sent as the process exits)."""
-        deadline = time.monotonic() + INIT_REPORT_WAIT
-        while True:
-            with self._lock:
-                text = next((t for p, t in reversed(self._init_failures) if pid is not None and p == pid), None)
-            if text is not None or time.monotonic() >= deadline:
-                return text
-            time.sleep(0.05)
 
     def observe(self, model: str) -> dict[str, Any]:
         """What a pool supervising ``model`` needs: calls queued, the oldest
@@ -1371,26 +1071,25 @@ class Bridge:
         with self._lock:
             return token in self._joined_tokens
 
+    def init_failure_of(self, pid: Optional[int]) -> Optional[str]:
+        return self._door.init_failure_of(pid)
+
+    def loading(self) -> list[dict[str, Any]]:
+        """Workers building their model now: pid, host, name, model, device, seconds."""
+        return self._door.loading()
+
     def give_up_model(self, model: str, why: str) -> None:
         """A pool stopped restarting the workers of ``model``: its queued and
         new requests fail at once (until a worker of it joins), with the
         constructor's traceback when one was reported."""
         with self._lock:
-            lines = [t for _, t in self._init_failures if f"model {model!r}" in t]
+            lines = [t for _, t in self._door.init_failures if f"model {model!r}" in t]
             err = NoWorkersError(why + ("\n  " + "\n  ".join(x.rstrip().replace("\n", "\n  ") for x in lines[-1:]) if lines else ""))
             self._apply_locked(self._core.model_unavailable(model, err))
         if self._outcomes:
             self._hand_over()
         self._notify_waiters()
 
-    def loading(self) -> list[dict[str, Any]]:
-        """Workers building their model now: pid, host, name, model, device, seconds."""
-        now = time.monotonic()
-        with self._lock:
-            return [
-                {k: v for k, v in e.items() if k != "since"} | {"seconds": now - e["since"]}
-                for e in self._loading.values()
-            ]
 
     def _add_peer(
         self,
@@ -1894,7 +1593,7 @@ class Bridge:
                 if any(c is None for c in codes) or any(w.pid in self._joined_pids for w in ws):
                     continue
                 pids = {w.pid for w in ws}
-                lines = [t for pid, t in self._init_failures if pid in pids]
+                lines = [t for pid, t in self._door.init_failures if pid in pids]
                 lines += [f"local worker pid {w.pid} exited: {describe_exit(c)}" for w, c in zip(ws, codes) if c]
                 err = NoWorkersError(
                     f"no worker can serve model {model!r}: every worker started for it in this process "
@@ -1964,9 +1663,9 @@ class Bridge:
                 except OSError:
                     pass
         with self._lock:
-            loading = list(self._loading)
+            loading = list(self._door.loading_workers)
         for sock in loading:
-            self._end_loading(sock)
+            self._door.end_loading(sock)
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
         if self._upstream is not None:
             socks.append(self._upstream.sock)
@@ -1986,7 +1685,7 @@ class Bridge:
         self._loans.forget_after_fork()
         self._wakeup.forget_after_fork()
         socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        socks += list(self._handshaking) + [entry[0] for entry in self._new_peers] + list(self._loading)
+        socks += list(self._door.handshaking) + [entry[0] for entry in self._new_peers] + list(self._door.loading_workers)
         if self._upstream is not None:
             socks.append(self._upstream.sock)
         socks += self._rendezvous_sockets(self._pending_upstream)
@@ -2385,18 +2084,6 @@ def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
         entry = out.setdefault(version, {"class": w.cls, "workers": 0})
         entry["workers"] += 1
     return out
-
-
-def _source_of(sock: socket.socket, addr: Any) -> tuple[str, Any]:
-    """Where a new connection comes from, for the handshake limits: ("tcp",
-    address) over TCP; on the local socket ("local", uid) for this user, and
-    ("tcp", "uid N") for another user (counted as strangers are)."""
-    if sock.family == getattr(socket, "AF_UNIX", None):
-        uid = peer_uid(sock)
-        if uid is not None and uid == os.geteuid():
-            return ("local", uid)
-        return ("tcp", f"uid {uid}")
-    return ("tcp", addr[0] if isinstance(addr, tuple) and addr else str(addr))
 
 
 def _internal_error(peer: Peer, exc: BaseException) -> str:
