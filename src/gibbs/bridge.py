@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import os
 import queue
@@ -58,13 +57,13 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from . import errors, protocol
+from . import protocol
 from ._door import Door
+from ._family import ClientRole, RouterRole
 from ._loans import LoanBook
-from ._peers import ClientSink, Forwarded, LocalWorker, Peer, Relay, describe_exit, has_data
+from ._peers import ClientSink, LocalWorker, Peer, Relay, describe_exit, has_data
 from ._wakeup import Wakeup
 from .core import (
-    CANCELLED,
     DEFAULT_MODEL,
     Call,
     Core,
@@ -83,7 +82,7 @@ from .core import (
 )
 from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
 from .protocol import Buffer
-from .records import Hello, Welcome, exc_from_json, exc_to_json
+from .records import Hello
 
 logger = logging.getLogger("gibbs")
 
@@ -218,17 +217,16 @@ class Bridge:
         # Router: the hub that holds the address; workers and client hubs connect to it.
         self._clients: dict[int, Peer] = {}  # fd -> client hub routing through us
         # Client: a hub that routes through the router (another process's hub).
-        self._rendezvous = rendezvous  # finds the router again, or takes the address over
-        self._on_role = on_role
         self._upstream: Optional[Peer] = None  # our connection to the router
         self._relays: dict[str, WorkerInfo] = {}  # model -> its relay worker in our core
         self._relay_of: dict[int, WorkerInfo] = {}  # call id -> relay holding it
         self._pool_info: dict[str, dict[str, Any]] = {}  # the router's models, from POOL
         self._client_mode = upstream is not None or (rendezvous is not None and not listeners)
         self._pending_upstream: Optional[tuple[str, Any]] = None  # from the rendezvous thread
-        self._rendezvous_thread: Optional[threading.Thread] = None
         self._initial_upstream = upstream
         self._listeners_closed = False
+        self._router_role = RouterRole(self)
+        self._client_role = ClientRole(self, rendezvous, on_role)
         # --- the home loop (owned by _lock): when one event loop makes the
         # asyncio requests, it reads the worker sockets itself (add_reader),
         # so that an answer reaches its caller with no thread hop; the bridge
@@ -360,7 +358,7 @@ class Bridge:
                 call.hedge = 1
             self._next_id += 1
             if self._upstream is not None and model not in self._relays and not self._core.closing:
-                self._add_relay_locked(model)
+                self._client_role.add_relay_locked(model)
             self._apply_locked(self._core.submit(call, time.monotonic()))
             if call.queued and self._core.models[model].batch_wait:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
@@ -656,7 +654,7 @@ class Bridge:
                     touched.append(peer)
             elif type(action) is Resolve:
                 if type(action.call.sink) is ClientSink:
-                    answered = self._answer_client_locked(action.call, action.outcome)
+                    answered = self._router_role.answer_locked(action.call, action.outcome)
                     if answered is not None:
                         if touched is None:
                             touched = [answered]
@@ -730,30 +728,6 @@ class Bridge:
     def _inline(payload: Any) -> Buffer:
         return payload.body if payload.shm_path is None else payload.inline_body()
 
-    def _answer_client_locked(self, call: Call, outcome: Outcome) -> Optional[Peer]:
-        """A client hub's call is done here: its answer goes back to it (the
-        answer's bytes as the worker sent them; nothing is unpickled)."""
-        sink: ClientSink = call.sink
-        peer = sink.peer
-        if peer.gone or peer.calls is None or peer.calls.pop(sink.cid, None) is None:
-            return None
-        kind, value = outcome
-        if kind is OutcomeKind.RESULT:
-            frames = protocol.pack_frame(protocol.RESULT, sink.cid, value)
-        elif kind is OutcomeKind.COPIED:
-            pickled, copies = value
-            frames = protocol.pack_frame(protocol.RESULT, sink.cid, protocol.pack_oob(pickled, copies))
-        elif kind is OutcomeKind.ERROR:
-            frames = protocol.pack_frame(protocol.ERROR, sink.cid, value)
-        elif kind is OutcomeKind.EXCEPTION:
-            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(value))
-        elif kind is OutcomeKind.EXPIRED:  # the router's own default timeout
-            err = errors.DeadlineExceededError(value.describe(), in_queue=value.in_queue)
-            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(err))
-        else:  # CANCELLED: the client asked; this tells it the router let go
-            frames = protocol.pack_frame(protocol.EXC, sink.cid, exc_to_json(None))
-        peer.out.extend(frames)
-        return peer
 
     @staticmethod
     def _body_for(peer: Peer, call: Call) -> Buffer:
@@ -916,9 +890,9 @@ class Bridge:
         sel.register(self._wakeup, selectors.EVENT_READ, "wake")
         if self._initial_upstream is not None:
             joined, self._initial_upstream = self._initial_upstream, None
-            self._install_upstream(*joined)
+            self._client_role.install_upstream(*joined)
         elif self._client_mode:
-            self._start_rendezvous()
+            self._client_role.start_rendezvous()
         next_check = time.monotonic()
         while True:
             deadline = next_check
@@ -981,7 +955,7 @@ class Bridge:
             if self._home_changed:
                 self._sync_home()
             if self._pending_upstream is not None:
-                self._take_rendezvous()
+                self._client_role.take_rendezvous()
             if self._core.closing and not self._listeners_closed:
                 with self._lock:
                     self._home_off = True
@@ -1104,16 +1078,16 @@ class Bridge:
             with self._lock:
                 self._clients[peer.fd] = peer
                 if peer.role == "client":
-                    peer.out.append(self._pool_frame_locked())
+                    peer.out.append(self._router_role.pool_frame_locked())
                     self._flush_locked(peer)
             logger.info("gibbs hub: %s joined", peer.describe())
             try:
                 peer.reader.feed(partial)  # an incomplete frame: nothing comes out yet
                 if early:
                     if peer.role == "client":
-                        self._client_frames(peer, list(early))
+                        self._router_role.client_frames(peer, list(early))
                     else:
-                        self._observer_frames(peer, list(early))
+                        self._router_role.observer_frames(peer, list(early))
             except (ProtocolError, ValueError) as exc:
                 logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
                 self._drop(peer, f"protocol error: {exc}")
@@ -1157,7 +1131,7 @@ class Bridge:
                 if hello.token:
                     self._joined_tokens.add(hello.token)
                 self._refresh_batched_locked(model)
-                self._broadcast_pool_locked()
+                self._router_role.broadcast_pool_locked()
         if peer.gone:
             try:
                 self._selector.unregister(sock)
@@ -1482,10 +1456,10 @@ class Bridge:
         with self._buffered_lock:
             self._buffered.pop(peer, None)
         if peer.role in ("client", "observer"):
-            self._drop_client(peer, reason)
+            self._router_role.drop_client(peer, reason)
             return
         if peer.role == "router":
-            self._lose_upstream(reason)
+            self._client_role.lose_upstream(reason)
             return
         if peer.owner is not None:
             self._reclaim(peer)
@@ -1547,7 +1521,7 @@ class Bridge:
                 logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
             self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
             self._refresh_batched_locked(peer.info.model)
-            self._broadcast_pool_locked()
+            self._router_role.broadcast_pool_locked()
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.
             prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
@@ -1671,7 +1645,7 @@ class Bridge:
             socks.append(self._upstream.sock)
         with self._lock:
             pending, self._pending_upstream = self._pending_upstream, None
-        socks += self._rendezvous_sockets(pending)
+        socks += self._client_role.rendezvous_sockets(pending)
         self._close_descriptors(socks)
         self._peers.clear()
         self._clients.clear()
@@ -1688,7 +1662,7 @@ class Bridge:
         socks += list(self._door.handshaking) + [entry[0] for entry in self._new_peers] + list(self._door.loading_workers)
         if self._upstream is not None:
             socks.append(self._upstream.sock)
-        socks += self._rendezvous_sockets(self._pending_upstream)
+        socks += self._client_role.rendezvous_sockets(self._pending_upstream)
         for p in list(self._peers.values()):
             att = p.owner
             if att is not None and att.fd is not None:
@@ -1718,33 +1692,8 @@ class Bridge:
         self._wakeup.close()
 
 
-    # ================================================================ family of hubs
+    # ================================================================ family of hubs (see _family.py)
 
-    # ---------------------------------------------------------------- router side
-
-    def _pool_frame_locked(self) -> bytes:
-        models = {}
-        for name, m in self._core.models.items():
-            n = sum(1 for w in m.workers.values() if not w.leaving)
-            if n or m.queue:
-                models[name] = {
-                    "class": m.cls,
-                    "workers": n,
-                    "batched": name in self._batched_models,
-                    "queued": len(m.queue),
-                }
-        return protocol.pack_json(protocol.POOL, {"models": models})
-
-    def _broadcast_pool_locked(self) -> None:
-        """Tell every client hub what the pool now holds (their
-        ``wait_for_workers``, ``models()`` and batching checks read it)."""
-        if not self._clients:
-            return
-        frame = self._pool_frame_locked()
-        for peer in self._clients.values():
-            if not peer.gone and peer.role == "client":
-                peer.out.append(frame)
-                self._flush_locked(peer)
 
     def _read_hub(self, peer: Peer) -> None:
         """Frames from another hub: a client routing through us, or our router."""
@@ -1766,97 +1715,15 @@ class Bridge:
                 self._drop(peer, why)
                 return
             if peer.role == "client":
-                self._client_frames(peer, frames)
+                self._router_role.client_frames(peer, frames)
             elif peer.role == "observer":
-                self._observer_frames(peer, frames)
+                self._router_role.observer_frames(peer, frames)
             else:
-                self._router_frames(peer, frames)
+                self._client_role.router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             self._drop(peer, f"protocol error: {exc}")
 
-    def _client_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
-        core = self._core
-        calls = peer.calls
-        assert calls is not None
-        now = time.monotonic()
-        with self._lock:
-            for kind, cid, body in frames:
-                if kind == protocol.FORWARD:
-                    model, flags, payload = protocol.unpack_forward(body)
-                    if cid in calls:
-                        raise ProtocolError(f"call id {cid} forwarded twice")
-                    stream = bool(flags & protocol.FWD_STREAM)
-                    call = Call(self._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
-                    call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
-                    self._next_id += 1
-                    err: Optional[BaseException] = None
-                    if model in self._batched_models and (stream or not flags & protocol.FWD_SINGLE):
-                        err = TypeError(
-                            f"model {model!r} is batched: a request takes exactly one positional argument and "
-                            "no keyword arguments, and cannot be streamed"
-                        )
-                    else:
-                        try:
-                            actions = core.submit(call, now)
-                        except Exception as exc:  # noqa: BLE001 - the caller's to see
-                            err = exc
-                    if err is not None:
-                        peer.out.extend(protocol.pack_frame(protocol.EXC, cid, exc_to_json(err)))
-                        continue
-                    calls[cid] = call
-                    self._apply_locked(actions)
-                elif kind == protocol.STOP:
-                    held = calls.get(cid)
-                    if held is not None:
-                        self._apply_locked(core.cancel(held))
-                elif kind == protocol.RESEND:
-                    held = calls.get(cid)
-                    if held is not None:
-                        self._apply_locked(core.resend(held, now))
-                elif kind == protocol.CREDIT:
-                    held = calls.get(cid)
-                    if held is not None:
-                        self._apply_locked(core.consumed(held, protocol.unpack_credit(body)))
-                elif kind != protocol.HEARTBEAT:
-                    raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from a client hub")
-            self._flush_locked(peer)
-        if self._outcomes:
-            self._hand_over()
-
-    def _observer_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
-        """``python -m gibbs status``: it may read statistics, nothing else."""
-        for kind, _, _ in frames:
-            if kind == protocol.STATS:
-                source = self.stats_source() if self.stats_source is not None else None
-                stats = source() if source is not None else self.statistics()
-                body = json.dumps({"statistics": stats, "workers": self.workers()}, default=str).encode()
-                with self._lock:
-                    peer.out.extend(protocol.pack_frame(protocol.STATS, 0, body))
-                    self._flush_locked(peer)
-            elif kind != protocol.HEARTBEAT:
-                raise ProtocolError(f"an observer may only ask for STATS, not {protocol.KIND_NAMES.get(kind)}")
-
-    def _drop_client(self, peer: Peer, reason: str) -> None:
-        """A client hub went away (its process died or closed): its calls are
-        cancelled; queued ones never run (it sends them again elsewhere, if
-        it can)."""
-        peer.gone = True
-        try:
-            self._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        peer.sock.close()
-        with self._lock:
-            self._clients.pop(peer.fd, None)
-            calls = list(peer.calls.values()) if peer.calls else []
-            if peer.calls:
-                peer.calls.clear()
-            for call in calls:
-                self._apply_locked(self._core.cancel(call))
-        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls))
-        if self._outcomes:
-            self._hand_over()
 
     def _close_listeners(self) -> None:
         """Closing: let go of the address at once, so that another hub of the
@@ -1872,208 +1739,6 @@ class Bridge:
             except OSError:
                 pass
 
-    # ---------------------------------------------------------------- client side
-
-    def _add_relay_locked(self, model: str) -> None:
-        up = self._upstream
-        assert up is not None
-        relay = WorkerInfo(
-            Relay(model), model, "", slots=1 << 30, depth=1 << 30, describe=f"the router hub ({up.describe()})",
-            relay=True,
-        )
-        self._relays[model] = relay
-        self._apply_locked(self._core.worker_joined(relay, time.monotonic()))
-
-    def _install_upstream(
-        self, sock: socket.socket, welcome: dict[str, Any], reader: protocol.FrameReader, frames: list[Any]
-    ) -> None:
-        """Bridge thread: we route through the hub at the other end of
-        ``sock``; ``reader`` and ``frames`` hold what it sent after taking us
-        in (its POOL)."""
-        sock.setblocking(False)
-        try:
-            w = Welcome.from_wire(welcome)
-        except ProtocolError as exc:
-            logger.warning("gibbs hub: the router hub sent a bad WELCOME (%s); looking again", exc)
-            sock.close()
-            self._start_rendezvous()
-            return
-        hello = Hello(role="router", name="router", pid=w.pid, host=w.host, heartbeat_interval=w.heartbeat_interval)
-        peer = Peer(sock, hello, self._max_frame)
-        peer.reader = reader
-        self._selector.register(sock, selectors.EVENT_READ, peer)
-        try:
-            self._router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
-        except ProtocolError as exc:
-            logger.warning("gibbs hub: the router hub sent a bad frame (%s); looking again", exc)
-            try:
-                self._selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
-            sock.close()
-            self._start_rendezvous()
-            return
-        with self._lock:
-            self._upstream = peer
-            for model in list(self._core.models):
-                self._add_relay_locked(model)
-        logger.info("gibbs hub: routing through %s", peer.describe())
-        if self._outcomes:
-            self._hand_over()
-        self._notify_waiters()
-
-    def _router_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
-        core = self._core
-        now = time.monotonic()
-        changed = False
-        with self._lock:
-            for kind, cid, body in frames:
-                if kind == protocol.CHUNK:
-                    relay = self._relay_of.get(cid)
-                    if relay is not None:
-                        self._apply_locked(core.chunk(relay.id, cid, Outcome(OutcomeKind.CHUNK, body)))
-                    continue
-                if kind in (protocol.RESULT, protocol.ERROR, protocol.EXC):
-                    relay = self._relay_of.get(cid)
-                    if relay is None:
-                        continue
-                    if kind == protocol.RESULT:
-                        outcome = Outcome(OutcomeKind.RESULT, body)
-                    elif kind == protocol.ERROR:
-                        outcome = Outcome(OutcomeKind.ERROR, body)
-                    else:
-                        exc = exc_from_json(body)
-                        if exc is None:  # the router let go of a call we cancelled
-                            call = relay.held.get(cid)
-                            if call is None or not call.done:
-                                continue
-                            outcome = CANCELLED
-                        else:
-                            outcome = Outcome(OutcomeKind.EXCEPTION, exc)
-                    del self._relay_of[cid]
-                    self._apply_locked(core.answered(relay.id, cid, outcome, now))
-                elif kind == protocol.POOL:
-                    models = protocol.unpack_json(body).get("models", {})
-                    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
-                        raise ProtocolError("malformed POOL")
-                    self._pool_info = dict(models)
-                    for name, v in self._pool_info.items():
-                        if v.get("batched"):
-                            self._batched_models.add(name)
-                        else:
-                            self._batched_models.discard(name)
-                    changed = True
-                elif kind != protocol.HEARTBEAT:
-                    raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from the router hub")
-        if self._outcomes:
-            self._hand_over()
-        if changed:
-            self._notify_waiters()
-
-    def _lose_upstream(self, reason: str) -> None:
-        """The router is gone (its process died or closed): every call it
-        held goes back to our queue, without counting as an attempt, and we
-        look for the router again, or take the address over."""
-        peer = self._upstream
-        if peer is None or peer.gone:
-            return
-        peer.gone = True
-        try:
-            self._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        peer.sock.close()
-        now = time.monotonic()
-        with self._lock:
-            self._upstream = None
-            relays = list(self._relays.values())
-            self._relays.clear()
-            self._relay_of.clear()
-            self._pool_info = {}
-            held = sum(len(r.held) for r in relays)
-            for r in relays:
-                self._apply_locked(self._core.worker_leaving(r.id, now))
-                self._apply_locked(self._core.worker_lost(r.id, reason, now))
-            closing = self._core.closing
-        if not closing:
-            logger.warning("gibbs hub: lost the router hub %s (%s); %d calls to send again", peer.describe(), reason, held)
-            self._start_rendezvous()
-        if self._outcomes:
-            self._hand_over()
-        self._notify_waiters()
-
-    def _start_rendezvous(self) -> None:
-        if self._rendezvous is None:
-            return
-        t = self._rendezvous_thread
-        if t is not None and t.is_alive():
-            return
-        self._rendezvous_thread = threading.Thread(target=self._rendezvous_loop, name="gibbs-rendezvous", daemon=True)
-        self._rendezvous_thread.start()
-
-    def _rendezvous_loop(self) -> None:
-        """Its own thread (it blocks on connect and handshake): find the
-        router again, or take the address over; hand the result to the
-        bridge thread."""
-        assert self._rendezvous is not None
-        backoff = 0.01
-        failures = 0
-        while True:
-            with self._lock:
-                if self._core.closing or self._closed:
-                    return
-            try:
-                result = self._rendezvous()
-            except Exception as exc:  # noqa: BLE001 - keep looking; say why now and then
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    logger.warning("gibbs hub: no router hub yet (%s); still trying", exc)
-                result = None
-            if result is not None:
-                with self._lock:
-                    if not (self._core.closing or self._closed):
-                        self._pending_upstream = result
-                        self._wake_locked()
-                        return
-                for sock in self._rendezvous_sockets(result):
-                    sock.close()
-                return
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 0.25)
-
-    @staticmethod
-    def _rendezvous_sockets(result: Optional[tuple[str, Any]]) -> list[socket.socket]:
-        if result is None:
-            return []
-        if result[0] == "listen":
-            return list(result[1])
-        return [result[1][0]]
-
-    def _take_rendezvous(self) -> None:
-        with self._lock:
-            result, self._pending_upstream = self._pending_upstream, None
-            closing = self._core.closing
-        if result is None:
-            return
-        if closing:
-            for sock in self._rendezvous_sockets(result):
-                sock.close()
-            return
-        if result[0] == "client":
-            self._install_upstream(*result[1])
-            return
-        # We took the address over: from now on workers connect here.
-        listeners = list(result[1])
-        for listener in listeners:
-            listener.setblocking(False)
-            self._selector.register(listener, selectors.EVENT_READ, ("listener", listener))
-        self._listeners.extend(listeners)
-        with self._lock:
-            self._client_mode = False
-            self._pool_info = {}
-        logger.warning("gibbs hub: took the address over; this process now routes the family's calls")
-        self._on_role("router", listeners)
-        self._notify_waiters()
 
 
 def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
