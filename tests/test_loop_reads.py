@@ -267,10 +267,10 @@ def test_a_loop_that_closes_while_its_sockets_are_handed_over(
     """The loop closes between two of the bridge's hand-overs: the sockets it
     was already given are taken back (not left to a closed loop, where nobody
     reads them and their worker would be taken for dead)."""
-    from gibbs.bridge import Bridge
+    from gibbs._loops import LoopReads
 
     hub = served(workers=2, heartbeat_interval=2.0)
-    attach = Bridge._attach
+    attach = LoopReads.attach
     calls = [0]
 
     def slow_attach(self: Any, peer: Any, reader: Any) -> None:
@@ -279,7 +279,7 @@ def test_a_loop_that_closes_while_its_sockets_are_handed_over(
             time.sleep(1.0)  # the loop finishes and closes meanwhile
         attach(self, peer, reader)
 
-    monkeypatch.setattr(Bridge, "_attach", slow_attach)
+    monkeypatch.setattr(LoopReads, "attach", slow_attach)
 
     async def main() -> None:
         try:  # answered, or not (if it went to the worker the bridge thread reads while it sleeps)

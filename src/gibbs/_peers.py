@@ -11,6 +11,7 @@ the bridge's lock.
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import threading
 import time
@@ -23,9 +24,11 @@ from .records import Hello
 from .transport import describe, is_local, peer_pid
 
 if TYPE_CHECKING:
-    from .bridge import _Attachment
+    from ._loops import _Attachment
 
-__all__ = ["ClientSink", "Forwarded", "LocalWorker", "Peer", "Relay", "describe_exit", "has_data"]
+__all__ = ["ClientSink", "Forwarded", "LocalWorker", "Peer", "Relay", "describe_exit", "has_data", "internal_error"]
+
+logger = logging.getLogger("gibbs")
 
 
 class LocalWorker:
@@ -166,3 +169,10 @@ def describe_exit(code: int) -> str:
             name = str(-code)
         return f"process killed by signal {name}"
     return f"process exit code {code}"
+
+
+def internal_error(peer: Peer, exc: BaseException) -> str:
+    """A bug met while reading a peer: said loudly, with the traceback; the
+    caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
+    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
+    return f"internal error reading its frames: {exc!r}"

@@ -61,7 +61,8 @@ from . import protocol
 from ._door import Door
 from ._family import ClientRole, RouterRole
 from ._loans import LoanBook
-from ._peers import ClientSink, LocalWorker, Peer, Relay, describe_exit, has_data
+from ._loops import LoopReads
+from ._peers import ClientSink, LocalWorker, Peer, Relay, describe_exit, internal_error
 from ._wakeup import Wakeup
 from .core import (
     DEFAULT_MODEL,
@@ -94,39 +95,6 @@ _ABSENT_WARN_EVERY = 30.0
 #: How long the loss of a local worker waits for its exit status (so that
 #: the error names the signal or exit code) before it is declared anyway.
 _EXIT_STATUS_WAIT = 0.5
-
-
-class _LoopReader:
-    """What an event loop needs to read worker sockets itself: its receive
-    buffer (one per loop: two loops never share one)."""
-
-    __slots__ = ("loop", "buf", "view")
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.buf = bytearray(1 << 18)
-        self.view = memoryview(self.buf)
-
-
-class _Attachment:
-    """A worker socket read by an event loop instead of the bridge thread.
-
-    The loop watches a duplicate of the socket's descriptor (``fd``), which
-    only it closes (after ``remove_reader``), or the bridge thread once the
-    loop is closed: a descriptor number the loop still watches is never
-    reused under it. ``lock`` owns ``fd`` and ``closed``."""
-
-    __slots__ = ("reader", "fd", "closed", "lock")
-
-    def __init__(self, reader: _LoopReader) -> None:
-        self.reader = reader
-        self.fd: Optional[int] = None
-        self.closed = False
-        self.lock = threading.Lock()
-
-    @property
-    def loop(self) -> Any:
-        return self.reader.loop
 
 
 #: Rendezvous outcomes: ("listen", [sockets]) this process took the address
@@ -226,20 +194,13 @@ class Bridge:
         self._initial_upstream = upstream
         self._listeners_closed = False
         self._router_role = RouterRole(self)
+        # The event loop that reads the worker sockets itself, if one does.
+        self._loops = LoopReads(self)
+        self.home = self._loops.home  # on every asyncio request: no extra call
+        self.has_home = self._loops.has_home
+        self.leave_home = self._loops.leave_home
+        self.loop_reads = self._loops.loop_reads
         self._client_role = ClientRole(self, rendezvous, on_role)
-        # --- the home loop (owned by _lock): when one event loop makes the
-        # asyncio requests, it reads the worker sockets itself (add_reader),
-        # so that an answer reaches its caller with no thread hop; the bridge
-        # thread takes them back when the loop stops, closes, blocks, or a
-        # second loop comes.
-        self._home: Any = None
-        # Two loops at once, or closing: the bridge reads for all. GIBBS_LOOP_READS=0
-        # keeps the bridge thread reading always (to compare, or to rule it out).
-        self._home_off = os.environ.get("GIBBS_LOOP_READS", "1").strip() == "0"
-        self._home_changed = False
-        self._returned: list[tuple[Peer, Optional[str]]] = []  # given back by a loop (and why)
-        self._home_reader: Optional[_LoopReader] = None  # bridge thread only
-        self._detaching: list[_Attachment] = []  # bridge thread only: not yet closed by their loop
         # The hub's statistics() (with its pools' restarts), weakly: for observers.
         self.stats_source: Optional[Callable[[], Optional[Callable[[], dict[str, Any]]]]] = None
         # The hub's account of why no worker of a model is there, weakly.
@@ -293,45 +254,6 @@ class Bridge:
     def is_batched(self, model: str) -> bool:
         return model in self._batched_models
 
-    def home(self, loop: Any) -> None:
-        """An asyncio request from ``loop``: let it read the worker sockets
-        (unless another loop is running requests too). Cheap when nothing
-        changes: called on every request."""
-        if self._home is loop or self._home_off:
-            return
-        with self._lock:
-            if self._home is loop or self._home_off or self._core.closing or self._client_mode:
-                return
-            old = self._home
-            if old is not None and old.is_running() and not old.is_closed():
-                self._home_off = True  # two loops at once: the bridge thread reads for both
-                self._home = None
-            else:
-                self._home = loop
-            self._home_changed = True
-            self._wake_locked()
-
-    def has_home(self) -> bool:
-        return self._home is not None
-
-    def leave_home(self, loop: Any) -> None:
-        """``loop`` is about to block (a caller waits synchronously in its
-        thread): if it reads the workers, the bridge thread takes them back
-        now. Its next request makes it home again."""
-        if self._home is not loop:
-            return
-        with self._lock:
-            if self._home is loop:
-                self._home = None
-                self._home_changed = True
-                self._wake_locked()
-
-    def loop_reads(self) -> int:
-        """How many worker sockets an event loop reads now (the rest: the
-        bridge thread)."""
-        with self._lock:
-            peers = list(self._peers.values())
-        return sum(1 for p in peers if p.owner is not None and not p.gone)
 
     def submit(
         self,
@@ -343,12 +265,12 @@ class Bridge:
         retries: int = 0,
         hedge: bool = False,
     ) -> Call:
-        home = self._home
+        home = self._loops.loop
         if home is not None and not home.is_running():
             # A caller while the home loop is stopped: the bridge takes the
             # sockets back now rather than at its next check.
             with self._lock:
-                self._home_changed = True
+                self._loops.changed = True
                 self._wake_locked()
         with self._lock:
             if self._crashed is not None:
@@ -930,11 +852,11 @@ class Bridge:
                     new_loading, self._door.new_loading = self._door.new_loading, []
                 for sock in new_loading:
                     self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
-            if self._new_peers or self._dirty or self._returned:
+            if self._new_peers or self._dirty or self._loops.returned:
                 with self._lock:
                     new_peers, self._new_peers = self._new_peers, []
                     dirty, self._dirty = self._dirty, []
-                    returned, self._returned = self._returned, []
+                    returned, self._loops.returned = self._loops.returned, []
                 for peer in dirty:
                     self._update_registration(peer)
                 for peer, why in returned:
@@ -948,19 +870,19 @@ class Bridge:
                     except Exception as exc:  # noqa: BLE001 - that connection only
                         logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host)
                         self._forget_new_peer(sock, exc)
-                if new_peers and self._home is not None:
-                    self._home_changed = True
+                if new_peers and self._loops.loop is not None:
+                    self._loops.changed = True
             if self._loans.has_returns():
                 self._send_loans_back()
-            if self._home_changed:
-                self._sync_home()
+            if self._loops.changed:
+                self._loops.sync()
             if self._pending_upstream is not None:
                 self._client_role.take_rendezvous()
             if self._core.closing and not self._listeners_closed:
                 with self._lock:
-                    self._home_off = True
-                    self._home = None
-                self._sync_home()
+                    self._loops.off = True
+                    self._loops.loop = None
+                self._loops.sync()
                 self._close_listeners()
             now = time.monotonic()
             with self._lock:
@@ -972,7 +894,7 @@ class Bridge:
                 self._check_losses(now)
             if now >= next_check:
                 self._check_absent(now)
-                self._check_home(now)
+                self._loops.check(now)
                 self._check_heartbeats(now)
                 self._door.check(now)
                 self._check_local_workers()
@@ -1165,7 +1087,7 @@ class Bridge:
                 return
             why = self._read_worker(peer, self._rbuf, self._rview)
         except Exception as exc:  # noqa: BLE001 - a bug met on one peer's bytes drops that peer, not the hub
-            why = _internal_error(peer, exc)
+            why = internal_error(peer, exc)
         if why is not None:
             self._drop(peer, why)
 
@@ -1278,7 +1200,7 @@ class Bridge:
         logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why)
         if worst is peer:
             return why
-        self._give_back(worst, why)
+        self._loops.give_back(worst, why)
         return None
 
     def _send_loans_back(self) -> None:
@@ -1295,158 +1217,6 @@ class Bridge:
 
     # ---------------------------------------------------------------- the home loop
 
-    def _sync_home(self) -> None:
-        """Bridge thread: attach the worker sockets to the home loop, or take
-        them back from a loop that is no longer it."""
-        with self._lock:
-            self._home_changed = False
-            home = self._home
-            if home is not None and (home.is_closed() or not home.is_running()):
-                home = self._home = None  # it stopped: the next request makes a loop home again
-            if self._home_off or self._core.closing:
-                home = self._home = None
-            peers = [p for p in self._peers.values() if p.role == "worker" and not p.gone]
-        reader = self._home_reader
-        if home is None:
-            reader = self._home_reader = None
-        elif reader is None or reader.loop is not home:
-            reader = self._home_reader = _LoopReader(home)
-        for peer in peers:
-            att = peer.owner
-            if att is not None and (reader is None or att.reader is not reader):
-                self._reclaim(peer)
-            if reader is not None and peer.owner is None:
-                self._attach(peer, reader)
-        if reader is not None and self._home is not reader.loop:
-            self._sync_home()  # it closed while its sockets were handed over: take back those it has
-
-    def _attach(self, peer: Peer, reader: _LoopReader) -> None:
-        """Bridge thread: from now on ``reader.loop`` reads ``peer``."""
-        att = _Attachment(reader)
-        with peer.rlock:
-            peer.owner = att
-        self._update_registration(peer)  # no more read interest here
-        try:
-            reader.loop.call_soon_threadsafe(self._attach_in_loop, peer, att)
-        except RuntimeError:  # closed meanwhile
-            with peer.rlock:
-                peer.owner = None
-            self._update_registration(peer)
-            with self._lock:
-                if self._home is reader.loop:
-                    self._home = None  # _sync_home takes back the sockets attached before this one
-
-    def _attach_in_loop(self, peer: Peer, att: _Attachment) -> None:
-        """In the home loop: watch a duplicate of the socket's descriptor."""
-        with peer.rlock:
-            if peer.owner is not att or peer.gone:
-                return  # taken back before this ran
-            with att.lock:
-                if att.closed:
-                    return
-                att.fd = os.dup(peer.fd)
-            try:
-                att.loop.add_reader(att.fd, self._loop_read, peer, att)
-            except BaseException:
-                peer.owner = None
-                self._close_att(att)
-                self._give_back(peer, None)
-                raise
-
-    def _loop_read(self, peer: Peer, att: _Attachment) -> None:
-        """In the home loop: the worker's socket is readable."""
-        with peer.rlock:
-            mine = peer.owner is att
-            try:
-                why = self._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
-            except Exception as exc:  # noqa: BLE001 - as in the bridge thread: drop that peer only
-                why = _internal_error(peer, exc)
-            if mine and why is not None:
-                peer.owner = None
-        if not mine:  # taken back: stop watching (the bridge thread reads it now)
-            self._close_att(att)
-            return
-        if why is not None:  # its end, or garbage: the bridge thread drops it
-            self._close_att(att)
-            self._give_back(peer, why)
-        if self._outcomes:
-            self._hand_over()  # to this loop's callers directly, no thread hop
-
-    def _give_back(self, peer: Peer, why: Optional[str]) -> None:
-        with self._lock:
-            self._returned.append((peer, why))
-            self._wake_locked()
-
-    def _close_att(self, att: _Attachment) -> None:
-        """In the attachment's loop (or once it is closed): stop watching and
-        close the duplicate descriptor. Once."""
-        with att.lock:
-            if att.closed:
-                return
-            att.closed = True
-            fd, att.fd = att.fd, None
-        if fd is None:
-            return
-        try:
-            if not att.loop.is_closed():
-                att.loop.remove_reader(fd)
-        finally:
-            os.close(fd)
-
-    def _reclaim(self, peer: Peer) -> None:
-        """Bridge thread: read ``peer`` here again (its loop lets go of it
-        when it next runs; until then its duplicate descriptor stays open)."""
-        with peer.rlock:  # waits for a read in progress in the loop
-            att = peer.owner
-            if att is None:
-                return
-            peer.owner = None
-        self._update_registration(peer)
-        self._detaching.append(att)
-        if not att.loop.is_running():
-            # A stopped loop may never run again (a loop of run_until_complete
-            # that is dropped unclosed): close its duplicate now. Nothing is
-            # polling it, so removing the reader from this thread is safe.
-            self._close_att(att)
-            return
-        try:
-            att.loop.call_soon_threadsafe(self._close_att, att)
-        except RuntimeError:  # the loop is closed: nothing watches the descriptor
-            self._close_att(att)
-
-    def _check_home(self, now: float) -> None:
-        """Bridge thread, now and then: take the sockets back from a home loop
-        that stopped, closed, or has not read what its workers sent for a
-        while (user code blocks it), so that no caller waits on it; close
-        the duplicates of loops that closed before letting go."""
-        home = self._home
-        if home is None and not self._home_changed:
-            with self._lock:
-                orphans = any(p.owner is not None and not p.gone for p in self._peers.values())
-            if orphans:  # owned by a loop that is home no more: take them back
-                self._sync_home()
-        if home is not None:
-            stuck = home.is_closed() or not home.is_running()
-            if not stuck:
-                with self._lock:
-                    owned = [p for p in self._peers.values() if p.owner is not None and not p.gone]
-                for peer in owned:
-                    if now - peer.last_heard > min(0.5, peer.interval) and has_data(peer.sock):
-                        logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
-                                    "thread reads its workers", peer.describe(), now - peer.last_heard)
-                        stuck = True
-                        break
-            if stuck:
-                with self._lock:
-                    if self._home is home:
-                        self._home = None
-                self._sync_home()
-        if self._detaching:
-            for att in list(self._detaching):
-                if not att.closed and not att.loop.is_running():
-                    self._close_att(att)
-                if att.closed:
-                    self._detaching.remove(att)
 
     def _drop(self, peer: Peer, reason: str) -> None:
         """Close a worker's connection; its loss reaches the core once the
@@ -1462,7 +1232,7 @@ class Bridge:
             self._client_role.lose_upstream(reason)
             return
         if peer.owner is not None:
-            self._reclaim(peer)
+            self._loops.reclaim(peer)
         peer.gone = True
         try:
             self._selector.unregister(peer.sock)
@@ -1624,10 +1394,10 @@ class Bridge:
         return True
 
     def _shutdown_sockets(self) -> None:
-        for att in self._detaching:
+        for att in self._loops.detaching:
             if not att.closed and not att.loop.is_running():
-                self._close_att(att)  # a stopped loop may never run again to close it
-        if any(not att.closed for att in self._detaching):
+                self._loops.close_att(att)  # a stopped loop may never run again to close it
+        if any(not att.closed for att in self._loops.detaching):
             # Event loops may hold duplicates of worker sockets until they
             # next run: shut the connections down so that the workers see
             # their end now.
@@ -1740,7 +1510,6 @@ class Bridge:
                 pass
 
 
-
 def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
     """Workers by version (a rolling update shows two): version -> class, count."""
     out: dict[str, dict[str, Any]] = {}
@@ -1749,12 +1518,5 @@ def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
         entry = out.setdefault(version, {"class": w.cls, "workers": 0})
         entry["workers"] += 1
     return out
-
-
-def _internal_error(peer: Peer, exc: BaseException) -> str:
-    """A bug met while reading a peer: said loudly, with the traceback; the
-    caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
-    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
-    return f"internal error reading its frames: {exc!r}"
 
 
