@@ -62,7 +62,8 @@ from ._door import Door
 from ._family import ClientRole, RouterRole
 from ._loans import LoanBook
 from ._loops import LoopReads
-from ._peers import ClientSink, LocalWorker, Peer, Relay, describe_exit, internal_error
+from ._losses import Losses
+from ._peers import ClientSink, LocalWorker, Peer, Relay, internal_error
 from ._wakeup import Wakeup
 from .core import (
     DEFAULT_MODEL,
@@ -92,9 +93,6 @@ logger = logging.getLogger("gibbs")
 _ABSENT_WARN_AFTER = 1.0
 _ABSENT_WARN_EVERY = 30.0
 
-#: How long the loss of a local worker waits for its exit status (so that
-#: the error names the signal or exit code) before it is declared anyway.
-_EXIT_STATUS_WAIT = 0.5
 
 
 #: Rendezvous outcomes: ("listen", [sockets]) this process took the address
@@ -212,8 +210,7 @@ class Bridge:
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._fds_closed = False
-        # lost peers waiting for an exit status: [deadline, reason, local worker, exiting]
-        self._losing: dict[Peer, list[Any]] = {}
+        self._losses = Losses(self)  # connections dropped, losses declared, heartbeats
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
         self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
         self._handing = 0  # hand-overs putting outcomes on _sync_queue now (owned by _lock)
@@ -818,9 +815,9 @@ class Bridge:
         next_check = time.monotonic()
         while True:
             deadline = next_check
-            if self._losing:
+            if self._losses.losing:
                 soon = time.monotonic() + 0.002
-                for entry in self._losing.values():
+                for entry in self._losses.losing.values():
                     deadline = min(deadline, soon if entry[3] else entry[0])
             with self._lock:
                 core_deadline = self._core.next_deadline()
@@ -839,7 +836,7 @@ class Bridge:
                     elif data[0] == "loading":
                         self._door.read_loading(data[1])
                     else:  # ("exit", peer): a lost local worker's process is ending
-                        self._sentinel_fired(data[1])
+                        self._losses.sentinel_fired(data[1])
                 else:
                     peer: Peer = data
                     if mask & selectors.EVENT_READ:
@@ -861,7 +858,7 @@ class Bridge:
                     self._update_registration(peer)
                 for peer, why in returned:
                     if why is not None:
-                        self._drop(peer, why)
+                        self._losses.drop(peer, why)
                     else:
                         self._update_registration(peer)
                 for sock, hello, early, partial in new_peers:
@@ -889,15 +886,15 @@ class Bridge:
                 self._apply_locked(self._core.tick(now))
             if self._check_locals:
                 self._check_locals = False
-                self._check_local_workers()
-            if self._losing:
-                self._check_losses(now)
+                self._losses.check_local_workers()
+            if self._losses.losing:
+                self._losses.check_losses(now)
             if now >= next_check:
                 self._check_absent(now)
                 self._loops.check(now)
-                self._check_heartbeats(now)
+                self._losses.check_heartbeats(now)
                 self._door.check(now)
-                self._check_local_workers()
+                self._losses.check_local_workers()
                 next_check = now + min([self._interval / 2] + [p.interval / 2 for p in self._peers.values()])
             if self._outcomes:
                 self._hand_over()
@@ -1012,7 +1009,7 @@ class Bridge:
                         self._router_role.observer_frames(peer, list(early))
             except (ProtocolError, ValueError) as exc:
                 logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
-                self._drop(peer, f"protocol error: {exc}")
+                self._losses.drop(peer, f"protocol error: {exc}")
             return
         if peer.role != "worker":
             logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
@@ -1069,7 +1066,7 @@ class Bridge:
         with self._lock:
             peer = self._peers.get(sock.fileno()) or self._clients.get(sock.fileno())
         if peer is not None and peer.sock is sock:
-            self._drop(peer, f"internal error: {exc!r}")
+            self._losses.drop(peer, f"internal error: {exc!r}")
             return
         try:
             self._selector.unregister(sock)
@@ -1089,7 +1086,7 @@ class Bridge:
         except Exception as exc:  # noqa: BLE001 - a bug met on one peer's bytes drops that peer, not the hub
             why = internal_error(peer, exc)
         if why is not None:
-            self._drop(peer, why)
+            self._losses.drop(peer, why)
 
     def _read_worker(self, peer: Peer, buf: bytearray, view: memoryview) -> Optional[str]:
         """Read and act on what a worker sent; in the bridge thread, or in the
@@ -1218,94 +1215,6 @@ class Bridge:
     # ---------------------------------------------------------------- the home loop
 
 
-    def _drop(self, peer: Peer, reason: str) -> None:
-        """Close a worker's connection; its loss reaches the core once the
-        exit status of a local worker process is known (or soon anyway)."""
-        if peer.gone:
-            return
-        with self._buffered_lock:
-            self._buffered.pop(peer, None)
-        if peer.role in ("client", "observer"):
-            self._router_role.drop_client(peer, reason)
-            return
-        if peer.role == "router":
-            self._client_role.lose_upstream(reason)
-            return
-        if peer.owner is not None:
-            self._loops.reclaim(peer)
-        peer.gone = True
-        try:
-            self._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        try:
-            # An event loop may still hold a duplicate of the descriptor (or a
-            # forked child an inherited one): make the end reach the worker.
-            peer.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        peer.sock.close()
-        local = None
-        if not peer.info.leaving and peer.vouched:
-            local = next((w for w in self._local_workers() if w.pid == peer.pid), None)
-        if local is not None and local.exitcode() is None:
-            # Its socket closes a moment before its exit status is known:
-            # wait (a little) for the status, so the error can say how it died.
-            try:
-                self._selector.register(local.sentinel, selectors.EVENT_READ, ("exit", peer))
-            except (KeyError, ValueError, OSError):
-                pass
-            self._losing[peer] = [time.monotonic() + _EXIT_STATUS_WAIT, reason, local, False]
-            return
-        self._lose(peer, reason, local)
-
-    def _sentinel_fired(self, peer: Peer) -> None:
-        entry = self._losing.get(peer)
-        if entry is not None:
-            self._unregister_sentinel(entry[2])
-            entry[3] = True  # exiting now: poll for the status until it is there
-
-    def _unregister_sentinel(self, local: LocalWorker) -> None:
-        try:
-            self._selector.unregister(local.sentinel)
-        except (KeyError, ValueError, OSError):
-            pass
-
-    def _check_losses(self, now: float) -> None:
-        for peer, (deadline, reason, local, _) in list(self._losing.items()):
-            if local.exitcode() is not None or now >= deadline:
-                del self._losing[peer]
-                self._unregister_sentinel(local)
-                self._lose(peer, reason, local)
-
-    def _lose(self, peer: Peer, reason: str, local: Optional[LocalWorker]) -> None:
-        if local is not None:
-            code = local.exitcode()
-            if code is not None:
-                reason = f"{reason}; {describe_exit(code)}"
-        with self._lock:
-            self._peers.pop(peer.fd, None)
-            if peer.info.leaving and not peer.info.held:
-                logger.info("gibbs hub: %s left", peer.describe())
-            else:
-                logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
-            self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
-            self._refresh_batched_locked(peer.info.model)
-            self._router_role.broadcast_pool_locked()
-        if peer.shm:
-            # The worker's segments: answers it never sent, and its pool.
-            prefix = f"{protocol.SHM_PREFIX}w{peer.pid}-"
-            if peer.vouched:
-                self._maps.forget(prefix)
-                if not peer.info.leaving:
-                    protocol.remove_segments(prefix)
-            else:  # its pid is a claim: only the files it showed us are its own
-                for name in peer.segments:
-                    self._maps.forget(name)
-                    if not peer.info.leaving:
-                        protocol.remove_segments(name)
-        self._notify_waiters()
-
     def _refresh_batched_locked(self, model: str) -> None:
         """Whether calls to ``model`` must be batchable: while a batched
         worker serves it (a name may change hands once its workers left)."""
@@ -1317,58 +1226,9 @@ class Bridge:
 
     # ---------------------------------------------------------------- local workers
 
-    def _check_local_workers(self) -> None:
-        """Fail fast when no worker can come: every worker process this
-        process started for a model has exited without ever joining (its
-        constructor raised, or it could not start), and none is connected."""
-        locals_ = self._local_workers()
-        if not locals_:
-            return
-        by_model: dict[str, list[LocalWorker]] = {}
-        for w in locals_:
-            by_model.setdefault(w.model, []).append(w)
-        changed = False
-        with self._lock:
-            for model, ws in by_model.items():
-                m = self._core.models.get(model)
-                if m is not None and (m.workers or m.unavailable is not None):
-                    continue
-                codes = [w.exitcode() for w in ws]
-                if any(c is None for c in codes) or any(w.pid in self._joined_pids for w in ws):
-                    continue
-                pids = {w.pid for w in ws}
-                lines = [t for pid, t in self._door.init_failures if pid in pids]
-                lines += [f"local worker pid {w.pid} exited: {describe_exit(c)}" for w, c in zip(ws, codes) if c]
-                err = NoWorkersError(
-                    f"no worker can serve model {model!r}: every worker started for it in this process "
-                    f"({len(ws)}) exited without joining:\n  " + "\n  ".join(x.rstrip().replace("\n", "\n  ") for x in lines)
-                )
-                self._apply_locked(self._core.model_unavailable(model, err))
-                changed = True
-        if changed:
-            if self._outcomes:
-                self._hand_over()
-            self._notify_waiters()
 
     # ---------------------------------------------------------------- heartbeats
 
-    def _check_heartbeats(self, now: float) -> None:
-        hb = protocol.pack_frame(protocol.HEARTBEAT, 0)[0]
-        peers = list(self._peers.values()) + list(self._clients.values())
-        if self._upstream is not None:
-            peers.append(self._upstream)
-        for peer in peers:
-            if peer.gone:
-                continue
-            silent = now - peer.last_heard
-            limit = peer.interval * self._misses
-            if silent > limit:
-                self._drop(peer, f"silent for {silent:.1f} s (no heartbeat within {limit:.1f} s)")
-                continue
-            if now - peer.last_sent >= self._interval / 2:
-                with self._lock:
-                    peer.out.append(hb)
-                    self._flush_locked(peer)
 
     # ---------------------------------------------------------------- closing
 
@@ -1385,7 +1245,7 @@ class Bridge:
                 self._apply_locked(self._core.worker_leaving(p, now))
             busy = not self._core.idle
         for p in idle:
-            self._drop(p, "the hub is closing")
+            self._losses.drop(p, "the hub is closing")
         if busy:
             return False
         self._hand_over()
@@ -1472,17 +1332,17 @@ class Bridge:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._drop(peer, f"connection error: {exc}")
+            self._losses.drop(peer, f"connection error: {exc}")
             return
         if not n:
-            self._drop(peer, "connection closed (end of file)")
+            self._losses.drop(peer, "connection closed (end of file)")
             return
         peer.last_heard = time.monotonic()
         try:
             frames = peer.reader.feed(self._rview[:n])
             why = self._account_buffered(peer) if peer.reader.pending or peer in self._buffered else None
             if why is not None:
-                self._drop(peer, why)
+                self._losses.drop(peer, why)
                 return
             if peer.role == "client":
                 self._router_role.client_frames(peer, frames)
@@ -1492,7 +1352,7 @@ class Bridge:
                 self._client_role.router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
-            self._drop(peer, f"protocol error: {exc}")
+            self._losses.drop(peer, f"protocol error: {exc}")
 
 
     def _close_listeners(self) -> None:
