@@ -48,7 +48,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import queue
 import selectors
 import socket
@@ -58,6 +57,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from . import protocol
+from ._closing import Closing
 from ._door import Door
 from ._family import ClientRole, RouterRole
 from ._loans import LoanBook
@@ -92,7 +92,6 @@ logger = logging.getLogger("gibbs")
 #: repeated at most this often per model.
 _ABSENT_WARN_AFTER = 1.0
 _ABSENT_WARN_EVERY = 30.0
-
 
 
 #: Rendezvous outcomes: ("listen", [sockets]) this process took the address
@@ -177,7 +176,6 @@ class Bridge:
             handshake_timeout=handshake_timeout,
         )
         self._next_id = 1
-        self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
         # --- the two roles of a hub in a family of processes (owned by _lock)
         # Router: the hub that holds the address; workers and client hubs connect to it.
@@ -190,7 +188,6 @@ class Bridge:
         self._client_mode = upstream is not None or (rendezvous is not None and not listeners)
         self._pending_upstream: Optional[tuple[str, Any]] = None  # from the rendezvous thread
         self._initial_upstream = upstream
-        self._listeners_closed = False
         self._router_role = RouterRole(self)
         # The event loop that reads the worker sockets itself, if one does.
         self._loops = LoopReads(self)
@@ -209,8 +206,10 @@ class Bridge:
         self._absence_text: dict[str, str] = {}  # model -> the hub's explanation, kept fresh
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
-        self._fds_closed = False
         self._losses = Losses(self)  # connections dropped, losses declared, heartbeats
+        self._closing = Closing(self)  # closing, and forgetting everything after a fork
+        self.begin_close = self._closing.begin
+        self.forget_after_fork = self._closing.forget_after_fork
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
         self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
         self._handing = 0  # hand-overs putting outcomes on _sync_queue now (owned by _lock)
@@ -496,35 +495,6 @@ class Bridge:
 
     # ---------------------------------------------------------------- closing
 
-    def begin_close(self, grace: float, on_closed: Callable[[], None]) -> None:
-        """Stop taking calls; fail the queued ones; let the running ones finish
-        within ``grace`` seconds; then close everything. ``on_closed`` is
-        called (from the bridge thread, or here if already closed) at the end."""
-        with self._lock:
-            if self._closed:
-                done = True
-            else:
-                done = False
-                self._on_closed.append(on_closed)
-                # Client hubs' calls are not failed: they are cancelled here and
-                # the clients, seeing the connection end, send them again to
-                # whichever hub takes the address over.
-                for peer in self._clients.values():
-                    calls = list(peer.calls.values()) if peer.calls else []
-                    if peer.calls:
-                        peer.calls.clear()
-                    for call in calls:
-                        self._apply_locked(self._core.cancel(call))
-                    try:
-                        peer.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                self._apply_locked(self._core.close(time.monotonic(), grace))
-                self._wake_locked()
-        if self._outcomes:
-            self._hand_over()
-        if done:
-            on_closed()
 
     def _wake_locked(self) -> None:
         self._wakeup.wake()
@@ -784,12 +754,12 @@ class Bridge:
             with self._lock:
                 self._crashed = exc
                 self._apply_locked(self._core.abort(err))
-            self._shutdown_sockets()
+            self._closing.shutdown_sockets()
         finally:
             self._hand_over()
             with self._lock:
                 self._closed = True
-                callbacks, self._on_closed = self._on_closed, []
+                callbacks, self._closing.on_closed = self._closing.on_closed, []
                 sync_q = self._sync_queue
                 stop = sync_q is not None and not self._handing and not self._sync_stopped
                 if stop:
@@ -875,12 +845,12 @@ class Bridge:
                 self._loops.sync()
             if self._pending_upstream is not None:
                 self._client_role.take_rendezvous()
-            if self._core.closing and not self._listeners_closed:
+            if self._core.closing and not self._closing.listeners_closed:
                 with self._lock:
                     self._loops.off = True
                     self._loops.loop = None
                 self._loops.sync()
-                self._close_listeners()
+                self._closing.close_listeners()
             now = time.monotonic()
             with self._lock:
                 self._apply_locked(self._core.tick(now))
@@ -898,7 +868,7 @@ class Bridge:
                 next_check = now + min([self._interval / 2] + [p.interval / 2 for p in self._peers.values()])
             if self._outcomes:
                 self._hand_over()
-            if self._core.closing and self._close_step():
+            if self._core.closing and self._closing.step():
                 return
 
     def _check_absent(self, now: float) -> None:
@@ -1232,95 +1202,6 @@ class Bridge:
 
     # ---------------------------------------------------------------- closing
 
-    def _close_step(self) -> bool:
-        """While closing: True once everything is closed."""
-        now = time.monotonic()
-        with self._lock:
-            self._apply_locked(self._core.tick(now))
-            # An idle worker is let go at once: it goes back to looking for a
-            # hub, and finds the one that takes the address over (if any)
-            # without waiting for this one's grace period.
-            idle = [p for p in self._peers.values() if not p.info.held and not p.gone]
-            for p in idle:
-                self._apply_locked(self._core.worker_leaving(p, now))
-            busy = not self._core.idle
-        for p in idle:
-            self._losses.drop(p, "the hub is closing")
-        if busy:
-            return False
-        self._hand_over()
-        self._shutdown_sockets()
-        self._maps.clear()
-        return True
-
-    def _shutdown_sockets(self) -> None:
-        for att in self._loops.detaching:
-            if not att.closed and not att.loop.is_running():
-                self._loops.close_att(att)  # a stopped loop may never run again to close it
-        if any(not att.closed for att in self._loops.detaching):
-            # Event loops may hold duplicates of worker sockets until they
-            # next run: shut the connections down so that the workers see
-            # their end now.
-            for p in list(self._peers.values()):
-                try:
-                    p.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        with self._lock:
-            loading = list(self._door.loading_workers)
-        for sock in loading:
-            self._door.end_loading(sock)
-        socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        if self._upstream is not None:
-            socks.append(self._upstream.sock)
-        with self._lock:
-            pending, self._pending_upstream = self._pending_upstream, None
-        socks += self._client_role.rendezvous_sockets(pending)
-        self._close_descriptors(socks)
-        self._peers.clear()
-        self._clients.clear()
-
-    def forget_after_fork(self) -> None:
-        """In a forked child: close the inherited descriptors without touching
-        the parent's connections (no shutdown, no messages). The lock may have
-        been held by a thread that does not exist here: do not take it (nor
-        the loans' lock: a thread of the parent may have held it at the fork,
-        a finalizer giving an answer back; this process gets a fresh one)."""
-        self._loans.forget_after_fork()
-        self._wakeup.forget_after_fork()
-        socks = [p.sock for p in self._peers.values()] + [p.sock for p in self._clients.values()]
-        socks += list(self._door.handshaking) + [entry[0] for entry in self._new_peers] + list(self._door.loading_workers)
-        if self._upstream is not None:
-            socks.append(self._upstream.sock)
-        socks += self._client_role.rendezvous_sockets(self._pending_upstream)
-        for p in list(self._peers.values()):
-            att = p.owner
-            if att is not None and att.fd is not None:
-                try:
-                    os.close(att.fd)
-                except OSError:
-                    pass
-        self._close_descriptors(socks)
-
-    def _close_descriptors(self, socks: list[socket.socket]) -> None:
-        """Close ``socks``, the listeners, the selector and the wake-up pipe
-        (a plain close: no shutdown, so a forked child can use it too). Once
-        only: afterwards the pipe's numbers may belong to someone else."""
-        if self._fds_closed:
-            return
-        self._fds_closed = True
-        for sock in socks + self._listeners:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        try:
-            self._selector.close()
-        except (OSError, RuntimeError):
-            pass
-        self._loans.close()  # a lent answer freed from now on writes no wake-up
-        self._wakeup.close()
-
 
     # ================================================================ family of hubs (see _family.py)
 
@@ -1353,21 +1234,6 @@ class Bridge:
         except (ProtocolError, ValueError) as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             self._losses.drop(peer, f"protocol error: {exc}")
-
-
-    def _close_listeners(self) -> None:
-        """Closing: let go of the address at once, so that another hub of the
-        family can take it over while our running calls finish."""
-        self._listeners_closed = True
-        for listener in self._listeners:
-            try:
-                self._selector.unregister(listener)
-            except (KeyError, ValueError):
-                pass
-            try:
-                listener.close()
-            except OSError:
-                pass
 
 
 def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
