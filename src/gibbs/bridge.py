@@ -2,43 +2,35 @@
 talks to workers.
 
 Every rule of a call's life is in ``core.py``; this module only turns I/O
-into core events and carries out the core's actions. The thread waits
-(``selectors``) on the listeners, each worker's socket and a wake-up pipe,
-and:
+into core events and carries out the core's actions. Here:
 
-* hands each new connection to a short-lived handshake thread (HMAC
-  challenge both ways, WELCOME/HELLO) under a deadline for the whole
-  handshake, within bounds (connections not yet authenticated: per pool,
-  per source, a short deadline; authenticated ones apart); the HELLO is
-  checked field by field (``records.Hello``) and an authenticated worker
-  becomes ``core.worker_joined``; a LOADING connection is watched here
-  until it closes;
-* reads frames without ever blocking on a partial one: RESULT/ERROR become
-  ``core.answered``, GOODBYE ``core.worker_leaving``; end of file, a bad
-  frame (or a bug met reading it: logged, that peer only), too many bytes
-  buffered from all peers, or silence beyond the heartbeat bound become ``core.worker_lost``
-  (for a worker process started here, once its exit status is known, so the
-  error says how it died);
-* carries out the actions: ``Send`` writes frames (non-blocking; the rest
-  waits for the socket to be writable), ``Resolve`` hands the outcome to its
-  caller, ``Release`` frees the payload's shared memory, ``Refuse`` and
-  ``Drop`` close a connection.
+* the bridge thread's loop: it waits (``selectors``) on the listeners, each
+  worker socket it reads, the wake-up pipe (``_wakeup.Wakeup``) and the
+  sentinels of lost local workers, runs the core's ``tick`` and the
+  periodic checks, and hands outcomes over;
+* the callers' entry points (``submit``, ``cancel``, ``consumed``,
+  ``resend``): under ``_lock`` they call the core and carry out its
+  ``Send`` at once (non-blocking);
+* the actions: ``Send`` writes frames (non-blocking; the rest waits for the
+  socket to be writable), ``Resolve``/``Deliver`` hand outcomes and chunks
+  to callers (or, for a client hub's call, back on its connection),
+  ``Release`` frees a payload's shared memory, ``Stop``/``Credit`` tell a
+  worker, ``Refuse`` closes a connection;
+* a worker's frames: RESULT/ERROR/CHUNK become ``core.answered``/``chunk``
+  (an answer in shared memory is lent in place, see ``_loans.py``), GOODBYE
+  ``core.worker_leaving``;
+* the hand-over: outcomes go to their callers outside the lock, to asyncio
+  callers with one ``call_soon_threadsafe`` per loop per pass (or directly,
+  from the loop that reads the sockets itself: ``_loops.py``), to
+  ``concurrent.futures`` callers on a delivery thread, so that no user
+  callback ever runs on this thread or under this lock.
 
-The same thread serves the other hubs of a family of processes. As the
-router, it accepts client hubs beside workers: their FORWARD frames become
-``core.submit`` with a ``ClientSink`` whose outcome (and chunks) go back on
-that connection, unpickled nowhere; STOP/RESEND/CREDIT from them become
-``core.cancel``/``resend``/``consumed``; a client that goes has its calls
-cancelled. As a client, its core holds one ``Relay`` worker per model (room
-for any number of calls) standing for the router: a ``Send`` to a relay is a
-FORWARD frame; the router's loss takes the relays back without counting an
-attempt, and a rendezvous thread finds the router again or takes the address.
-
-Callers submit from any thread: under ``_lock`` they call ``core.submit``
-and carry out its ``Send`` at once (non-blocking). Outcomes are handed over
-outside the lock: to asyncio callers with one ``call_soon_threadsafe`` per
-loop per pass; to ``concurrent.futures`` callers on a delivery thread, so
-that no user callback ever runs on this thread or under this lock.
+Its units, each with one job: ``_door.py`` (new connections, handshakes,
+workers loading), ``_losses.py`` (dropped connections, losses, heartbeats),
+``_loops.py`` (the home loop's reads), ``_loans.py`` (lent answers),
+``_family.py`` (the router and client roles), ``_closing.py`` (closing and
+forking). They share the bridge's lock and its peers; docs/concepts/
+architecture.md maps them.
 
 Shared state below is owned by ``_lock`` unless marked "bridge thread only".
 """
