@@ -560,6 +560,29 @@ def test_a_peer_naming_another_workers_segment_is_dropped(make_hub, make_workers
     np.testing.assert_array_equal(hub.submit(a).result(timeout=30), a)
 
 
+def test_an_answer_whose_segment_is_gone_is_sent_again_not_failed(make_hub, make_workers) -> None:
+    """A worker that took its hub for lost lets go of its segments, one of
+    them holding an answer it had sent: the hub cannot read that answer.
+    The answer is lost, not the call: that worker is dropped and the call
+    goes to another worker (promise 1), instead of failing its caller."""
+    from gibbs_test_models import Identity
+
+    hub = make_hub(authkey=KEY)
+    sock = join_fake_worker(hub, shm=True)
+    future = hub.submit("again", gibbs_model=EVIL)
+    reader = p.FrameReader(1 << 20)
+    sock.settimeout(10)
+    kind, req_id, _ = read_frame(sock, reader, p.REQUEST)
+    name = f"{p.SHM_PREFIX}w{hello_info()['pid']}-gone".encode()  # its own name; no such file
+    body = b"\x01" + p.SHM_HEAD.pack(len(name), 1) + name + p.SHM_BUF.pack(0, 8) + b"\x00" + pickle.dumps(None)
+    send_quietly(sock, frame(p.RESULT, req_id, body))
+    assert closed_by_hub(sock), "the hub kept a worker whose answer it could not read"
+    assert not future.done(), f"the call was failed instead of sent again: {future.exception(0)!r}"
+    make_workers(hub, Identity, 1, gibbs_authkey=KEY, gibbs_model=EVIL)
+    assert future.result(timeout=30) == "again"
+    assert hub.statistics()["worker_deaths"] >= 1  # the fake worker's loss, which sent the call again
+
+
 # ------------------------------------------------------------------ handshakes that cannot starve workers
 
 

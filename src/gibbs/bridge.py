@@ -74,7 +74,7 @@ from .core import (
     Stop,
     WorkerInfo,
 )
-from .errors import GibbsError, NoWorkersError, ProtocolError, SerializationError
+from .errors import GibbsError, NoWorkersError, ProtocolError
 from .protocol import Buffer
 from .records import Hello
 
@@ -1100,8 +1100,13 @@ class Bridge:
                         bad = f"protocol error: {exc}"
                         break
                     except (OSError, ValueError) as exc:
-                        err = SerializationError(f"the answer's shared-memory segment could not be read: {exc}")
-                        answers.append((kind, req_id, Outcome(OutcomeKind.EXCEPTION, err)))
+                        # Its file is gone (the worker took its hub for lost and
+                        # let go of its segments) or cannot be mapped: the answer
+                        # is lost, not the call. The worker is dropped, and the
+                        # core sends its calls again, this one with them.
+                        logger.warning("gibbs hub: %s sent an answer whose segment could not be read: %s", peer.describe(), exc)
+                        bad = f"the shared-memory segment of its answer to call {req_id} could not be read: {exc}"
+                        break
                     else:
                         answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, buffers))))
                         if lent is None:
