@@ -323,7 +323,7 @@ def test_scale_up_and_down(cluster: Cluster, make_hub: Callable[..., Hub]) -> No
 
     answers = run(go())
     assert [x for x, _ in answers] == [5 * i for i in range(9)]
-    wait_for(lambda: serving(hub) == 1 and not pool._draining, 30, "scale(1) to drain two workers")
+    wait_for(lambda: serving(hub) == 1 and not pool.statistics()["draining"], 30, "scale(1) to drain two workers")
     assert pool.size == 1 and len(pool.workers()) == 1
     stats = hub.statistics()
     assert stats["retried"] == 0 and stats["resent"] == 0, f"a drained worker finishes what it holds: {stats}"
