@@ -58,3 +58,32 @@ def test_after_close_a_freed_answer_wakes_nobody() -> None:
     gc.collect()
     assert not woken and book.take_back() == [] and book.snapshot()["lent"] == 0
     assert book.lend(_Peer(), "seg-b", 10, _views(1, 10)) is None  # type: ignore[arg-type]
+
+
+def test_hub_options_name_the_field_that_is_wrong() -> None:
+    import math
+
+    import pytest
+
+    from gibbs._options import HubOptions
+
+    ok = HubOptions(heartbeat_interval=2, app="x")
+    assert ok.heartbeat_interval == 2.0 and isinstance(ok.heartbeat_interval, float)
+    bad = {
+        "heartbeat_interval": [0, -1, math.nan, "1"],
+        "heartbeat_misses": [0, 1.5, True],
+        "max_attempts": [0],
+        "max_queued": [-1, "3"],
+        "max_frame_bytes": [1023],
+        "handshake_timeout": [0],
+        "pipeline_depth": [0],
+        "shm_threshold": [-1],
+        "max_lent_bytes": [-1, 1.0],
+        "close_grace": [-0.5],
+        "no_worker_timeout": [0, -1],
+        "app": ["", None],
+    }
+    for field, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=field):
+                HubOptions(**{field: value})  # type: ignore[arg-type]

@@ -55,6 +55,7 @@ from ._family import ClientRole, RouterRole
 from ._loans import LoanBook
 from ._loops import LoopReads
 from ._losses import Losses
+from ._options import HubOptions
 from ._peers import ClientSink, LocalWorker, Peer, Relay, internal_error
 from ._wakeup import Wakeup
 from .core import (
@@ -97,13 +98,7 @@ class Bridge:
         listeners: list[socket.socket],
         *,
         authkey: bytes,
-        heartbeat_interval: float,
-        heartbeat_misses: int,
-        max_attempts: int,
-        max_queued: Optional[int],
-        max_frame: int,
-        handshake_timeout: float,
-        pipeline_depth: int,
+        options: HubOptions,
         shm_probe: Optional[dict[str, str]],
         deliver_async: Callable[[list[tuple[Call, Outcome]]], None],
         deliver_sync: Callable[[Call, Outcome], None],
@@ -113,23 +108,20 @@ class Bridge:
         upstream: Optional[tuple[Any, ...]] = None,
         rendezvous: Optional[Rendezvous] = None,
         on_role: Callable[[str, list[socket.socket]], None] = lambda role, listeners: None,
-        max_lent_bytes: int = 512 << 20,
         request_pool: Optional[protocol.SegmentPool] = None,
-        app: Optional[str] = None,
-        no_worker_timeout: Optional[float] = None,
         limited_keys: Sequence[tuple[str, bytes]] = (),
         ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         self._listeners = listeners
-        self._interval = heartbeat_interval
-        self._misses = heartbeat_misses
-        self._max_frame = max_frame
+        self._interval = options.heartbeat_interval
+        self._misses = options.heartbeat_misses
+        self._max_frame = max_frame = options.max_frame_bytes
         # Bytes of incomplete frames held from all peers together, at most
         # (each may hold up to max_frame): two frames' worth.
         self._max_buffered = 2 * max_frame
         self._buffered_lock = threading.Lock()  # owns _buffered
         self._buffered: dict[Peer, int] = {}  # peers holding part of a frame -> bytes
-        self._depth = pipeline_depth
+        self._depth = options.pipeline_depth
         self._shm_probe = shm_probe
         self._deliver_async = deliver_async
         self._deliver_sync = deliver_sync
@@ -137,13 +129,15 @@ class Bridge:
         self._maps = mappings or protocol.MappingCache()  # whichever thread reads the workers (own lock)
         self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
         self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
-        self._loans = LoanBook(max_lent_bytes, self._wakeup.wake, request_pool)  # answers lent in place
+        self._loans = LoanBook(options.max_lent_bytes, self._wakeup.wake, request_pool)  # answers lent in place
         self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
         # --- owned by _lock
-        self._core = Core(max_attempts=max_attempts, max_queued=max_queued, no_worker_timeout=no_worker_timeout)
-        self._app = app  # the application we route for (None or "*": any)
+        self._core = Core(
+            max_attempts=options.max_attempts, max_queued=options.max_queued, no_worker_timeout=options.no_worker_timeout
+        )
+        self._app = options.app  # the application we route for ("*": any)
         self._peers: dict[int, Peer] = {}  # fd -> peer, connected and not yet lost
         self._outcomes: list[tuple[Call, Outcome]] = []  # to hand over outside the lock
         # (socket, HELLO, frames that came after HELLO in the same read,
@@ -165,7 +159,7 @@ class Bridge:
             authkey_explicit=authkey_explicit,
             limited_keys=limited_keys,
             ssl_context=ssl_context,
-            handshake_timeout=handshake_timeout,
+            handshake_timeout=options.handshake_timeout,
         )
         self._next_id = 1
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)

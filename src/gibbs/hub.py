@@ -73,6 +73,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
 from . import worker as _worker_module
+from ._options import HubOptions
 from ._peers import LocalWorker, describe_exit
 from .bridge import Bridge
 from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
@@ -234,22 +235,23 @@ class Hub:
             port = default_port()
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"port must be a TCP port number (0 for any), got {port!r}")
-        if heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be > 0")
-        if heartbeat_misses < 1:
-            raise ValueError("heartbeat_misses must be >= 1")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if max_queued is not None and max_queued < 0:
-            raise ValueError("max_queued must be >= 0 or None")
-        if max_frame_bytes < 1024:
-            raise ValueError("max_frame_bytes must be at least 1024")
-        if pipeline_depth < 1:
-            raise ValueError("pipeline_depth must be >= 1")
-        if no_worker_timeout is not None and not no_worker_timeout > 0:
-            raise ValueError(f"no_worker_timeout must be > 0 or None, got {no_worker_timeout!r}")
         if app is not None and (not isinstance(app, str) or not app):
             raise ValueError(f"app must be a non-empty str, got {app!r}")
+        # Every option checked once, then handed down as one record.
+        self._options = options = HubOptions(
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_misses=heartbeat_misses,
+            max_attempts=max_attempts,
+            max_queued=max_queued,
+            max_frame_bytes=max_frame_bytes,
+            handshake_timeout=handshake_timeout,
+            pipeline_depth=pipeline_depth,
+            shm_threshold=shm_threshold,
+            max_lent_bytes=max_lent_bytes,
+            close_grace=close_grace,
+            no_worker_timeout=no_worker_timeout,
+            app=app if app is not None else default_app(),
+        )
         key, explicit = resolve_authkey(authkey)
         if address is None:
             address = os.environ.get(HUB_ENV) or None
@@ -280,20 +282,7 @@ class Hub:
             )
         self._host = host
         self._port = port
-        self._heartbeat_interval = float(heartbeat_interval)
-        self._heartbeat_misses = int(heartbeat_misses)
-        self._max_attempts = int(max_attempts)
-        self._max_queued = max_queued
-        self._max_frame = int(max_frame_bytes)
-        self._handshake_timeout = float(handshake_timeout)
-        self._pipeline_depth = int(pipeline_depth)
-        self._shm_threshold = shm_threshold
-        if not isinstance(max_lent_bytes, int) or max_lent_bytes < 0:
-            raise ValueError(f"max_lent_bytes must be an int >= 0, got {max_lent_bytes!r}")
-        self._max_lent_bytes = max_lent_bytes
-        self._close_grace = float(close_grace)
-        self._no_worker_timeout = None if no_worker_timeout is None else float(no_worker_timeout)
-        self._app = app if app is not None else default_app()
+        self._app = options.app
         self._limited_keys = limited_keys(observer_key, worker_key, key)
         self._authkey = key
         self._explicit = explicit
@@ -303,9 +292,9 @@ class Hub:
         if client_ssl_context is None and tls_files is not None:
             client_ssl_context = tls_files.client_context()
         self._ssl_context = ssl_context  # set: the TCP listener speaks TLS
-        self._place = _Place(host, port, self._router, key, explicit, float(handshake_timeout), float(heartbeat_interval))
+        self._place = _Place(host, port, self._router, key, explicit, options.handshake_timeout, options.heartbeat_interval)
         self._place.ssl_context = client_ssl_context
-        self._place.max_frame = int(max_frame_bytes)
+        self._place.max_frame = options.max_frame_bytes
         self._place.app = self._app
         self._state_lock = threading.Lock()  # owns: _bridge, _closed, _probe_path
         self._bridge: Optional[Bridge] = None
@@ -380,21 +369,12 @@ class Hub:
                 upstream=upstream,
                 rendezvous=self._place if family else None,
                 on_role=self._place.took_over,
-                heartbeat_interval=self._heartbeat_interval,
-                heartbeat_misses=self._heartbeat_misses,
-                max_attempts=self._max_attempts,
-                max_queued=self._max_queued,
-                max_frame=self._max_frame,
-                handshake_timeout=self._handshake_timeout,
-                pipeline_depth=self._pipeline_depth,
+                options=self._options,
                 shm_probe=probe,
                 deliver_async=_deliver_async,
                 deliver_sync=_deliver_sync,
                 local_workers=lambda: _local_workers_of(port, created),
-                max_lent_bytes=self._max_lent_bytes,
                 request_pool=self._pool,
-                app=self._app,
-                no_worker_timeout=self._no_worker_timeout,
                 limited_keys=self._limited_keys,
                 ssl_context=self._ssl_context,
             )
@@ -420,7 +400,7 @@ class Hub:
     def _make_probe(self) -> Optional[dict[str, str]]:
         """A file in /dev/shm whose content only a worker on this machine (and
         in the same /dev/shm) can read: such workers get shared memory."""
-        if self._shm_threshold is None or not protocol.shm_available():
+        if self._options.shm_threshold is None or not protocol.shm_available():
             return None
         _remove_stale_segments()
         token = uuid.uuid4().hex
@@ -448,7 +428,7 @@ class Hub:
     def _close_pools(self) -> None:
         pools, self._pools = self._pools, []
         for pool in pools:
-            pool.close(grace=self._close_grace)
+            pool.close(grace=self._options.close_grace)
 
     def __del__(self) -> None:
         # gibbs 0.2 code calls hub.__del__() to close a hub. Collection runs
@@ -484,7 +464,7 @@ class Hub:
             if self._finalizer is not None:
                 self._finalizer.detach()
         if bridge is not None:
-            bridge.begin_close(self._close_grace if grace is None else grace, on_closed)
+            bridge.begin_close(self._options.close_grace if grace is None else grace, on_closed)
         return bridge
 
     def _remove_probe(self) -> None:
@@ -528,8 +508,8 @@ class Hub:
 
     def _encode(self, args: tuple[Any, ...], kwargs: dict[str, Any], shm: bool = True) -> protocol.Payload:
         try:
-            if shm and self._pool is not None and self._shm_threshold is not None:
-                return protocol.encode((args, kwargs), self._pool, self._shm_threshold)
+            if shm and self._pool is not None and self._options.shm_threshold is not None:
+                return protocol.encode((args, kwargs), self._pool, self._options.shm_threshold)
             return protocol.encode((args, kwargs))
         except Exception as exc:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
@@ -945,7 +925,7 @@ class Hub:
         def builder(cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Worker]:
             def build(device: Optional[str], **overrides: Any) -> Worker:
                 options: dict[str, Any] = dict(
-                    gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._heartbeat_interval,
+                    gibbs_host=host, gibbs_port=port, gibbs_heartbeat_interval=self._options.heartbeat_interval,
                     gibbs_authkey=key, gibbs_start_method=start_method, gibbs_name=gibbs_name,
                     gibbs_model=gibbs_model, gibbs_batch_size=gibbs_batch_size, gibbs_batch_wait=gibbs_batch_wait,
                     gibbs_concurrency=gibbs_concurrency, gibbs_device=device, gibbs_copy_args=gibbs_copy_args,
