@@ -1801,18 +1801,23 @@ class Bridge:
         now = time.monotonic()
         core = self._core
         with self._lock:
+            # The actions of every answer of this read are applied together:
+            # the calls they free go out in one write per worker, not one each.
+            actions: list[Any] = []
             for kind, req_id, outcome in answers:
                 if kind == protocol.CHUNK:
-                    self._apply_locked(core.chunk(peer, req_id, outcome))  # type: ignore[arg-type]
+                    actions += core.chunk(peer, req_id, outcome)  # type: ignore[arg-type]
                 elif outcome is not None:
-                    self._apply_locked(core.answered(peer, req_id, outcome, now))
+                    actions += core.answered(peer, req_id, outcome, now)
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
                     logger.info("gibbs hub: %s is leaving", peer.describe())
-                    self._apply_locked(core.worker_leaving(peer, now))
+                    actions += core.worker_leaving(peer, now)
                 else:
                     logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
+            if actions:
+                self._apply_locked(actions)
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
