@@ -1018,7 +1018,13 @@ class Bridge:
             items, self._outcomes = self._outcomes, []
         if not items:
             return
+        any_sync = False  # a sink that is not an event loop's future
         for i, (call, outcome) in enumerate(items):
+            if not any_sync and not hasattr(call.sink, "get_loop"):
+                any_sync = True
+            kind = outcome.kind
+            if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED or kind is OutcomeKind.CHUNK:
+                continue  # nothing to explain (the common case)
             value = outcome.value
             if isinstance(value, NoWorkersError) and getattr(value, "model", None) and not getattr(value, "explained", False):
                 # The core failed it for want of workers: add what we saw.
@@ -1031,6 +1037,9 @@ class Bridge:
                 text = self._explain(call.model)
                 if text:
                     items[i] = (call, Outcome(OutcomeKind.EXPIRED, value._replace(detail=text)))
+        if not any_sync:
+            self._deliver_async(items)
+            return
         sync = [it for it in items if not hasattr(it[0].sink, "get_loop")]
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
