@@ -4,12 +4,15 @@ one caller and 64 callers, trivial model. With ``py-spy`` installed
 (``pip install py-spy``; it needs ptrace, e.g. root), the functions that
 take the hub's and a worker's time, from a sampling profile.
 
-    python -m benchmarks.cpu [--seconds 3] [--no-profile]
+    python -m benchmarks.cpu [--seconds 3] [--no-profile] [--write]
 
 On 2 cores the throughput of 64 callers is bounded by the CPU all processes
 spend per request (hub + workers) over 2 cores, and the sequential latency
 by the CPU on its path plus the kernel's wake-ups: these tables say how much
 each side spends, where the targets of ``python -m benchmarks`` are missed.
+It ends with the two ratios the request path is held to (hub CPU per
+request at 64 callers against the floor's loop, sequential latency against
+the floor's); ``--write`` puts the tables in benchmarks/RESULTS.md too.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from gibbs import Hub, Worker
 
 from .baselines import AsyncioFloor
 from .models import Echo
+from .report import write_section
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -124,13 +128,15 @@ KEY_FUNCTIONS = (
 
 def show_profile(where: str, prof: Optional[dict[str, Any]], requests_per_s: float) -> None:
     if prof is None:
-        print(f"\n(no profile of the {where}: py-spy missing or not permitted)")
+        out()
+        out(f"(no profile of the {where}: py-spy missing or not permitted)")
         return
     per = 1e6 / (prof["rate"] * prof["seconds"] * requests_per_s)  # µs per request of one sample
     busy = ", ".join(f"{k} {v * per:.1f}" for k, v in prof["busy"].most_common() if v * per >= 0.5)
-    print(f"\n{where}: µs per request at work, by thread: {busy}")
+    out()
+    out(f"{where}: µs per request at work, by thread: {busy}")
     rows = [(fn, prof["incl"][fn] * per) for fn in KEY_FUNCTIONS if prof["incl"][fn]]
-    print("  inclusive, µs per request: " + ", ".join(f"{fn} {us:.1f}" for fn, us in rows))
+    out("  inclusive, µs per request: " + ", ".join(f"{fn} {us:.1f}" for fn, us in rows))
 
 
 async def measure(label: str, call: Callable[[Any], Awaitable[Any]], pids: dict[str, int], seconds: float,
@@ -155,23 +161,46 @@ async def measure(label: str, call: Callable[[Any], Awaitable[Any]], pids: dict[
             "threads_us": per_thread}
 
 
+#: Lines printed, for --write.
+LINES: list[str] = []
+
+
+def out(line: str = "") -> None:
+    print(line)
+    LINES.append(line)
+
+
 def show(r: dict[str, Any]) -> None:
     total = sum(r["cpu_us"].values())
     parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
-    print(f"| {r['label']} | {r['rate']:,.0f} req/s | {r['latency_us']:.1f} µs | {total:.1f} µs ({parts}) |")
+    out(f"| {r['label']} | {r['rate']:,.0f} req/s | {r['latency_us']:.1f} µs | {total:.1f} µs ({parts}) |")
     threads = {k: v for k, v in r["threads_us"].items() if v >= 0.5}
     if threads:
-        print(f"|   threads of the caller's process | | | {', '.join(f'{k} {v:.1f}' for k, v in threads.items())} |")
+        out(f"|   threads of the caller's process | | | {', '.join(f'{k} {v:.1f}' for k, v in threads.items())} |")
+
+
+def show_targets(floor: dict[int, dict[str, Any]], gibbs: dict[int, dict[str, Any]]) -> None:
+    """The request path's two targets, as ratios within this run."""
+    cpu = gibbs[64]["cpu_us"]["hub"] / floor[64]["cpu_us"]["loop"]
+    lat = gibbs[1]["latency_us"] / floor[1]["latency_us"]
+    out()
+    out(f"- hub CPU per request at 64 callers: {gibbs[64]['cpu_us']['hub']:.1f} µs, {cpu:.2f}× the asyncio floor's "
+        f"loop ({floor[64]['cpu_us']['loop']:.1f} µs; target ≤ 2×: {'met' if cpu <= 2 else 'missed'})")
+    out(f"- sequential latency: {gibbs[1]['latency_us']:.1f} µs, {lat:.2f}× the asyncio floor's "
+        f"({floor[1]['latency_us']:.1f} µs; target ≤ 1.2×: {'met' if lat <= 1.2 else 'missed'})")
 
 
 async def main_async(seconds: float, profile: bool) -> None:
-    print("| load | rate | latency per call | CPU per request, µs (by process) |")
-    print("|---|---|---|---|")
+    out("| load | rate | latency per call | CPU per request, µs (by process) |")
+    out("|---|---|---|---|")
     me = os.getpid()
+    floors: dict[int, dict[str, Any]] = {}
+    gibbs: dict[int, dict[str, Any]] = {}
     async with AsyncioFloor() as floor:
         pids = {"loop": me, "echo": floor.proc.pid}
         for callers in (1, 64):
-            show(await measure(f"asyncio floor, {callers} caller(s)", floor.call, pids, seconds, callers))
+            floors[callers] = await measure(f"asyncio floor, {callers} caller(s)", floor.call, pids, seconds, callers)
+            show(floors[callers])
     hub = Hub(port=0)
     hub.start()
     workers = [Worker(Echo, gibbs_host="127.0.0.1", gibbs_port=hub.port) for _ in range(2)]
@@ -184,7 +213,9 @@ async def main_async(seconds: float, profile: bool) -> None:
             assert w.pid is not None
             pids[f"worker{i}"] = w.pid
         for callers in (1, 64):
-            show(await measure(f"gibbs, 2 workers, {callers} caller(s)", hub.request, pids, seconds, callers))
+            gibbs[callers] = await measure(f"gibbs, 2 workers, {callers} caller(s)", hub.request, pids, seconds, callers)
+            show(gibbs[callers])
+        show_targets(floors, gibbs)
         if profile:
             for callers in (1, 64):
                 result: dict[str, Any] = {}
@@ -202,7 +233,8 @@ async def main_async(seconds: float, profile: bool) -> None:
                 rate = n / (time.perf_counter() - t0)
                 for t in ts:
                     t.join()
-                print(f"\nProfile (py-spy), {callers} caller(s), {rate:,.0f} req/s:")
+                out()
+                out(f"Profile (py-spy), {callers} caller(s), {rate:,.0f} req/s:")
                 show_profile("hub process", result.get("hub"), rate)
                 show_profile("worker 0", result.get("worker"), rate / 2 if callers > 1 else rate)
     finally:
@@ -220,8 +252,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--write", action="store_true", help="put the tables in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     asyncio.run(main_async(args.seconds, not args.no_profile))
+    if args.write:
+        head = (f"## CPU per request\n\nGenerated by `python -m benchmarks.cpu` (benchmarks/cpu.py), "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+                f"CPython {sys.version.split()[0]}: trivial model, {args.seconds:g} s per load; CPU time of each "
+                f"process (from /proc) per request; the profile samples at work with py-spy (it slows the run).\n")
+        path = write_section("cpu", head + "\n" + "\n".join(LINES))
+        print(f"wrote {path}")
     return 0
 
 

@@ -78,6 +78,21 @@ def test_streaming_benchmark_prints_its_rows() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_cpu_benchmark_prints_the_request_path_targets() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cpu", "--seconds", "0.5", "--no-profile"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for row in ("asyncio floor, 64 caller(s)", "gibbs, 2 workers, 1 caller(s)", "gibbs, 2 workers, 64 caller(s)",
+                "hub CPU per request at 64 callers:", "sequential latency:"):
+        assert row in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
 def test_lifecycle_benchmark_rolls_without_errors() -> None:
     import json
 

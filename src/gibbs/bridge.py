@@ -615,7 +615,13 @@ class Bridge:
             items, self._outcomes = self._outcomes, []
         if not items:
             return
+        any_sync = False  # a sink that is not an event loop's future
         for i, (call, outcome) in enumerate(items):
+            if not any_sync and not hasattr(call.sink, "get_loop"):
+                any_sync = True
+            kind = outcome.kind
+            if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED or kind is OutcomeKind.CHUNK:
+                continue  # nothing to explain (the common case)
             value = outcome.value
             if isinstance(value, NoWorkersError) and getattr(value, "model", None) and not getattr(value, "explained", False):
                 # The core failed it for want of workers: add what we saw.
@@ -628,6 +634,9 @@ class Bridge:
                 text = self._explain(call.model)
                 if text:
                     items[i] = (call, Outcome(OutcomeKind.EXPIRED, value._replace(detail=text)))
+        if not any_sync:
+            self._deliver_async(items)
+            return
         sync = [it for it in items if not hasattr(it[0].sink, "get_loop")]
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
@@ -1116,18 +1125,23 @@ class Bridge:
         now = time.monotonic()
         core = self._core
         with self._lock:
+            # The actions of every answer of this read are applied together:
+            # the calls they free go out in one write per worker, not one each.
+            actions: list[Any] = []
             for kind, req_id, outcome in answers:
                 if kind == protocol.CHUNK:
-                    self._apply_locked(core.chunk(peer, req_id, outcome))  # type: ignore[arg-type]
+                    actions += core.chunk(peer, req_id, outcome)  # type: ignore[arg-type]
                 elif outcome is not None:
-                    self._apply_locked(core.answered(peer, req_id, outcome, now))
+                    actions += core.answered(peer, req_id, outcome, now)
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
                     logger.info("gibbs hub: %s is leaving", peer.describe())
-                    self._apply_locked(core.worker_leaving(peer, now))
+                    actions += core.worker_leaving(peer, now)
                 else:
                     logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
+            if actions:
+                self._apply_locked(actions)
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)

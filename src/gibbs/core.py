@@ -63,7 +63,7 @@ import heapq
 from typing import Any, Hashable, NamedTuple, Optional, Union
 
 from .errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
-from .metrics import Window
+from .metrics import Window, _quantile
 
 __all__ = [
     "Core",
@@ -95,6 +95,8 @@ DEFAULT_MODEL = "default"
 #: answers, once it has at least HEDGE_MIN_SAMPLES of them.
 HEDGE_EVERY = 16
 HEDGE_MIN_SAMPLES = 32
+#: ... over the last this many answers of the model.
+HEDGE_SAMPLES = 256
 
 #: Queue disciplines the core knows (see Core.discipline).
 DISCIPLINES = ("fifo", "lifo")
@@ -139,6 +141,10 @@ class CallState(enum.Enum):
     QUEUED = "queued"  # in its model's queue (maybe also held, on a retry)
     RUNNING = "running"  # out of the queue, held by one or more workers
     DONE = "done"  # its Resolve was returned: the caller has its outcome
+
+    # Members are singletons: hash them by identity (C), not by name
+    # (Enum's __hash__ is Python code, and every move hashes two of them).
+    __hash__ = object.__hash__
 
 
 #: Every allowed move, written once. Anything else raises CallStateError at
@@ -244,7 +250,7 @@ class WorkerInfo:
 
     __slots__ = (
         "id", "model", "cls", "slots", "batch_size", "depth", "units", "held",
-        "ewma", "last_done", "leaving", "served", "describe", "relay", "token",
+        "ewma", "last_done", "leaving", "served", "describe", "relay", "token", "streams",
     )
 
     def __init__(
@@ -273,6 +279,7 @@ class WorkerInfo:
         # Units in the order sent; each is the list of call ids it still owes.
         self.units: collections.deque[list[int]] = collections.deque()
         self.held: dict[int, Call] = {}  # call id -> call, every attempt it holds
+        self.streams = 0  # how many of those are streams
         self.ewma: Optional[float] = None  # seconds per unit
         self.last_done = 0.0
         self.leaving = False
@@ -287,7 +294,7 @@ class WorkerInfo:
 class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
-        "loading", "absent_since", "next_cls", "service", "hedge_after", "hedge",
+        "loading", "absent_since", "next_cls", "service", "n_service", "hedge_after", "hedge",
     )
 
     def __init__(self, name: str) -> None:
@@ -303,7 +310,11 @@ class _Model:
         self.stats: collections.Counter[str] = collections.Counter()
         self.latency = Window()  # submit -> answer, answered calls
         self.queue_wait = Window()  # submit -> first sent to a worker
-        self.service = Window(256)  # first sent -> first answer, answered calls (for hedging)
+        # First sent -> first answer of the last HEDGE_SAMPLES answered calls
+        # (for hedging; slot n % HEDGE_SAMPLES), and how many were answered:
+        # a bare ring, as only its p95 is read, every HEDGE_EVERY answers.
+        self.service: list[float] = []
+        self.n_service = 0
         self.hedge_after: Optional[float] = None  # its recent p95 service time, refreshed every HEDGE_EVERY
         self.hedge = False  # its calls are hedged by default (serve(gibbs_hedge=True))
         self.loading = 0  # workers building this model (announced, not joined yet)
@@ -313,7 +324,12 @@ class _Model:
         self.next_cls: Optional[str] = None  # during a rolling update: the new version's class
 
     def absent(self) -> bool:
-        return not self.loading and not any(not w.leaving for w in self.workers.values())
+        if self.loading:
+            return False
+        for w in self.workers.values():
+            if not w.leaving:
+                return False
+        return True
 
 
 def _without(holders: tuple[Hashable, ...], worker_id: Hashable) -> tuple[Hashable, ...]:
@@ -879,6 +895,7 @@ class Core:
                 continue
             back.append(call)
         w.held.clear()
+        w.streams = 0
         w.units.clear()
         for call in reversed(back):
             self._enqueue(call, front=True)
@@ -903,6 +920,8 @@ class Core:
         call = w.held.pop(call_id, None)
         if call is None:
             return out
+        if call.stream:
+            w.streams -= 1
         call.holders = _without(call.holders, worker_id)
         # Free the unit once every call in it is answered.
         for unit in w.units:
@@ -923,9 +942,14 @@ class Core:
             m = self.models[call.model]
             m.latency.add(now - call.t0)
             if call.dispatched:
-                m.service.add(now - call.sent_at)
-                if m.service.count % HEDGE_EVERY == 0 and m.service.count >= HEDGE_MIN_SAMPLES:
-                    m.hedge_after = m.service.snapshot()["p95"]
+                n = m.n_service
+                if n < HEDGE_SAMPLES:
+                    m.service.append(now - call.sent_at)
+                else:
+                    m.service[n % HEDGE_SAMPLES] = now - call.sent_at
+                m.n_service = n = n + 1
+                if n % HEDGE_EVERY == 0 and n >= HEDGE_MIN_SAMPLES:
+                    m.hedge_after = _quantile(sorted(m.service), 95)
             hedged = call.hedge == 2 and len(call.holders) > 0
             self._resolve(call, outcome, out)
             if hedged:
@@ -1089,29 +1113,33 @@ class Core:
     # ------------------------------------------------------------ scheduling
 
     def _pick(self, model: _Model, exclude: Optional[set[Hashable]] = None) -> Optional[WorkerInfo]:
+        # On every submit and answer: len(w.units) rather than the load property.
         best: Optional[WorkerInfo] = None
+        best_load = 0
         for w in model.workers.values():
             if w.leaving or (exclude and w.id in exclude):
                 continue
-            load = w.load
+            load = len(w.units)
             if load < w.slots:
-                if best is None or load < best.load:
+                if load == 0:
+                    return w
+                if best is None or load < best_load:
                     best = w
-                    if load == 0:
-                        break
+                    best_load = load
         if best is not None:
             return best
         for w in model.workers.values():
             if w.leaving or (exclude and w.id in exclude):
                 continue
             ewma = w.ewma
-            load = w.load
+            load = len(w.units)
             if ewma is None or load >= w.depth or load * ewma >= PIPELINE_WINDOW:
                 continue
-            if any(call.stream for call in w.held.values()):
+            if w.streams:
                 continue  # a stream lasts as long as its consumer: nothing queues behind it
-            if best is None or load < best.load:
+            if best is None or load < best_load:
                 best = w
+                best_load = load
         return best
 
     def _dispatch(self, model: _Model, now: float, out: list[Action]) -> None:
@@ -1131,8 +1159,9 @@ class Core:
             late: Optional[list[Call]] = None
             # What the worker needs to answer a call sent now: its service
             # time, and the units committed to it before (pipelining).
-            est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + w.load // w.slots)
-            full = w.load >= w.slots
+            load = len(w.units)
+            est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + load // w.slots)
+            full = load >= w.slots
             for call in queue.values() if self.discipline == "fifo" else reversed(queue.values()):
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
@@ -1169,6 +1198,8 @@ class Core:
             for call in calls:
                 call.holders += (w.id,)
                 w.held[call.id] = call
+                if call.stream:
+                    w.streams += 1
                 if not call.dispatched:
                     call.dispatched = True
                     call.sent_at = now
@@ -1229,6 +1260,7 @@ class Core:
             assert w.load <= w.depth, f"{w.describe} holds {w.load} units, over {w.depth}"
             ids = [cid for unit in w.units for cid in unit]
             assert sorted(ids) == sorted(w.held), (ids, list(w.held))
+            assert w.streams == sum(1 for c in w.held.values() if c.stream), (w.streams, list(w.held.values()))
             for unit in w.units:
                 assert 0 < len(unit) <= w.batch_size
             if w.token is not None:

@@ -522,9 +522,10 @@ class Hub:
             model = DEFAULT_MODEL
         elif not isinstance(model, str) or not model:
             raise TypeError(f"gibbs_model must be a non-empty str, got {model!r}")
-        if stream and bridge.is_batched(model):
+        batched = bridge.is_batched(model)
+        if stream and batched:
             raise TypeError(f"model {model!r} is batched: its requests cannot be streamed")
-        if bridge.is_batched(model) and (len(args) != 1 or kwargs):
+        if batched and (len(args) != 1 or kwargs):
             raise TypeError(
                 f"model {model!r} is batched: a request takes exactly one positional argument and no "
                 f"keyword arguments (got {len(args)} positional, {sorted(kwargs) or 'no'} keyword)"
@@ -580,7 +581,8 @@ class Hub:
                 started here failed to build the model).
             HubClosedError: the hub was closed.
         """
-        _check_deadline_args(gibbs_timeout, gibbs_retries)
+        if gibbs_timeout is not None or gibbs_retries:
+            _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
@@ -1329,18 +1331,24 @@ def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
     """Runs in the bridge thread, or in the home event loop when it read the
     answers itself: one hand-over per event loop; the running loop's own
     callers are resolved at once."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
-    for call, outcome in items:
-        sink = call.sink
-        by_loop.setdefault(sink.get_loop(), []).append((sink, outcome))
     try:
         running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
     except RuntimeError:
         running = None
-    for loop, batch in by_loop.items():
-        if loop is running:
-            _resolve_batch(batch)
+    by_loop: Optional[dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]]] = None
+    for call, outcome in items:
+        sink = call.sink
+        loop = sink.get_loop()
+        if loop is running:  # as _resolve_batch, without a batch
+            if not sink.done():  # else cancelled meanwhile
+                sink.set_result(outcome)
             continue
+        if by_loop is None:
+            by_loop = {}
+        by_loop.setdefault(loop, []).append((sink, outcome))
+    if by_loop is None:
+        return
+    for loop, batch in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve_batch, batch)
         except RuntimeError:  # the loop is closed: nobody is waiting
