@@ -140,6 +140,10 @@ QUEUE_SHARE = 0.5
 PIPELINE_WINDOW = 0.001
 
 
+#: What statistics() counts per priority class.
+_PRIO_COUNTS = ("requests", "completed", "errors", "failed", "cancelled", "expired", "shed")
+
+
 class OutcomeKind(enum.Enum):
     RESULT = "result"  # value: the answer's payload, as the driver received it
     ERROR = "error"  # value: the worker's error record (bytes)
@@ -1339,6 +1343,21 @@ class Core:
                     oldest = call.t0 if oldest is None else min(oldest, call.t0)
                     break  # FIFO: the first call not on a retry is the oldest
         return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def priority_stats(self, model_name: str) -> dict[str, dict[str, int]]:
+        """Per priority class of the model (those it has seen): requests,
+        their outcomes (completed, errors, failed, cancelled; expired and
+        shed counted apart too) and how many are queued now."""
+        m = self.models.get(model_name)
+        if m is None:
+            return {}
+        seen = sorted({p for p, _ in m.prio_stats} | set(m.by_class))
+        out: dict[str, dict[str, int]] = {}
+        for p in seen:
+            entry = {what: m.prio_stats[(p, what)] for what in _PRIO_COUNTS}
+            entry["queued"] = len(m.by_class.get(p, ()))
+            out[str(p)] = entry
+        return out
 
     def queued(self, model: Optional[str] = None) -> int:
         if model is None:

@@ -66,6 +66,9 @@ __all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSE
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.
 _DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
+#: The priority class of the call being run here (PRIORITY frames), for the
+#: calls a model makes while it serves it: None outside a call, or class 0.
+_PRIORITY: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar("gibbs_priority", default=None)
 
 
 class Serving:
@@ -107,6 +110,12 @@ def remaining() -> Optional[float]:
     """
     deadline = _DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+def current_priority() -> Optional[int]:
+    """Inside a model's call in a worker: the call's priority class, when
+    the hub gave it one other than 0 (in a batch: the highest of its items)."""
+    return _PRIORITY.get()
 
 
 logger = logging.getLogger("gibbs")
@@ -649,6 +658,7 @@ class _Runtime:
         self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
+        self.priorities: dict[int, int] = {}  # request id -> its class (PRIORITY frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -958,11 +968,15 @@ class _Runtime:
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(req_id, body)
                     continue
+                elif kind == protocol.PRIORITY:
+                    self.priorities[req_id] = protocol.unpack_priority(body)
+                    continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
                     token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+                    ptoken = _PRIORITY.set(self.priorities.pop(req_id, None)) if self.priorities else None
                     try:
                         if self.is_async:
                             self._start_async_stream(sock, req_id, body)
@@ -970,6 +984,8 @@ class _Runtime:
                             self._stream(sock, req_id, body)
                     finally:
                         _DEADLINE.reset(token)
+                        if ptoken is not None:
+                            _PRIORITY.reset(ptoken)
                     continue
                 elif kind == protocol.CREDIT or kind == protocol.STOP:
                     state = self.async_streams.get(req_id)
@@ -1019,6 +1035,15 @@ class _Runtime:
 
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
+        if self.priorities:
+            ptoken = _PRIORITY.set(self.priorities.pop(req_id, None))
+            try:
+                return self._handle_deadline(req_id, body)
+            finally:
+                _PRIORITY.reset(ptoken)
+        return self._handle_deadline(req_id, body)
+
+    def _handle_deadline(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         if not self.deadlines:
             return self._handle_call(req_id, body)
         token = _DEADLINE.set(self.deadlines.pop(req_id, None))
@@ -1293,6 +1318,8 @@ class _Runtime:
                         self.pool.release(frame[2].decode(errors="replace"))
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(frame[1], frame[2])
+                elif kind == protocol.PRIORITY:
+                    self.priorities[frame[1]] = protocol.unpack_priority(frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1334,7 +1361,9 @@ class _Runtime:
         if not ids:
             return out, payloads
         deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
+        classes = [p for p in (self.priorities.pop(i, None) for i in ids) if p is not None] if self.priorities else []
         token = _DEADLINE.set(min(deadlines) if deadlines else None)
+        ptoken = _PRIORITY.set(max(classes)) if classes else None
         try:
             results = self.model(xs)
         except Exception as exc:
@@ -1344,6 +1373,8 @@ class _Runtime:
             return out, payloads
         finally:
             _DEADLINE.reset(token)
+            if ptoken is not None:
+                _PRIORITY.reset(ptoken)
         del xs
         try:
             n = len(results)
