@@ -1609,6 +1609,12 @@ def _error_from_record(body: bytes) -> GibbsError:
         )
         err.__cause__ = original
         return err
+    if kind == protocol.ERR_DROPPED:
+        # The worker took it out of its batch: its deadline had passed there
+        # (when the hub's own timer had not ended it yet).
+        return DeadlineExceededError(
+            "request expired in the queue: its deadline passed while its batch waited on the worker", in_queue=True
+        )
     if kind == protocol.ERR_RESULT_PICKLE:
         return SerializationError(
             f"the model's return value cannot be pickled: {type_name}: {message}"

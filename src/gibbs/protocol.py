@@ -224,6 +224,7 @@ def _unpack_oob(body: Buffer) -> tuple[memoryview, list[memoryview]]:
 ERR_USER = "user"  # the model raised
 ERR_RESULT_PICKLE = "result-pickle"  # the model's return value could not be pickled
 ERR_ARGS_UNPICKLE = "args-unpickle"  # the worker could not unpickle the arguments
+ERR_DROPPED = "dropped"  # taken out of its batch before it started: past its deadline, or its caller gone
 
 
 def pack_frame(kind: int, req_id: int, body: Buffer = b"") -> list[Buffer]:

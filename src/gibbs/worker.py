@@ -37,6 +37,7 @@ import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its j
 import os
 import pickle
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -964,6 +965,7 @@ class _Runtime:
                 if kind == protocol.REQUEST:
                     buffers, payloads = self._handle(req_id, body)
                 elif kind == protocol.BATCH:
+                    self._poll_controls(sock)  # a STOP for one of its items may have come meanwhile
                     buffers, payloads = self._handle_batch(body)
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(req_id, body)
@@ -1336,14 +1338,55 @@ class _Runtime:
             return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), []
         return protocol.pack_frame(protocol.RESULT, req_id, payload.body), [payload]
 
+    def _poll_controls(self, sock: socket.socket) -> None:
+        """Read, without waiting, the frames the hub sent while the previous
+        unit ran: they join ``pending`` (a batch that waited here behind
+        another, pipelined, is then thinned of the items they stop)."""
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return
+        if readable:
+            frames = self._read_frames(sock)
+            if frames:
+                self.pending.extend(frames)
+
+    def _dropped(self, ids: list[int]) -> set[int]:
+        """The items of a batch about to start that nobody waits for: past
+        their deadline, or stopped by the hub (their caller cancelled, or a
+        hedge won) in a STOP frame already read. Their STOP frames are used up."""
+        gone: set[int] = set()
+        if self.deadlines:
+            now = time.monotonic()
+            gone.update(i for i in ids if (d := self.deadlines.get(i)) is not None and d <= now)
+        if self.pending:
+            wanted = set(ids)
+            stops = [f for f in self.pending if f[0] == protocol.STOP and f[1] in wanted]
+            if stops:
+                gone.update(f[1] for f in stops)
+                keep = [f for f in self.pending if not (f[0] == protocol.STOP and f[1] in wanted)]
+                self.pending.clear()
+                self.pending.extend(keep)
+        return gone
+
     def _handle_batch(self, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        """Run a batch: ``model(xs)`` with the single argument of each
-        request; answers go one frame per request."""
+        """Run a batch: ``model(xs)`` with the single argument of each live
+        request (an item past its deadline or stopped before the batch
+        starts is answered ERR_DROPPED, and the model never sees it);
+        answers go one frame per request."""
         out: list[protocol.Buffer] = []
         payloads: list[protocol.Payload] = []
         ids: list[int] = []
         xs: list[Any] = []
-        for req_id, item in protocol.unpack_batch(body):
+        items = protocol.unpack_batch(body)
+        gone = self._dropped([i for i, _ in items]) if self.deadlines or self.pending else ()
+        for req_id, item in items:
+            if req_id in gone:
+                self.deadlines.pop(req_id, None)
+                self.priorities.pop(req_id, None)
+                why = ValueError("taken out of its batch before it started: past its deadline, or its caller gone")
+                out.extend(self._error_frame(req_id, protocol.ERR_DROPPED, why, tb=""))
+                continue
             try:
                 args, kwargs = protocol.decode(item, cache=self.maps, in_place=not self.spec.copy_args)
             except Exception as exc:
