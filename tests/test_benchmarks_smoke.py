@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b", "9a", "9b")
+ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b", "9a", "9b", "9c")
 
 
 def _results_state() -> tuple[bool, float]:
@@ -152,3 +152,20 @@ def test_hedging_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["without hedging"]["hedged"] == 0 and res["with hedging"]["calls"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_batched_overload_benchmark_runs() -> None:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overload_batched", "--requests", "100", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["how"]: r for r in json.loads(proc.stdout)}
+    mine = rows["gibbs_timeout"]
+    assert mine["requests"] == rows["wait_for"]["requests"] == 100
+    # every call got an outcome, and no more answers in time than items computed
+    assert mine["ok"] + mine["late"] + mine["shed"] + mine["expired_queued"] + mine["expired_running"] == 100
+    assert 0 <= mine["ok"] <= mine["computed"] and 0.0 <= mine["wasted"] <= 1.0

@@ -152,7 +152,7 @@ class CoreMachine(RuleBasedStateMachine):
         call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries, priority=priority)
         call.hedge = 1 if hedge and not stream else 0
         self.next_call += 1
-        pred = self.core.predicted_wait(model, priority or 0)
+        pred = self.core.predicted_wait(model, priority or 0, self.now)
         n_calls = len(self.core.calls)
         try:
             actions = self.core.submit(call, self.now)
@@ -167,7 +167,7 @@ class CoreMachine(RuleBasedStateMachine):
             return
         final = call.final_deadline
         if pred is not None and final is not None:
-            assert pred[0] + pred[1] <= self.core.queue_share * (final - self.now), (
+            assert pred[1] < final - self.now and pred[0] <= self.core.queue_share * (final - self.now - pred[1]), (
                 "a call that the predicted wait says cannot be served in time was queued"
             )
         self.calls[call.id] = call
@@ -779,19 +779,23 @@ def test_a_shed_call_gets_its_error_at_once(service: float, n_workers: int, ops:
         if op == "submit":
             n += 1
             call = Call(n, "default", b"", timeout=timeout)
-            pred = core.predicted_wait("default")
+            pred = core.predicted_wait("default", 0, now)
             assert pred is not None
             before = dict(core.calls)
             try:
                 sent(core.submit(call, now))
             except OverloadedError as exc:
                 assert timeout is not None, "a call without a deadline was shed by prediction"
-                assert pred[0] + pred[1] > core.queue_share * ((now + timeout) - now)
+                left = (now + timeout) - now
+                assert pred[1] >= left or pred[0] > core.queue_share * (left - pred[1])
                 assert core.calls == before and call.state.value == "new", "a shed call left a trace"
                 assert exc.retry_after > 0
                 continue
             if timeout is not None:
-                assert pred[0] + pred[1] <= core.queue_share * ((now + timeout) - now), "admitted past the prediction"
+                left = (now + timeout) - now
+                assert pred[1] < left and pred[0] <= core.queue_share * (left - pred[1]), (
+                    "admitted past the prediction"
+                )
         elif op == "answer":
             busy = [w for w, ids in held.items() if ids]
             if busy:

@@ -125,11 +125,14 @@ HEDGE_MIN_SAMPLES = 32
 #: Queue disciplines the core knows (see Core.discipline).
 DISCIPLINES = ("fifo", "lifo")
 
-#: Admission control: a new call is shed at once when its predicted wait and
-#: service time exceed this share of its deadline. Measured on the core
+#: Admission control: a new call is shed at once when its predicted wait
+#: exceeds this share of the time it has left after its service time (or
+#: its service time alone exceeds its deadline). Measured on the core
 #: (benchmarks.overload_sim): 1.0 keeps answered calls' latency at the
 #: deadline under overload; 0.5 halves it for about 1 % of goodput at
-#: exactly full load and none beyond.
+#: exactly full load and none beyond. (The share is of the time left after
+#: the service, not of the whole deadline: a model that takes more than
+#: half the deadline would otherwise have every call shed, idle or not.)
 QUEUE_SHARE = 0.5
 
 #: A busy worker may be sent more work only while the work already committed
@@ -605,17 +608,25 @@ class Core:
             call.deadline = now + timeout
             final = call.final_deadline
             if final is not None:
-                pred = self.predicted_wait(model.name, prio)
-                if pred is not None and pred[0] + pred[1] > self.queue_share * (final - now):
+                pred = self.predicted_wait(model.name, prio, now)
+                if pred is not None and not self.admits(pred, final - now):
                     # Admission control: shed now rather than queue what cannot be served in time.
                     wait, service = pred
+                    left = final - now
                     call.deadline = None
                     self._count_shed(model, "shed_deadline", prio)
+                    if service >= left:
+                        raise OverloadedError(
+                            f"model {model.name!r} takes about {service:.3f} s a call: more than this call's "
+                            f"deadline ({left:.3f} s)",
+                            retry_after=max(0.001, wait),
+                            reason="deadline",
+                        )
                     raise OverloadedError(
                         f"model {model.name!r} is overloaded: the predicted wait ({wait:.3f} s for "
-                        f"{self._ahead(model, prio)} queued ahead) and its service time ({service:.3f} s) exceed "
-                        f"{self.queue_share:.0%} of this call's deadline ({final - now:.3f} s)",
-                        retry_after=max(0.001, wait + service - self.queue_share * (final - now)),
+                        f"{self._ahead(model, prio)} queued ahead) exceeds {self.queue_share:.0%} of the time "
+                        f"this call has left after its service time ({left:.3f} - {service:.3f} s)",
+                        retry_after=max(0.001, wait - self.queue_share * (left - service)),
                         reason="deadline",
                     )
         if victim is not None:
@@ -693,6 +704,12 @@ class Core:
             )
             self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
 
+    def admits(self, pred: tuple[float, float], left: float) -> bool:
+        """Admission: whether a call with ``left`` seconds to its deadline
+        and a predicted (wait, service) is queued rather than shed."""
+        wait, service = pred
+        return service < left and wait <= self.queue_share * (left - service)
+
     def _count_shed(self, model: _Model, reason: str, priority: int = 0) -> None:
         self.stats[reason] += 1
         model.stats[reason] += 1
@@ -740,12 +757,15 @@ class Core:
                 lt += len(q)
         return ge + min(lt, ge // STARVATION_BOUND)
 
-    def predicted_wait(self, model_name: str, priority: int = 0) -> Optional[tuple[float, float]]:
+    def predicted_wait(
+        self, model_name: str, priority: int = 0, now: Optional[float] = None
+    ) -> Optional[tuple[float, float]]:
         """(wait, service): how long a call of class ``priority`` submitted
         now would wait for a worker (the calls queued ahead of it, see
         ``_ahead``, over the model's measured throughput) and its service
         time. A worker not measured yet counts as the measured ones' mean;
-        None until one is (nothing is predicted from nothing)."""
+        None until one is (nothing is predicted from nothing). ``now``: for
+        a batched model, the time left of the batches running counts too."""
         model = self.models.get(model_name)
         if model is None:
             return None
@@ -770,6 +790,19 @@ class Core:
         ahead = self._ahead(model, priority)
         if free and not ahead:
             return (0.0, service)
+        live = [w for w in model.workers.values() if not (w.leaving or w.relay)]
+        batch = sum(w.batch_size for w in live)
+        if batch > len(live):
+            # Batched: a call waits for the batch running to end (by its
+            # measured service time), then for the whole rounds of batches
+            # ahead of it, not for each item (those of its own batch run
+            # with it). A call that would come too late for the next batch
+            # is shed at once rather than take a place it cannot use.
+            residual = 0.0
+            if now is not None and not free:
+                ends = [w.last_done + w.ewma - now for w in live if w.ewma is not None]
+                residual = max(0.0, min(ends)) if ends else 0.0
+            return (residual + (ahead // batch) * batch / rate, service)
         return (ahead / rate, service)
 
     def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
