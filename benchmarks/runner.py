@@ -20,6 +20,7 @@ from .gibbs_bench import cluster
 from .models import Echo, Sleeper
 from .overload import overload_rows, section_overload
 from .overload_batched import overload_batched_rows, section_overload_batched
+from .overload_frameworks import overload_frameworks_rows, section_overload_frameworks
 from .queue_bench import run_child
 from .ray_bench import ray_rows, section_ray_actors
 from .report import RESULTS_PATH, Row, results_markdown, summary, table, write_results
@@ -390,6 +391,7 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
     # 9. overload with deadlines
     rows += overload_rows(res)
     rows += overload_batched_rows(res)
+    rows += overload_frameworks_rows(res)
     if cfg.quick:
         for r in rows:
             r.note = (r.note + " " if r.note else "") + "(quick run: reduced sizes)"
@@ -445,6 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     asyncio.run(section_litserve(cfg, res))
     section_ray(cfg, res)
     section_ray_actors(cfg, res)
+    section_overload_frameworks(cfg, res)
 
     info["load"] = f"{load_before} / {_load()}"
     info["elapsed"] = f"{perf() - t0:.0f} s"

@@ -169,3 +169,30 @@ def test_batched_overload_benchmark_runs() -> None:
     # every call got an outcome, and no more answers in time than items computed
     assert mine["ok"] + mine["late"] + mine["shed"] + mine["expired_queued"] + mine["expired_running"] == 100
     assert 0 <= mine["ok"] <= mine["computed"] and 0.0 <= mine["wasted"] <= 1.0
+
+
+@pytest.mark.timeout(200)
+def test_overload_beside_other_frameworks_runs() -> None:
+    """gibbs' rows always; LitServe's and Ray Serve's, or the reason each was skipped."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overload_frameworks", "--seconds", "0.3", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=190,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    systems = {r["system"] for r in res["rows"]}
+    assert "gibbs" in systems
+    for name in ("LitServe", "Ray Serve"):
+        assert (name in systems) != (name in res["skipped"]), res["skipped"]
+    for r in res["rows"]:
+        assert r["ok"] + r["late"] + r["refused"] + r["timeout"] == r["sent"] > 0
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks.overload_frameworks import overload_frameworks_rows, report
+    finally:
+        sys.path.remove(ROOT)
+    assert "gibbs" in report(res)
+    rows = overload_frameworks_rows({"overload_frameworks": (res,)})
+    assert [r.key for r in rows] == ["9d", "9e"] and all(r.status == "reported" for r in rows)
