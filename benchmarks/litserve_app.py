@@ -8,8 +8,10 @@ benchmark starts as::
 One server, two endpoints: ``POST /batched`` (``max_batch_size``,
 ``batch_timeout``) and ``POST /unbatched`` (``max_batch_size=1``), each with
 ``--workers`` inference processes (``--trivial`` adds ``POST /trivial``, the
-identity model, for the HTTP benchmark); a request is ``{"x": <int>}`` and the
-answer ``{"y": <int>}``.
+identity model, for the HTTP benchmark; ``--sleep S`` adds ``POST /sleep``, a
+model that sleeps S seconds, for the overload benchmark, which counts its
+calls in ``--count-file``; ``--timeout``: LitServer's own request timeout);
+a request is ``{"x": <int>}`` and the answer ``{"y": <int>}``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ class TrivialAPI(GpuAPI):
         self.model = Echo()
 
 
+class SleepAPI(GpuAPI):
+    """The overload benchmark's model: sleeps, appends a byte to a count file."""
+
+    seconds = 0.01
+    count_file = ""
+
+    def setup(self, device):  # noqa: ANN001
+        import os
+
+        self.model = Echo()
+        self.fd = os.open(self.count_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT) if self.count_file else None
+
+    def predict(self, x):  # noqa: ANN001
+        import os
+        import time
+
+        time.sleep(self.seconds)
+        if self.fd is not None:
+            os.write(self.fd, b".")
+        return x
+
+
 class BatchedGpuAPI(GpuAPI):
     """``model(xs)`` on a list of up to ``max_batch_size`` requests' inputs."""
 
@@ -70,6 +94,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fast-queue", action=argparse.BooleanOptionalAction, default=True,
                    help="LitServer(fast_queue=...): answers through ZeroMQ (default on)")
     p.add_argument("--trivial", action="store_true", help="also POST /trivial: the identity model")
+    p.add_argument("--sleep", type=float, default=None, help="also POST /sleep: a model that sleeps this long")
+    p.add_argument("--count-file", default="", help="/sleep appends a byte here per call")
+    p.add_argument("--timeout", type=float, default=60.0, help="LitServer(timeout=...)")
     args = p.parse_args(argv)
     logging.getLogger("litserve").setLevel(logging.WARNING)
     apis = [
@@ -78,8 +105,12 @@ def main(argv: list[str]) -> int:
     ]
     if args.trivial:
         apis.append(TrivialAPI(api_path="/trivial"))
+    if args.sleep is not None:
+        sleeper = SleepAPI(api_path="/sleep")
+        sleeper.seconds, sleeper.count_file = args.sleep, args.count_file  # pickled with it to the workers
+        apis.append(sleeper)
     server = ls.LitServer(
-        apis, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=60,
+        apis, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=args.timeout,
         enable_shutdown_api=False, disable_openapi_url=True, fast_queue=args.fast_queue,
     )
     server.run(

@@ -121,3 +121,21 @@ def socket_echo(sock: Any) -> None:
         pass
     finally:
         sock.close()
+
+
+class BatchedSleeper:
+    """A batched model: ``model(xs)`` sleeps ``seconds`` for the whole batch
+    and answers its inputs; ``counters`` (a shared ``RawArray("q", 2)``)
+    counts its batches and the items it computed."""
+
+    def __init__(self, seconds: float, counters: Any = None) -> None:
+        self.seconds = seconds
+        self.counters = counters
+
+    def __call__(self, xs: Any) -> Any:
+        time.sleep(self.seconds)
+        c = self.counters
+        if c is not None:
+            c[0] += 1
+            c[1] += len(xs)
+        return list(xs)

@@ -19,6 +19,8 @@ from .common import fmt_bytes, fmt_rate, fmt_time, machine_info, median, percent
 from .gibbs_bench import cluster
 from .models import Echo, Sleeper
 from .overload import overload_rows, section_overload
+from .overload_batched import overload_batched_rows, section_overload_batched
+from .overload_frameworks import overload_frameworks_rows, section_overload_frameworks
 from .queue_bench import run_child
 from .ray_bench import ray_rows, section_ray_actors
 from .report import RESULTS_PATH, Row, results_markdown, summary, table, write_results
@@ -388,6 +390,8 @@ def build_rows(cfg: Config, res: dict[str, Any]) -> list[Row]:
     rows += ray_rows(res)
     # 9. overload with deadlines
     rows += overload_rows(res)
+    rows += overload_batched_rows(res)
+    rows += overload_frameworks_rows(res)
     if cfg.quick:
         for r in rows:
             r.note = (r.note + " " if r.note else "") + "(quick run: reduced sizes)"
@@ -436,12 +440,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     _forget_closed_hubs()
     section_queue(cfg, res)
     asyncio.run(section_overload(cfg.quick, res))
+    asyncio.run(section_overload_batched(cfg.quick, res))
     _forget_closed_hubs()
     # Last: other frameworks' processes must not load the machine while
     # gibbs is measured.
     asyncio.run(section_litserve(cfg, res))
     section_ray(cfg, res)
     section_ray_actors(cfg, res)
+    section_overload_frameworks(cfg, res)
 
     info["load"] = f"{load_before} / {_load()}"
     info["elapsed"] = f"{perf() - t0:.0f} s"

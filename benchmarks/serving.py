@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +157,7 @@ class HttpPool:
 @contextlib.asynccontextmanager
 async def litserve_server(
     batch_size: int, batch_timeout: float, workers: int, api_servers: Optional[int] = None,
-    start_timeout: float = 60.0, trivial: bool = False,
+    start_timeout: float = 60.0, trivial: bool = False, extra: Sequence[str] = (),
 ) -> AsyncIterator[HttpPool]:
     """A LitServe server (benchmarks.litserve_app) in its own process group,
     ready; yields a connection pool to it. Raises Unavailable."""
@@ -174,6 +174,7 @@ async def litserve_server(
         cmd += ["--api-servers", str(api_servers)]
     if trivial:
         cmd.append("--trivial")
+    cmd += list(extra)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,

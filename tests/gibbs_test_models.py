@@ -685,3 +685,30 @@ class Scaled:
     def __call__(self, base: float) -> Any:
         time.sleep(base * self.multiplier)
         return os.getpid()
+
+
+class PriorityOf:
+    """Returns the priority class the worker got with the call (None: 0)."""
+
+    def __call__(self, x: Any = None) -> Any:
+        from gibbs import worker
+
+        return worker.current_priority()
+
+
+class CallsPriorityOf:
+    """A sync model that calls model ``"prio"`` (its own class inherited, or ``priority``)."""
+
+    def __init__(self) -> None:
+        from gibbs import Hub
+
+        self.hub = Hub()
+
+    def __call__(self, priority: Any = None) -> Any:
+        return (self.hub.submit(gibbs_model="prio", gibbs_priority=priority).result(timeout=30), self_priority())
+
+
+def self_priority() -> Any:
+    from gibbs import worker
+
+    return worker.current_priority()

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b", "9a", "9b")
+ROWS = ("1", "2", "2i", "3", "3i", "4a", "4i", "4b", "5a", "5b", "6a", "6i", "6j", "6b", "7a", "7b", "9a", "9b", "9c")
 
 
 def _results_state() -> tuple[bool, float]:
@@ -167,3 +167,47 @@ def test_hedging_benchmark_runs() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["without hedging"]["hedged"] == 0 and res["with hedging"]["calls"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_batched_overload_benchmark_runs() -> None:
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overload_batched", "--requests", "100", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["how"]: r for r in json.loads(proc.stdout)}
+    mine = rows["gibbs_timeout"]
+    assert mine["requests"] == rows["wait_for"]["requests"] == 100
+    # every call got an outcome, and no more answers in time than items computed
+    assert mine["ok"] + mine["late"] + mine["shed"] + mine["expired_queued"] + mine["expired_running"] == 100
+    assert 0 <= mine["ok"] <= mine["computed"] and 0.0 <= mine["wasted"] <= 1.0
+
+
+@pytest.mark.timeout(200)
+def test_overload_beside_other_frameworks_runs() -> None:
+    """gibbs' rows always; LitServe's and Ray Serve's, or the reason each was skipped."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overload_frameworks", "--seconds", "0.3", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=190,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    systems = {r["system"] for r in res["rows"]}
+    assert "gibbs" in systems
+    for name in ("LitServe", "Ray Serve"):
+        assert (name in systems) != (name in res["skipped"]), res["skipped"]
+    for r in res["rows"]:
+        assert r["ok"] + r["late"] + r["refused"] + r["timeout"] == r["sent"] > 0
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks.overload_frameworks import overload_frameworks_rows, report
+    finally:
+        sys.path.remove(ROOT)
+    assert "gibbs" in report(res)
+    rows = overload_frameworks_rows({"overload_frameworks": (res,)})
+    assert [r.key for r in rows] == ["9d", "9e"] and all(r.status == "reported" for r in rows)

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gibbs.core import (
+    PRIORITIES,
+    STARVATION_BOUND,
     Call,
     Core,
     Credit,
@@ -144,12 +146,13 @@ class CoreMachine(RuleBasedStateMachine):
         timeout=st.one_of(st.none(), st.floats(0.001, 0.03)),
         retries=st.sampled_from([0, 0, 1, 2, -1]),
         hedge=st.booleans(),
+        priority=st.sampled_from([None, 0, 1, 2]),
     )
-    def submit(self, model: str, stream: bool, timeout: Any, retries: int, hedge: bool) -> None:
-        call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries)
+    def submit(self, model: str, stream: bool, timeout: Any, retries: int, hedge: bool, priority: Any) -> None:
+        call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries, priority=priority)
         call.hedge = 1 if hedge and not stream else 0
         self.next_call += 1
-        pred = self.core.predicted_wait(model)
+        pred = self.core.predicted_wait(model, priority or 0, self.now)
         n_calls = len(self.core.calls)
         try:
             actions = self.core.submit(call, self.now)
@@ -164,7 +167,7 @@ class CoreMachine(RuleBasedStateMachine):
             return
         final = call.final_deadline
         if pred is not None and final is not None:
-            assert pred[0] + pred[1] <= self.core.queue_share * (final - self.now), (
+            assert pred[1] < final - self.now and pred[0] <= self.core.queue_share * (final - self.now - pred[1]), (
                 "a call that the predicted wait says cannot be served in time was queued"
             )
         self.calls[call.id] = call
@@ -589,23 +592,27 @@ def _measured_worker(core: Core, wid: int, service: float, model: str = "default
 @given(
     service=st.floats(0.001, 0.05),
     ops=st.lists(
-        st.tuples(st.sampled_from(["submit", "answer", "tick"]), st.floats(0.0, 0.03), st.floats(0.001, 0.1)),
+        st.tuples(
+            st.sampled_from(["submit", "answer", "tick"]), st.floats(0.0, 0.03), st.floats(0.001, 0.1),
+            st.sampled_from([0, 1, 2]),
+        ),
         max_size=30,
     ),
 )
 def test_a_call_that_cannot_finish_in_time_is_never_sent(service: float, ops: list[Any]) -> None:
     """By the model's measured service time: a call whose time left is
-    shorter is failed at once (EXPIRED, in the queue), never sent."""
+    shorter is failed at once (EXPIRED, in the queue), never sent, whatever
+    its priority class."""
     core = _core()
     now = _measured_worker(core, 1, service)
     held: list[Call] = []
     n = 0
-    for op, dt, timeout in ops:
+    for op, dt, timeout, priority in ops:
         now += dt
         if op == "submit":
             n += 1
             try:
-                acts = core.submit(Call(n, "default", b"", timeout=timeout), now)
+                acts = core.submit(Call(n, "default", b"", timeout=timeout, priority=priority), now)
             except OverloadedError:
                 continue
         elif op == "answer" and held:
@@ -772,19 +779,23 @@ def test_a_shed_call_gets_its_error_at_once(service: float, n_workers: int, ops:
         if op == "submit":
             n += 1
             call = Call(n, "default", b"", timeout=timeout)
-            pred = core.predicted_wait("default")
+            pred = core.predicted_wait("default", 0, now)
             assert pred is not None
             before = dict(core.calls)
             try:
                 sent(core.submit(call, now))
             except OverloadedError as exc:
                 assert timeout is not None, "a call without a deadline was shed by prediction"
-                assert pred[0] + pred[1] > core.queue_share * ((now + timeout) - now)
+                left = (now + timeout) - now
+                assert pred[1] >= left or pred[0] > core.queue_share * (left - pred[1])
                 assert core.calls == before and call.state.value == "new", "a shed call left a trace"
                 assert exc.retry_after > 0
                 continue
             if timeout is not None:
-                assert pred[0] + pred[1] <= core.queue_share * ((now + timeout) - now), "admitted past the prediction"
+                left = (now + timeout) - now
+                assert pred[1] < left and pred[0] <= core.queue_share * (left - pred[1]), (
+                    "admitted past the prediction"
+                )
         elif op == "answer":
             busy = [w for w, ids in held.items() if ids]
             if busy:
@@ -920,3 +931,177 @@ def test_hedging_first_answer_wins_and_the_loser_is_stopped(n_workers: int, ops:
         for call in core.calls.values():
             if call.hedge == 2:
                 assert len(call.holders) <= 2, f"{call} hedged more than once"
+
+
+# ---------------------------------------------------------------- priorities
+
+
+def _expected_unit(queued: list[Call], passes: dict[int, int], batch_size: int) -> list[Call]:
+    """The reference rule: calls passed STARVATION_BOUND times first (the
+    lowest class first, oldest first), then the higher class first, oldest
+    first; ``queued`` is in submit order."""
+    starving = [c for c in queued if passes[c.id] >= STARVATION_BOUND]
+    starving.sort(key=lambda c: c.priority or 0)  # stable: oldest first within a class
+    rest = [c for c in queued if passes[c.id] < STARVATION_BOUND]
+    rest.sort(key=lambda c: -(c.priority or 0))
+    return (starving + rest)[:batch_size]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    batch_size=st.sampled_from([1, 1, 3]),
+    n_workers=st.integers(1, 2),
+    # (a new call's class, how many units are answered after it): a backlog
+    # builds up, then drains at the end.
+    ops=st.lists(st.tuples(st.sampled_from(PRIORITIES[:4]), st.sampled_from([0, 0, 0, 1, 2])), max_size=60),
+)
+def test_priority_order_and_the_starvation_bound(batch_size: int, n_workers: int, ops: list[Any]) -> None:
+    """Every unit a free worker takes is the reference order's head (higher
+    class first, FIFO within a class, a call passed STARVATION_BOUND times
+    goes next), and no queued call is ever passed by more than
+    STARVATION_BOUND units carrying a higher class."""
+    core = _core()
+    for wid in range(1, n_workers + 1):
+        core.worker_joined(WorkerInfo(wid, "default", batch_size=batch_size))
+    queued: list[Call] = []  # in submit order
+    passes: dict[int, int] = {}
+    running: list[tuple[int, tuple[Call, ...]]] = []
+    now = 0.0
+    n = 0
+
+    def check(acts: list[Any]) -> None:
+        for a in acts:
+            if not isinstance(a, Send):
+                continue
+            assert list(a.calls) == _expected_unit(queued, passes, batch_size), (
+                [(c.id, c.priority, passes[c.id]) for c in a.calls],
+                [(c.id, c.priority, passes[c.id]) for c in queued],
+            )
+            for c in a.calls:
+                queued.remove(c)
+            top = max(c.priority or 0 for c in a.calls)
+            for c in queued:
+                if (c.priority or 0) < top:
+                    passes[c.id] += 1
+                    assert passes[c.id] <= STARVATION_BOUND, "a call was passed more often than the bound"
+            running.append((a.worker, a.calls))
+        assert [c.id for c in queued] == sorted(c.id for c in core.models["default"].queue.values())
+
+    for priority, answers in ops:
+        now += 0.01
+        n += 1
+        call = Call(n, "default", b"", priority=priority)
+        passes[n] = 0
+        queued.append(call)
+        check(core.submit(call, now))
+        for _ in range(answers):
+            if not running:
+                break
+            now += 0.01
+            wid, calls = running.pop(0)
+            acts: list[Any] = []
+            for c in calls:
+                acts += core.answered(wid, c.id, Outcome(OutcomeKind.RESULT, b""), now)
+            check(acts)
+        core.check_invariants()
+    # Draining the queue: every call is served, the lower ones too.
+    while running:
+        wid, calls = running.pop(0)
+        now += 0.01
+        acts: list[Any] = []
+        for c in calls:
+            acts += core.answered(wid, c.id, Outcome(OutcomeKind.RESULT, b""), now)
+        check(acts)
+    assert not queued and not core.calls
+
+
+def test_priorities_higher_first_and_a_low_call_served_after_the_bound() -> None:
+    core = _core()
+    core.worker_joined(WorkerInfo(1, "default"))
+    busy = Call(1, "default", b"")
+    core.submit(busy)
+    low = Call(2, "default", b"", priority=0)
+    core.submit(low)
+    highs = [Call(10 + i, "default", b"", priority=5) for i in range(STARVATION_BOUND + 3)]
+    for c in highs:
+        core.submit(c)
+    order = []
+    last = busy
+    for t in range(len(highs) + 1):
+        acts = core.answered(1, last.id, Outcome(OutcomeKind.RESULT, b""), 0.01 * (t + 1))
+        (send,) = [a for a in acts if isinstance(a, Send)]
+        last = send.calls[0]
+        order.append(last.id)
+    # STARVATION_BOUND high calls pass the low one, then it goes.
+    assert order.index(low.id) == STARVATION_BOUND
+    assert [i for i in order if i != low.id] == [c.id for c in highs]
+    stats = core.priority_stats("default")
+    assert stats["5"]["requests"] == len(highs) and stats["0"]["requests"] == 2
+    assert stats["0"]["completed"] == 2 and stats["5"]["completed"] == len(highs) - 1
+    assert stats["5"]["queued"] == stats["0"]["queued"] == 0  # the last high call runs
+
+
+def test_bad_priorities_are_refused_clearly() -> None:
+    from gibbs.core import check_priority
+
+    for bad in (-1, 10, 1.5, "high", True):
+        with pytest.raises((TypeError, ValueError), match="gibbs_priority"):
+            check_priority(bad)
+    assert check_priority(9) == 9
+
+
+def test_a_model_default_priority() -> None:
+    core = _core()
+    core.default_priorities["m"] = 3
+    a, b = Call(1, "m", b""), Call(2, "m", b"", priority=0)
+    core.submit(a)
+    core.submit(b)
+    assert a.priority == 3 and b.priority == 0
+    assert Call(3, "other", b"").priority is None
+
+
+def test_admission_is_not_fooled_by_lower_classes_queued_ahead() -> None:
+    """A backlog of class 0 fills the queue up to the admission limit; a
+    class 1 call with the same deadline is still admitted (it waits behind
+    none of them but the few the starvation bound lets through), and a
+    class 0 call is shed."""
+    core = _core()
+    for wid in (1, 2):
+        core.worker_joined(WorkerInfo(wid, "default"))
+    warm = [Call(100 + wid, "default", b"") for wid in (1, 2)]
+    sends = [a for c in warm for a in core.submit(c, 0.0)]
+    for send in sends:
+        core.answered(send.worker, send.calls[0].id, Outcome(OutcomeKind.RESULT, b""), 0.01)
+    now = 0.01
+    with pytest.raises(OverloadedError):
+        for i in range(1000):
+            core.submit(Call(i, "default", b"", timeout=0.2, priority=0), now)
+    backlog = core.queued("default")
+    assert backlog >= 16
+    assert core.predicted_wait("default", 1)[0] < core.predicted_wait("default", 0)[0] / 4  # type: ignore[index]
+    high = Call(5000, "default", b"", timeout=0.2, priority=1)
+    core.submit(high, now)
+    assert high.queued
+    with pytest.raises(OverloadedError):
+        core.submit(Call(5001, "default", b"", timeout=0.2, priority=0), now)
+    assert core.priority_stats("default")["0"]["shed"] == 2
+    # Without the classes, the same call would have been shed.
+    assert core.predicted_wait("default", 0)[0] + 0.01 > 0.5 * 0.2  # type: ignore[index]
+
+
+def test_a_full_queue_gives_a_low_call_s_place_to_a_higher_one() -> None:
+    core = _core(max_queued=3)
+    core.worker_joined(WorkerInfo(1, "default"))
+    core.submit(Call(1, "default", b""))  # running
+    lows = [Call(2 + i, "default", b"", priority=1) for i in range(3)]
+    for c in lows:
+        core.submit(c)
+    with pytest.raises(QueueFullError):
+        core.submit(Call(10, "default", b"", priority=1))  # not higher: refused
+    acts = core.submit(Call(11, "default", b"", priority=2))
+    (res,) = [a for a in acts if isinstance(a, Resolve)]
+    assert res.call is lows[-1] and isinstance(res.outcome.value, QueueFullError)  # the newest of the lowest class
+    assert "higher priority" in str(res.outcome.value)
+    assert core.queued() == 3
+    assert core.priority_stats("default")["1"]["shed"] == 2
+    core.check_invariants()

@@ -120,3 +120,40 @@ def test_the_model_reads_its_time_left(hub, make_workers, model) -> None:
     assert left is not None and 1.0 < left < 1.95, left
     assert hub.submit(gibbs_timeout=5.0, gibbs_retries=-1).result(10) is None  # retries forever: no end
     assert hub.submit().result(10) is None  # the next call does not inherit it
+
+
+def test_a_batch_waiting_on_the_worker_is_thinned_of_items_nobody_waits_for(
+    hub, make_workers, tmp_path, monkeypatch
+) -> None:
+    """A busy batched worker may be sent its next batch ahead (pipelining,
+    for a model measured under PIPELINE_WINDOW; widened here so that it
+    happens whatever this machine's speed). An item of that batch whose
+    deadline passes, or whose caller cancels, before it starts is taken out:
+    the model sees the live items only."""
+    from gibbs_test_models import BatchModel
+
+    import gibbs.core
+
+    monkeypatch.setattr(gibbs.core, "PIPELINE_WINDOW", 60.0)
+    log = tmp_path / "batches"
+    make_workers(hub, BatchModel, 1, 0.0, str(log), gibbs_batch_size=8)
+    hub.wait_for_workers_sync(1, timeout=30)
+    assert hub.submit("warm").result(10)[0] == "warm"  # measured: pipelining may start
+    running = hub.submit(("sleep", 0.8))
+    assert wait_until(lambda: hub.statistics()["in_flight"] == 1, 10)
+    expires = hub.submit("expires", gibbs_timeout=0.2)
+    cancelled = hub.submit("cancelled")
+    live = hub.submit("live")
+    # All three were sent to the worker behind the running batch.
+    assert wait_until(lambda: hub.statistics()["in_flight"] == 4, 10), hub.statistics()
+    assert cancelled.cancel()
+    with pytest.raises(DeadlineExceededError):
+        expires.result(10)
+    assert live.result(10)[0] == "live"
+    assert running.result(10)[0] == ("sleep", 0.8)
+    seen = log.read_text()
+    assert "'live'" in seen
+    assert "expires" not in seen and "cancelled" not in seen, seen
+    stats = hub.statistics()
+    assert stats["expired"]["running"] == 1 and stats["abandoned"] == 2, stats  # both were at the worker
+    assert hub.submit("after").result(10)[0] == "after"  # the worker is in step

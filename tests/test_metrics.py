@@ -206,6 +206,9 @@ EXPECTED_TYPES = {
     "gibbs_requests_expired": "counter",
     "gibbs_requests_shed": "counter",
     "gibbs_batches": "counter",
+    "gibbs_priority_requests": "counter",
+    "gibbs_priority_outcomes": "counter",
+    "gibbs_priority_queued": "gauge",
     "gibbs_worker_deaths": "counter",
     "gibbs_handshake_failures": "counter",
     "gibbs_workers": "gauge",
@@ -400,3 +403,39 @@ def test_expired_and_shed_by_reason() -> None:
         (("model", "m"), ("reason", "deadline")): 7.0,
         (("model", "m"), ("reason", "max_queued")): 2.0,
     }
+
+
+def test_per_priority_class() -> None:
+    stats = {
+        "models": {
+            "m": {
+                "priorities": {
+                    "0": {"requests": 9, "completed": 5, "expired": 2, "shed": 1, "queued": 2},
+                    "10": {"requests": 1},
+                    "3": {"requests": 4, "completed": 4, "queued": 0},
+                }
+            },
+            "n": {},
+        }
+    }
+    families = _parse(prometheus_text(stats))
+    assert _values(families["gibbs_priority_requests"]) == {
+        (("model", "m"), ("priority", "0")): 9.0,
+        (("model", "m"), ("priority", "3")): 4.0,
+        (("model", "m"), ("priority", "10")): 1.0,
+    }
+    outcomes = _values(families["gibbs_priority_outcomes"])
+    assert outcomes[(("model", "m"), ("outcome", "expired"), ("priority", "0"))] == 2.0
+    assert outcomes[(("model", "m"), ("outcome", "shed"), ("priority", "0"))] == 1.0
+    assert outcomes[(("model", "m"), ("outcome", "completed"), ("priority", "3"))] == 4.0
+    assert outcomes[(("model", "m"), ("outcome", "failed"), ("priority", "10"))] == 0.0
+    assert len(outcomes) == 3 * 6
+    assert _values(families["gibbs_priority_queued"]) == {
+        (("model", "m"), ("priority", "0")): 2.0,
+        (("model", "m"), ("priority", "3")): 0.0,
+        (("model", "m"), ("priority", "10")): 0.0,
+    }
+    # classes in numeric order, not text order
+    text = prometheus_text(stats)
+    lines = [ln for ln in text.splitlines() if ln.startswith("gibbs_priority_requests_total")]
+    assert [ln.split('priority="')[1].split('"')[0] for ln in lines] == ["0", "3", "10"]

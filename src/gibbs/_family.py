@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import errors, protocol
 from ._peers import ClientSink, Forwarded, Peer, Relay
-from .core import CANCELLED, Call, Outcome, OutcomeKind, WorkerInfo
+from .core import CANCELLED, PRIORITIES, Call, Outcome, OutcomeKind, WorkerInfo
 from .errors import ProtocolError
 from .records import Hello, Welcome, exc_from_json, exc_to_json
 
@@ -90,6 +90,8 @@ class RouterRole:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
                     call = Call(self._b._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
+                    if flags >> protocol.FWD_PRIORITY_SHIFT:
+                        call.priority = min(flags >> protocol.FWD_PRIORITY_SHIFT, PRIORITIES[-1])
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._b._next_id += 1
                     err: Optional[BaseException] = None

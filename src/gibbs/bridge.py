@@ -227,6 +227,11 @@ class Bridge:
             else:
                 self._core.default_timeouts[model] = seconds
 
+    def set_default_priority(self, model: str, priority: int) -> None:
+        """gibbs_priority for the model's calls that give none."""
+        with self._lock:
+            self._core.default_priorities[model] = priority
+
     def set_hedging(self, model: str, on: bool) -> None:
         """Hedge the model's calls by default (a second attempt on an idle
         worker once one has run past the model's p95 service time)."""
@@ -246,6 +251,7 @@ class Bridge:
         timeout: Optional[float] = None,
         retries: int = 0,
         hedge: bool = False,
+        priority: Optional[int] = None,
     ) -> Call:
         home = self._loops.loop
         if home is not None and not home.is_running():
@@ -257,7 +263,7 @@ class Bridge:
         with self._lock:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
-            call = Call(self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries)
+            call = Call(self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries, priority=priority)
             if hedge and not stream:
                 call.hedge = 1
             self._next_id += 1
@@ -407,6 +413,7 @@ class Bridge:
                     "versions": _versions(ws),
                     "latency": m.latency.snapshot(),
                     "queue_wait": m.queue_wait.snapshot(),
+                    "priorities": core.priority_stats(name),
                 }
             if self._client_mode:
                 # The workers are the router's: what it last said of them.
@@ -500,6 +507,7 @@ class Bridge:
                     for c in action.calls:
                         self._relay_of[c.id] = relay
                         flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
+                        flags |= (c.priority or 0) << protocol.FWD_PRIORITY_SHIFT
                         up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload)))
                     peer = up
                     if touched is None:
@@ -516,6 +524,8 @@ class Bridge:
                         if final is not None:
                             now = now or time.monotonic()
                             peer.out.extend(protocol.pack_deadline(c.id, final - now))
+                        if c.priority:
+                            peer.out.extend(protocol.pack_priority(c.id, c.priority))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))

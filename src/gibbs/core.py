@@ -40,7 +40,12 @@ Transitions::
                        worker lost (no attempts left) ──► done (WorkerDiedError)
 
 Scheduling: idle workers pull work. Each model has its own FIFO queue and its
-own workers. A worker runs ``slots`` units at once (a unit is one call, or a
+own workers. Priorities (``Call.priority``, an int in ``PRIORITIES``, higher
+first): a free worker takes the highest class queued first, FIFO within a
+class, except that a queued call is passed by at most ``STARVATION_BOUND``
+units (calls, or batches) carrying calls of a higher class: then it goes in
+the next unit (the lowest such class first, so that serving it passes no
+other starving call). A worker runs ``slots`` units at once (a unit is one call, or a
 batch of up to ``batch_size`` calls); a busy worker may be sent a unit ahead
 (pipelining) only while the work already committed to it stays under
 ``PIPELINE_WINDOW`` seconds by its measured service time, and never more
@@ -60,7 +65,7 @@ from __future__ import annotations
 import collections
 import enum
 import heapq
-from typing import Any, Hashable, NamedTuple, Optional, Union
+from typing import Any, Hashable, Iterator, NamedTuple, Optional, Union
 
 from .errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
 from .metrics import Window, _quantile
@@ -87,9 +92,30 @@ __all__ = [
     "Action",
     "PIPELINE_WINDOW",
     "DEFAULT_MODEL",
+    "PRIORITIES",
+    "STARVATION_BOUND",
+    "check_priority",
 ]
 
 DEFAULT_MODEL = "default"
+
+#: The priority classes of a call (gibbs_priority): higher first; 0 by default.
+PRIORITIES = range(0, 10)
+
+#: A queued call is passed by at most this many units (calls, or batches)
+#: carrying calls of a higher class; then it goes in the next unit. The
+#: higher classes keep at least 8/9 of the workers while the lower ones
+#: wait, and no lower call waits for ever (docs/how-to/overload.md).
+STARVATION_BOUND = 8
+
+
+def check_priority(priority: object) -> int:
+    """``priority`` as a class of PRIORITIES, or a clear error."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"gibbs_priority must be an int from {PRIORITIES[0]} to {PRIORITIES[-1]}, got {priority!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"gibbs_priority must be from {PRIORITIES[0]} to {PRIORITIES[-1]} (higher first), got {priority}")
+    return priority
 
 #: Hedging: a model's p95 service time is recomputed every this many
 #: answers, once it has at least HEDGE_MIN_SAMPLES of them.
@@ -101,11 +127,14 @@ HEDGE_SAMPLES = 256
 #: Queue disciplines the core knows (see Core.discipline).
 DISCIPLINES = ("fifo", "lifo")
 
-#: Admission control: a new call is shed at once when its predicted wait and
-#: service time exceed this share of its deadline. Measured on the core
+#: Admission control: a new call is shed at once when its predicted wait
+#: exceeds this share of the time it has left after its service time (or
+#: its service time alone exceeds its deadline). Measured on the core
 #: (benchmarks.overload_sim): 1.0 keeps answered calls' latency at the
 #: deadline under overload; 0.5 halves it for about 1 % of goodput at
-#: exactly full load and none beyond.
+#: exactly full load and none beyond. (The share is of the time left after
+#: the service, not of the whole deadline: a model that takes more than
+#: half the deadline would otherwise have every call shed, idle or not.)
 QUEUE_SHARE = 0.5
 
 #: A busy worker may be sent more work only while the work already committed
@@ -114,6 +143,10 @@ QUEUE_SHARE = 0.5
 #: behind another while a worker could free up. Slow models never get a unit
 #: beyond their slots.
 PIPELINE_WINDOW = 0.001
+
+
+#: What statistics() counts per priority class.
+_PRIO_COUNTS = ("requests", "completed", "errors", "failed", "cancelled", "expired", "shed")
 
 
 class OutcomeKind(enum.Enum):
@@ -172,6 +205,7 @@ class Call:
         "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
         "timeout", "retries", "deadline", "windows", "origin", "hedge", "sent_at",
+        "priority", "mark",
     )
 
     def __init__(
@@ -184,6 +218,7 @@ class Call:
         *,
         timeout: Optional[float] = None,
         retries: int = 0,
+        priority: Optional[int] = None,
     ) -> None:
         self.id = call_id
         self.model = model
@@ -216,6 +251,11 @@ class Call:
         # 0 no, 1 it may, 2 its second attempt went out. ``sent_at``: first sent.
         self.hedge = 0
         self.sent_at = 0.0
+        # gibbs_priority (None: the model's default, else 0); ``mark``: the
+        # model's count of units that passed this class when it was submitted
+        # (see Core._order): it has been passed by ``passed[priority] - mark``.
+        self.priority = priority
+        self.mark = 0
 
     @property
     def final_deadline(self) -> Optional[float]:
@@ -295,6 +335,7 @@ class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
         "loading", "absent_since", "next_cls", "service", "n_service", "hedge_after", "hedge",
+        "by_class", "passed", "prio_stats",
     )
 
     def __init__(self, name: str) -> None:
@@ -322,6 +363,14 @@ class _Model:
         # loading, or all leaving); None while one is.
         self.absent_since: Optional[float] = None
         self.next_cls: Optional[str] = None  # during a rolling update: the new version's class
+        # The queue again, by priority class (only classes with a queued call),
+        # in the queue's order; and per class, how many units carrying a call
+        # of a higher class were sent (the starvation bound counts on it).
+        self.by_class: dict[int, collections.OrderedDict[int, Call]] = {}
+        self.passed = [0] * len(PRIORITIES)
+        # (priority, what): requests, completed, errors, failed, cancelled,
+        # expired, shed, per class
+        self.prio_stats: collections.Counter[tuple[int, str]] = collections.Counter()
 
     def absent(self) -> bool:
         if self.loading:
@@ -470,6 +519,8 @@ class Core:
         self._deadlines: list[tuple[float, int]] = []
         # model name -> gibbs_timeout for its calls that give none
         self.default_timeouts: dict[str, float] = {}
+        # model name -> gibbs_priority for its calls that give none (else 0)
+        self.default_priorities: dict[str, int] = {}
         # Running calls that may still be hedged (call id -> call); owned here.
         self._hedging: dict[int, Call] = {}
 
@@ -492,12 +543,14 @@ class Core:
         m = self.models.get(call.model)
         if m is not None:
             kind = outcome.kind
-            m.stats[
+            what = (
                 "completed" if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED
                 else "errors" if kind is OutcomeKind.ERROR
                 else "cancelled" if kind is OutcomeKind.CANCELLED or kind is OutcomeKind.EXPIRED
                 else "failed"
-            ] += 1
+            )
+            m.stats[what] += 1
+            m.prio_stats[(call.priority or 0, what)] += 1
         if call.queued:
             self._unqueue(call, CallState.DONE)
         else:
@@ -510,17 +563,29 @@ class Core:
             out.append(Release(call))
 
     def _enqueue(self, call: Call, front: bool = False) -> None:
-        q = self._model(call.model).queue
+        model = self._model(call.model)
+        q = model.queue
         q[call.id] = call
+        c = model.by_class.get(call.priority or 0)
+        if c is None:
+            c = model.by_class[call.priority or 0] = collections.OrderedDict()
+        c[call.id] = call
         if front:
             q.move_to_end(call.id, last=False)
+            c.move_to_end(call.id, last=False)
         call._move(CallState.QUEUED)
         self.n_queued += 1
 
     def _unqueue(self, call: Call, to: CallState = CallState.RUNNING) -> None:
         """Out of the queue: running (dispatched, or still held by a retried
         attempt) or done."""
-        del self.models[call.model].queue[call.id]
+        model = self.models[call.model]
+        del model.queue[call.id]
+        p = call.priority or 0
+        c = model.by_class[p]
+        del c[call.id]
+        if not c:
+            del model.by_class[p]
         call._move(to)
         self.n_queued -= 1
 
@@ -536,14 +601,21 @@ class Core:
             err = NoWorkersError(str(model.unavailable))
             err.__cause__ = model.unavailable.__cause__
             raise err
+        if call.priority is None:
+            call.priority = self.default_priorities.get(call.model, 0)
+        prio = call.priority
+        out: list[Action] = []
+        victim: Optional[Call] = None
         if self.max_queued is not None and self.n_queued >= self.max_queued:
             if not any(w.load < w.slots and not w.leaving for w in model.workers.values()):
-                pred = self.predicted_wait(model.name)
-                self._count_shed(model, "shed_max_queued")
-                raise QueueFullError(
-                    f"{self.n_queued} requests are already queued (max_queued={self.max_queued})",
-                    retry_after=pred[0] if pred else 0.0,
-                )
+                victim = self._displaced(model, prio)
+                if victim is None:
+                    pred = self.predicted_wait(model.name, prio)
+                    self._count_shed(model, "shed_max_queued", prio)
+                    raise QueueFullError(
+                        f"{self.n_queued} requests are already queued (max_queued={self.max_queued})",
+                        retry_after=pred[0] if pred else 0.0,
+                    )
         if call.id in self.calls:
             raise ValueError(f"call id {call.id} is already in use")
         timeout = call.timeout if call.timeout is not None else self.default_timeouts.get(call.model)
@@ -552,19 +624,29 @@ class Core:
             call.deadline = now + timeout
             final = call.final_deadline
             if final is not None:
-                pred = self.predicted_wait(model.name)
-                if pred is not None and pred[0] + pred[1] > self.queue_share * (final - now):
+                pred = self.predicted_wait(model.name, prio, now)
+                if pred is not None and not self.admits(pred, final - now):
                     # Admission control: shed now rather than queue what cannot be served in time.
                     wait, service = pred
+                    left = final - now
                     call.deadline = None
-                    self._count_shed(model, "shed_deadline")
+                    self._count_shed(model, "shed_deadline", prio)
+                    if service >= left:
+                        raise OverloadedError(
+                            f"model {model.name!r} takes about {service:.3f} s a call: more than this call's "
+                            f"deadline ({left:.3f} s)",
+                            retry_after=max(0.001, wait),
+                            reason="deadline",
+                        )
                     raise OverloadedError(
                         f"model {model.name!r} is overloaded: the predicted wait ({wait:.3f} s for "
-                        f"{len(model.queue)} queued ahead) and its service time ({service:.3f} s) exceed "
-                        f"{self.queue_share:.0%} of this call's deadline ({final - now:.3f} s)",
-                        retry_after=max(0.001, wait + service - self.queue_share * (final - now)),
+                        f"{self._ahead(model, prio)} queued ahead) exceeds {self.queue_share:.0%} of the time "
+                        f"this call has left after its service time ({left:.3f} - {service:.3f} s)",
+                        retry_after=max(0.001, wait - self.queue_share * (left - service)),
                         reason="deadline",
                     )
+        if victim is not None:
+            self._displace(model, victim, prio, out)
         if call.deadline is not None:
             heapq.heappush(self._deadlines, (call.deadline, call.id))
         if model.hedge and not call.hedge and not call.stream:
@@ -572,11 +654,12 @@ class Core:
         self.calls[call.id] = call
         call.t0 = now
         model.stats["requests"] += 1
+        model.prio_stats[(prio, "requests")] += 1
+        call.mark = model.passed[prio]
         if model.batch_wait:
             call.queued_at = now  # only a batch that may wait needs it
         self._enqueue(call)
         self.stats["submitted"] += 1
-        out: list[Action] = []
         if model.workers:
             self._dispatch(model, now, out)
         self._absence(model, now)
@@ -637,16 +720,68 @@ class Core:
             )
             self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
 
-    def _count_shed(self, model: _Model, reason: str) -> None:
+    def admits(self, pred: tuple[float, float], left: float) -> bool:
+        """Admission: whether a call with ``left`` seconds to its deadline
+        and a predicted (wait, service) is queued rather than shed."""
+        wait, service = pred
+        return service < left and wait <= self.queue_share * (left - service)
+
+    def _count_shed(self, model: _Model, reason: str, priority: int = 0) -> None:
         self.stats[reason] += 1
         model.stats[reason] += 1
+        model.prio_stats[(priority, "shed")] += 1
 
-    def predicted_wait(self, model_name: str) -> Optional[tuple[float, float]]:
-        """(wait, service): how long a call submitted now would wait for a
-        worker (the calls queued ahead over the model's measured throughput)
-        and its service time. A worker not measured yet counts as the
-        measured ones' mean; None until one is (nothing is predicted from
-        nothing)."""
+    @staticmethod
+    def _displaced(model: _Model, priority: int) -> Optional[Call]:
+        """The queue is full (max_queued): a new call of a higher class than
+        some queued call of its model takes the place of the newest queued
+        call of the lowest class, rather than be refused. Which one (None:
+        none is lower)."""
+        for p in sorted(model.by_class):
+            if p >= priority:
+                break
+            for victim in reversed(model.by_class[p].values()):
+                if not victim.holders:  # (a retry has an attempt running: not that one)
+                    return victim
+        return None
+
+    def _displace(self, model: _Model, victim: Call, priority: int, out: list[Action]) -> None:
+        p = victim.priority or 0
+        self._count_shed(model, "shed_max_queued", p)
+        err = QueueFullError(
+            f"{self.n_queued} requests are queued (max_queued={self.max_queued}): this one "
+            f"(gibbs_priority={p}) gave its place to a call of a higher priority ({priority})",
+            retry_after=0.0,
+        )
+        self._resolve(victim, Outcome(OutcomeKind.EXCEPTION, err), out)
+
+    @staticmethod
+    def _ahead(model: _Model, priority: int) -> int:
+        """Calls a call of class ``priority`` submitted now waits behind:
+        those queued of its class or higher, and the lower ones the
+        starvation bound lets through meanwhile."""
+        by_class = model.by_class
+        if not by_class:
+            return 0
+        if len(by_class) == 1 and priority in by_class:
+            return len(model.queue)
+        ge = lt = 0
+        for p, q in by_class.items():
+            if p >= priority:
+                ge += len(q)
+            else:
+                lt += len(q)
+        return ge + min(lt, ge // STARVATION_BOUND)
+
+    def predicted_wait(
+        self, model_name: str, priority: int = 0, now: Optional[float] = None
+    ) -> Optional[tuple[float, float]]:
+        """(wait, service): how long a call of class ``priority`` submitted
+        now would wait for a worker (the calls queued ahead of it, see
+        ``_ahead``, over the model's measured throughput) and its service
+        time. A worker not measured yet counts as the measured ones' mean;
+        None until one is (nothing is predicted from nothing). ``now``: for
+        a batched model, the time left of the batches running counts too."""
         model = self.models.get(model_name)
         if model is None:
             return None
@@ -668,9 +803,22 @@ class Core:
         if service is None:
             return None
         rate += unmeasured * rate / measured
-        ahead = len(model.queue)
+        ahead = self._ahead(model, priority)
         if free and not ahead:
             return (0.0, service)
+        live = [w for w in model.workers.values() if not (w.leaving or w.relay)]
+        batch = sum(w.batch_size for w in live)
+        if batch > len(live):
+            # Batched: a call waits for the batch running to end (by its
+            # measured service time), then for the whole rounds of batches
+            # ahead of it, not for each item (those of its own batch run
+            # with it). A call that would come too late for the next batch
+            # is shed at once rather than take a place it cannot use.
+            residual = 0.0
+            if now is not None and not free:
+                ends = [w.last_done + w.ewma - now for w in live if w.ewma is not None]
+                residual = max(0.0, min(ends)) if ends else 0.0
+            return (residual + (ahead // batch) * batch / rate, service)
         return (ahead / rate, service)
 
     def cancel(self, call: Call, outcome: Outcome = CANCELLED) -> list[Action]:
@@ -766,6 +914,7 @@ class Core:
         self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
         self.stats[reason] += 1
         self.models[call.model].stats[reason] += 1
+        self.models[call.model].prio_stats[(call.priority or 0, "expired")] += 1
         self._stop_holders(call, out)
         assert call.timeout is not None
         absent = in_queue and self.models[call.model].absent()
@@ -1162,7 +1311,12 @@ class Core:
             load = len(w.units)
             est = 0.0 if w.ewma is None or w.relay else w.ewma * (1 + load // w.slots)
             full = load >= w.slots
-            for call in queue.values() if self.discipline == "fifo" else reversed(queue.values()):
+            order = (
+                (queue.values() if self.discipline == "fifo" else reversed(queue.values()))
+                if len(model.by_class) <= 1
+                else self._order(model)
+            )
+            for call in order:
                 # A worker already holding an attempt of a call (a retry)
                 # would gain nothing from a second one: leave it for another.
                 # Nor is a call ever queued behind the call that waits on it
@@ -1208,7 +1362,39 @@ class Core:
                         self._hedging[call.id] = call
             if w.batch_size > 1:
                 model.batch_sizes[len(calls)] += 1
+            if model.by_class:
+                # This unit passed the calls of lower classes still queued.
+                top = max(c.priority or 0 for c in calls) if len(calls) > 1 else calls[0].priority or 0
+                if top:
+                    passed = model.passed
+                    for p in model.by_class:
+                        if p < top:
+                            passed[p] += 1
             out.append(Send(w.id, tuple(calls)))
+
+    def _order(self, model: _Model) -> Iterator[Call]:
+        """The order a free worker takes a model's queued calls in when they
+        are of several classes: first the calls passed ``STARVATION_BOUND``
+        times by higher classes (the lowest class first, oldest first), then
+        by class, higher first, in the discipline's order within a class."""
+        by_class = model.by_class
+        classes = sorted(by_class)
+        top = classes[-1]
+        passed = model.passed
+        for p in classes[:-1]:
+            bound = passed[p] - STARVATION_BOUND
+            for call in by_class[p].values():
+                if call.mark > bound:
+                    break  # submitted later, passed fewer times
+                yield call
+        fifo = self.discipline == "fifo"
+        for p in reversed(classes):
+            q = by_class[p]
+            bound = passed[p] - STARVATION_BOUND
+            for call in q.values() if fifo else reversed(q.values()):
+                if p != top and call.mark <= bound:
+                    continue  # taken above
+                yield call
 
     # ------------------------------------------------------------ views
 
@@ -1221,6 +1407,21 @@ class Core:
                     oldest = call.t0 if oldest is None else min(oldest, call.t0)
                     break  # FIFO: the first call not on a retry is the oldest
         return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def priority_stats(self, model_name: str) -> dict[str, dict[str, int]]:
+        """Per priority class of the model (those it has seen): requests,
+        their outcomes (completed, errors, failed, cancelled; expired and
+        shed counted apart too) and how many are queued now."""
+        m = self.models.get(model_name)
+        if m is None:
+            return {}
+        seen = sorted({p for p, _ in m.prio_stats} | set(m.by_class))
+        out: dict[str, dict[str, int]] = {}
+        for p in seen:
+            entry = {what: m.prio_stats[(p, what)] for what in _PRIO_COUNTS}
+            entry["queued"] = len(m.by_class.get(p, ()))
+            out[str(p)] = entry
+        return out
 
     def queued(self, model: Optional[str] = None) -> int:
         if model is None:
@@ -1237,6 +1438,11 @@ class Core:
                 assert call.queued and not call.done, call
                 assert call.id == cid and call.model == name
                 assert self.calls.get(cid) is call, call
+                assert model.by_class[call.priority or 0][cid] is call, call
+            assert sum(len(q) for q in model.by_class.values()) == len(model.queue)
+            assert all(model.by_class.values()), "an empty class is kept"
+            for p, q in model.by_class.items():
+                assert list(q) == [cid for cid, c in model.queue.items() if (c.priority or 0) == p], "class order"
             n += len(model.queue)
             for wid, w in model.workers.items():
                 assert self.workers[wid] is w and w.model == name

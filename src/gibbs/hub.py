@@ -76,7 +76,7 @@ from . import worker as _worker_module
 from ._options import HubOptions
 from ._peers import LocalWorker, describe_exit
 from .bridge import Bridge
-from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
+from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind, check_priority
 from .errors import (
     AddressInUseError,
     AuthenticationError,
@@ -306,6 +306,7 @@ class Hub:
         self._finalizer: Optional[weakref.finalize] = None
         self._pools: list[Pool] = []  # started by serve(); closed with the hub
         self._default_timeouts: dict[str, Optional[float]] = {}  # model -> gibbs_timeout (set_default_timeout)
+        self._default_priorities: dict[str, int] = {}  # model -> gibbs_priority (set_default_priority)
         _live_hubs.add(self)
 
     # ------------------------------------------------------------ lifecycle
@@ -382,6 +383,8 @@ class Hub:
             bridge.explain_source = weakref.WeakMethod(self._explain_absence)
             for name, seconds in self._default_timeouts.items():
                 bridge.set_default_timeout(name, seconds)
+            for name, priority in self._default_priorities.items():
+                bridge.set_default_priority(name, priority)
             bridge.start()
             self._bridge = bridge
             # A hub dropped without close() still releases its port, threads
@@ -542,6 +545,7 @@ class Hub:
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
+        gibbs_priority: Optional[int] = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
@@ -570,6 +574,12 @@ class Hub:
                 ``serve(gibbs_hedge=True)``). Decided by the hub whose workers
                 run the call: from a client hub, set it on the router's
                 ``serve``.
+            gibbs_priority: the call's class, an int from 0 to 9 (None: the
+                model's default, see :meth:`set_default_priority`, else 0):
+                a free worker takes the highest class queued first; a queued
+                call is passed by at most ``gibbs.core.STARVATION_BOUND``
+                units of higher classes. A call a model makes while it serves
+                one inherits that call's class.
 
         Raises:
             UserCodeException: the model raised (type, message, traceback kept).
@@ -584,12 +594,16 @@ class Hub:
         if gibbs_timeout is not None or gibbs_retries:
             _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
+        gibbs_priority = _priority_within_caller(gibbs_priority)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
-            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
+            call = bridge.submit(
+                payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge,
+                priority=gibbs_priority,
+            )
         except BaseException:
             payload.release()
             raise
@@ -609,20 +623,25 @@ class Hub:
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
+        gibbs_priority: Optional[int] = None,
         **kwargs: Any,
     ) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
         ``concurrent.futures.Future``. Cancelling it while queued removes the
-        request (it never runs). ``gibbs_timeout`` and ``gibbs_retries`` as
-        for ``request``: the future fails with
+        request (it never runs). ``gibbs_timeout``, ``gibbs_retries`` and
+        ``gibbs_priority`` as for ``request``: the future fails with
         :class:`~gibbs.DeadlineExceededError`. Its done-callbacks run on a
         gibbs delivery thread, never under a lock of the hub."""
         _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
+        gibbs_priority = _priority_within_caller(gibbs_priority)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
         fut = _SubmitFuture()
         try:
-            call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
+            call = bridge.submit(
+                payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge,
+                priority=gibbs_priority,
+            )
         except BaseException:
             payload.release()
             raise
@@ -631,7 +650,12 @@ class Hub:
         return fut
 
     async def stream(
-        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_model: Optional[str] = None,
+        gibbs_priority: Optional[int] = None,
+        **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """Stream ``model(*args, **kwargs)``: yields each item as the worker's
         generator yields it (time to the first item is a request's latency,
@@ -648,16 +672,18 @@ class Hub:
 
         ``gibbs_timeout``: the whole stream's deadline; when it passes, the
         generator is closed on the worker and the items already had are
-        followed by :class:`~gibbs.DeadlineExceededError`.
+        followed by :class:`~gibbs.DeadlineExceededError`. ``gibbs_priority``
+        as for ``request``.
         """
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
+        gibbs_priority = _priority_within_caller(gibbs_priority)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         sink = _AsyncStream(loop)
         bridge.home(loop)
         try:
-            call = bridge.submit(payload, sink, model, stream=True, timeout=gibbs_timeout)
+            call = bridge.submit(payload, sink, model, stream=True, timeout=gibbs_timeout, priority=gibbs_priority)
         except BaseException:
             payload.release()
             raise
@@ -683,17 +709,23 @@ class Hub:
                 bridge.cancel(call)
 
     def submit_stream(
-        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_model: Optional[str] = None,
+        gibbs_priority: Optional[int] = None,
+        **kwargs: Any,
     ) -> "StreamIterator":
         """``stream`` for plain threads: an iterator over the items (blocking
         ``next``). Call ``close()`` (or leave a ``with`` block) to stop early:
         the generator is closed on the worker."""
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
+        gibbs_priority = _priority_within_caller(gibbs_priority)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
         it = StreamIterator(bridge)
         try:
-            it._call = bridge.submit(payload, it, model, stream=True, timeout=gibbs_timeout)
+            it._call = bridge.submit(payload, it, model, stream=True, timeout=gibbs_timeout, priority=gibbs_priority)
         except BaseException:
             payload.release()
             raise
@@ -707,6 +739,17 @@ class Hub:
         bridge = self._bridge
         if bridge is not None and self._pid == os.getpid():
             bridge.set_default_timeout(model, seconds)
+
+    def set_default_priority(self, priority: int, model: str = DEFAULT_MODEL) -> None:
+        """The class (``gibbs_priority``, 0 to 9, higher first) of the
+        model's calls that give none, from now on (0 at first).
+        ``serve(gibbs_priority=...)`` sets it too. Decided by the hub whose
+        workers run the call: from a client hub, set it on the router."""
+        check_priority(priority)
+        self._default_priorities[model] = priority
+        bridge = self._bridge
+        if bridge is not None and self._pid == os.getpid():
+            bridge.set_default_priority(model, priority)
 
     # ------------------------------------------------------------ workers
 
@@ -861,6 +904,7 @@ class Hub:
         gibbs_pin_cpus: bool = False,
         gibbs_timeout: Optional[float] = None,
         gibbs_hedge: bool = False,
+        gibbs_priority: Optional[int] = None,
         **kwargs: Any,
     ) -> Pool:
         """Start ``gibbs_workers`` local workers of ``cls(*args, **kwargs)``
@@ -897,8 +941,11 @@ class Hub:
         ``gibbs_threads``, ``gibbs_pin_cpus``: CPU threads per worker, as for
         :class:`~gibbs.Worker` (default: the pool's workers split the cores).
         ``gibbs_timeout``: the model's default deadline (see
-        :meth:`set_default_timeout`).
+        :meth:`set_default_timeout`); ``gibbs_priority``: its calls' default
+        class (see :meth:`set_default_priority`).
         """
+        if gibbs_priority is not None:
+            self.set_default_priority(gibbs_priority, gibbs_model)
         if gibbs_timeout is not None:
             self.set_default_timeout(gibbs_timeout, gibbs_model)
         if gibbs_hedge:
@@ -1511,6 +1558,14 @@ def _within_caller(timeout: Optional[float]) -> Optional[float]:
     return left if timeout is None else min(timeout, left)
 
 
+def _priority_within_caller(priority: Optional[int]) -> Optional[int]:
+    """A call made while a worker serves a call (a model calling a model)
+    takes that call's class when it gives none of its own."""
+    if priority is not None:
+        return check_priority(priority)
+    return _worker_module.current_priority()
+
+
 def _error_from_record(body: bytes) -> GibbsError:
     """The caller's exception for an ERROR frame. Its body is the worker's
     pickle: whatever it holds or raises on loading (``SystemExit`` too) ends
@@ -1543,6 +1598,12 @@ def _error_from_record(body: bytes) -> GibbsError:
         )
         err.__cause__ = original
         return err
+    if kind == protocol.ERR_DROPPED:
+        # The worker took it out of its batch: its deadline had passed there
+        # (when the hub's own timer had not ended it yet).
+        return DeadlineExceededError(
+            "request expired in the queue: its deadline passed while its batch waited on the worker", in_queue=True
+        )
     if kind == protocol.ERR_RESULT_PICKLE:
         return SerializationError(
             f"the model's return value cannot be pickled: {type_name}: {message}"

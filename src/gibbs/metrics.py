@@ -306,6 +306,8 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
             for kind in ("queued", "running") if key == "expired" else ("deadline", "max_queued"):
                 out.sample(name, [("model", model), (label, kind)], by.get(kind))
 
+    _priorities(out, models)
+
     name = "gibbs_batches_total"
     out.family(name, "counter", "Batches run, per model and batch size.")
     for model, m in models:
@@ -344,6 +346,37 @@ def prometheus_text(stats: Mapping[str, Any]) -> str:
             _histogram(out, name, model, _mapping(m.get(key)))
 
     return out.text()
+
+
+#: Outcomes counted per priority class (keys of a model's "priorities" entries).
+_PRIORITY_OUTCOMES = ("completed", "errors", "failed", "cancelled", "expired", "shed")
+
+
+def _priorities(out: _Exposition, models: list[tuple[str, Mapping[str, Any]]]) -> None:
+    """Per model and priority class (``gibbs_priority``): requests, outcomes, queued."""
+    per = [(model, _mapping(m.get("priorities"))) for model, m in models]
+    name = "gibbs_priority_requests_total"
+    out.family(name, "counter", "Requests received, per model and priority class.")
+    for model, classes in per:
+        for p in sorted(classes, key=_batch_key):
+            out.sample(name, [("model", model), ("priority", p)], _mapping(classes[p]).get("requests"))
+    name = "gibbs_priority_outcomes_total"
+    out.family(
+        name,
+        "counter",
+        "Requests ended, per model, priority class and outcome: completed, errors (the model raised), "
+        "failed, cancelled (expired included), expired, shed (refused at once, or displaced from a full queue).",
+    )
+    for model, classes in per:
+        for p in sorted(classes, key=_batch_key):
+            entry = _mapping(classes[p])
+            for outcome in _PRIORITY_OUTCOMES:
+                out.sample(name, [("model", model), ("priority", p), ("outcome", outcome)], entry.get(outcome))
+    name = "gibbs_priority_queued"
+    out.family(name, "gauge", "Requests waiting for a worker, per model and priority class.")
+    for model, classes in per:
+        for p in sorted(classes, key=_batch_key):
+            out.sample(name, [("model", model), ("priority", p)], _mapping(classes[p]).get("queued"))
 
 
 def _histogram(out: _Exposition, name: str, model: str, snap: Mapping[str, Any]) -> None:

@@ -72,6 +72,7 @@ RESEND = 18  # client -> router: gibbs_retries: send this running call again to 
 LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building the model (the connection stays open until it is built)
 STATS = 21  # observer -> hub: empty, "send your statistics"; hub -> observer: JSON {statistics, workers}
 DEADLINE = 22  # hub -> worker: f64, seconds left to this call's deadline (sent just before it, to workers that said "deadlines" in HELLO)
+PRIORITY = 23  # hub -> worker: u8, this call's priority class (sent just before it, when not 0, to workers that read DEADLINE frames)
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -98,11 +99,13 @@ KIND_NAMES = {
     LOADING: "LOADING",
     STATS: "STATS",
     DEADLINE: "DEADLINE",
+    PRIORITY: "PRIORITY",
 }
 
 #: FORWARD flags
 FWD_STREAM = 1  # the caller streams
 FWD_SINGLE = 2  # one positional argument and no keyword: fit for a batched model
+FWD_PRIORITY_SHIFT = 4  # bits 4-7: the call's priority class (older routers ignore them)
 _FWD_HEAD = struct.Struct("!BH")
 
 
@@ -146,6 +149,19 @@ def unpack_deadline(body: Buffer) -> float:
     if len(body) != _F64.size:
         raise ProtocolError(f"a DEADLINE frame carries {_F64.size} bytes, not {len(body)}")
     return float(_F64.unpack(body)[0])
+
+
+_U8 = struct.Struct("!B")
+
+
+def pack_priority(req_id: int, priority: int) -> list[Buffer]:
+    return pack_frame(PRIORITY, req_id, _U8.pack(priority))
+
+
+def unpack_priority(body: Buffer) -> int:
+    if len(body) != _U8.size:
+        raise ProtocolError(f"a PRIORITY frame carries {_U8.size} byte, not {len(body)}")
+    return int(_U8.unpack(body)[0])
 
 
 def pack_credit(req_id: int, n: int) -> list[Buffer]:
@@ -208,6 +224,7 @@ def _unpack_oob(body: Buffer) -> tuple[memoryview, list[memoryview]]:
 ERR_USER = "user"  # the model raised
 ERR_RESULT_PICKLE = "result-pickle"  # the model's return value could not be pickled
 ERR_ARGS_UNPICKLE = "args-unpickle"  # the worker could not unpickle the arguments
+ERR_DROPPED = "dropped"  # taken out of its batch before it started: past its deadline, or its caller gone
 
 
 def pack_frame(kind: int, req_id: int, body: Buffer = b"") -> list[Buffer]:

@@ -37,6 +37,7 @@ import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its j
 import os
 import pickle
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -66,6 +67,9 @@ __all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSE
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.
 _DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
+#: The priority class of the call being run here (PRIORITY frames), for the
+#: calls a model makes while it serves it: None outside a call, or class 0.
+_PRIORITY: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar("gibbs_priority", default=None)
 
 
 class Serving:
@@ -107,6 +111,12 @@ def remaining() -> Optional[float]:
     """
     deadline = _DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+def current_priority() -> Optional[int]:
+    """Inside a model's call in a worker: the call's priority class, when
+    the hub gave it one other than 0 (in a batch: the highest of its items)."""
+    return _PRIORITY.get()
 
 
 logger = logging.getLogger("gibbs")
@@ -649,6 +659,7 @@ class _Runtime:
         self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
+        self.priorities: dict[int, int] = {}  # request id -> its class (PRIORITY frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -954,15 +965,20 @@ class _Runtime:
                 if kind == protocol.REQUEST:
                     buffers, payloads = self._handle(req_id, body)
                 elif kind == protocol.BATCH:
+                    self._poll_controls(sock)  # a STOP for one of its items may have come meanwhile
                     buffers, payloads = self._handle_batch(body)
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(req_id, body)
+                    continue
+                elif kind == protocol.PRIORITY:
+                    self.priorities[req_id] = protocol.unpack_priority(body)
                     continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
                     token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+                    ptoken = _PRIORITY.set(self.priorities.pop(req_id, None)) if self.priorities else None
                     try:
                         if self.is_async:
                             self._start_async_stream(sock, req_id, body)
@@ -970,6 +986,8 @@ class _Runtime:
                             self._stream(sock, req_id, body)
                     finally:
                         _DEADLINE.reset(token)
+                        if ptoken is not None:
+                            _PRIORITY.reset(ptoken)
                     continue
                 elif kind == protocol.CREDIT or kind == protocol.STOP:
                     state = self.async_streams.get(req_id)
@@ -1019,6 +1037,15 @@ class _Runtime:
 
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
+        if self.priorities:
+            ptoken = _PRIORITY.set(self.priorities.pop(req_id, None))
+            try:
+                return self._handle_deadline(req_id, body)
+            finally:
+                _PRIORITY.reset(ptoken)
+        return self._handle_deadline(req_id, body)
+
+    def _handle_deadline(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         if not self.deadlines:
             return self._handle_call(req_id, body)
         token = _DEADLINE.set(self.deadlines.pop(req_id, None))
@@ -1293,6 +1320,8 @@ class _Runtime:
                         self.pool.release(frame[2].decode(errors="replace"))
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(frame[1], frame[2])
+                elif kind == protocol.PRIORITY:
+                    self.priorities[frame[1]] = protocol.unpack_priority(frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1309,14 +1338,55 @@ class _Runtime:
             return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), []
         return protocol.pack_frame(protocol.RESULT, req_id, payload.body), [payload]
 
+    def _poll_controls(self, sock: socket.socket) -> None:
+        """Read, without waiting, the frames the hub sent while the previous
+        unit ran: they join ``pending`` (a batch that waited here behind
+        another, pipelined, is then thinned of the items they stop)."""
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return
+        if readable:
+            frames = self._read_frames(sock)
+            if frames:
+                self.pending.extend(frames)
+
+    def _dropped(self, ids: list[int]) -> set[int]:
+        """The items of a batch about to start that nobody waits for: past
+        their deadline, or stopped by the hub (their caller cancelled, or a
+        hedge won) in a STOP frame already read. Their STOP frames are used up."""
+        gone: set[int] = set()
+        if self.deadlines:
+            now = time.monotonic()
+            gone.update(i for i in ids if (d := self.deadlines.get(i)) is not None and d <= now)
+        if self.pending:
+            wanted = set(ids)
+            stops = [f for f in self.pending if f[0] == protocol.STOP and f[1] in wanted]
+            if stops:
+                gone.update(f[1] for f in stops)
+                keep = [f for f in self.pending if not (f[0] == protocol.STOP and f[1] in wanted)]
+                self.pending.clear()
+                self.pending.extend(keep)
+        return gone
+
     def _handle_batch(self, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        """Run a batch: ``model(xs)`` with the single argument of each
-        request; answers go one frame per request."""
+        """Run a batch: ``model(xs)`` with the single argument of each live
+        request (an item past its deadline or stopped before the batch
+        starts is answered ERR_DROPPED, and the model never sees it);
+        answers go one frame per request."""
         out: list[protocol.Buffer] = []
         payloads: list[protocol.Payload] = []
         ids: list[int] = []
         xs: list[Any] = []
-        for req_id, item in protocol.unpack_batch(body):
+        items = protocol.unpack_batch(body)
+        gone = self._dropped([i for i, _ in items]) if self.deadlines or self.pending else ()
+        for req_id, item in items:
+            if req_id in gone:
+                self.deadlines.pop(req_id, None)
+                self.priorities.pop(req_id, None)
+                why = ValueError("taken out of its batch before it started: past its deadline, or its caller gone")
+                out.extend(self._error_frame(req_id, protocol.ERR_DROPPED, why, tb=""))
+                continue
             try:
                 args, kwargs = protocol.decode(item, cache=self.maps, in_place=not self.spec.copy_args)
             except Exception as exc:
@@ -1334,7 +1404,9 @@ class _Runtime:
         if not ids:
             return out, payloads
         deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
+        classes = [p for p in (self.priorities.pop(i, None) for i in ids) if p is not None] if self.priorities else []
         token = _DEADLINE.set(min(deadlines) if deadlines else None)
+        ptoken = _PRIORITY.set(max(classes)) if classes else None
         try:
             results = self.model(xs)
         except Exception as exc:
@@ -1344,6 +1416,8 @@ class _Runtime:
             return out, payloads
         finally:
             _DEADLINE.reset(token)
+            if ptoken is not None:
+                _PRIORITY.reset(ptoken)
         del xs
         try:
             n = len(results)
