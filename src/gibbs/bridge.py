@@ -28,7 +28,8 @@ into core events and carries out the core's actions. Here:
 Its units, each with one job: ``_door.py`` (new connections, handshakes,
 workers loading), ``_losses.py`` (dropped connections, losses, heartbeats),
 ``_loops.py`` (the home loop's reads), ``_loans.py`` (lent answers),
-``_family.py`` (the router and client roles), ``_closing.py`` (closing and
+``_family.py`` (the router and client roles), ``_views.py`` (statistics and
+other read-only views), ``_closing.py`` (closing and
 forking). They share the bridge's lock and its peers; docs/concepts/
 architecture.md maps them.
 
@@ -37,7 +38,6 @@ Shared state below is owned by ``_lock`` unless marked "bridge thread only".
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import queue
@@ -48,7 +48,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from . import protocol
+from . import _views, protocol
 from ._closing import Closing
 from ._door import Door
 from ._family import ClientRole, RouterRole
@@ -371,117 +371,18 @@ class Bridge:
         with self._lock:
             return [t for _, t in self._door.init_failures] + list(self._door.handshake_failures)
 
+
     def statistics(self) -> dict[str, Any]:
-        with self._lock:
-            core = self._core
-            peers = [p for p in self._peers.values() if not p.info.leaving]
-            busy = sum(1 for p in peers if p.info.units)
-            stats = core.stats
-            models = {}
-            now = time.monotonic()
-            loading = collections.Counter(e["model"] for e in self._door.loading_workers.values())
-            # (a model whose first worker is loading is known to the core: workers_loading)
-            for name, m in core.models.items():
-                ws = [w for w in m.workers.values() if not w.leaving]
-                busy_n = sum(1 for w in ws if w.units)
-                ms = m.stats
-                models[name] = {
-                    "class": m.cls,
-                    "workers": len(ws),
-                    "busy": busy_n,
-                    "queued": len(m.queue),
-                    "in_flight": sum(len(w.held) for w in ws),
-                    "batch_size": max((w.batch_size for w in ws), default=1),
-                    "batch_sizes": dict(sorted(m.batch_sizes.items())),
-                    "requests": ms["requests"],
-                    "completed": ms["completed"],
-                    "errors": ms["errors"],
-                    "failed": ms["failed"],
-                    "cancelled": ms["cancelled"],
-                    "expired": {"queued": ms["expired_queued"], "running": ms["expired_running"]},
-                    "shed": {"deadline": ms["shed_deadline"], "max_queued": ms["shed_max_queued"]},
-                    "resent": ms["resent"],
-                    "hedged": ms["hedged"],
-                    "retried": ms["retried"],
-                    "states": {
-                        "loading": loading.get(name, 0),
-                        "ready": len(ws) - busy_n,
-                        "busy": busy_n,
-                        "leaving": sum(1 for w in m.workers.values() if w.leaving),
-                    },
-                    "oldest_queued_seconds": core.oldest_queued(now, name),
-                    "versions": _versions(ws),
-                    "latency": m.latency.snapshot(),
-                    "queue_wait": m.queue_wait.snapshot(),
-                    "priorities": core.priority_stats(name),
-                }
-            if self._client_mode:
-                # The workers are the router's: what it last said of them.
-                for entry in models.values():
-                    entry["workers"] = entry["busy"] = 0
-                for name, v in self._pool_info.items():
-                    entry = models.setdefault(
-                        name, {"class": "", "busy": 0, "queued": 0, "in_flight": 0, "batch_size": 1, "batch_sizes": {}}
-                    )
-                    entry["class"] = v.get("class", "")
-                    entry["workers"] = int(v.get("workers", 0))
-                n_workers = sum(int(v.get("workers", 0)) for v in self._pool_info.values())
-                peers = []
-            else:
-                n_workers = len(peers)
-            return {
-                "role": self.role,
-                "clients": sum(1 for p in self._clients.values() if p.role == "client"),
-                "workers": n_workers,
-                "busy": busy,
-                "idle": max(0, n_workers - busy),
-                "queued": core.n_queued,
-                "in_flight": sum(len(p.info.held) for p in peers),
-                "completed": stats["completed"],
-                "failed": stats["errors"] + stats["failed"],
-                "errors": stats["errors"],
-                "retried": stats["retried"],
-                "resent": stats["resent"],
-                "hedged": stats["hedged"],
-                "cancelled": stats["cancelled"],
-                "abandoned": stats["abandoned"],
-                # of the cancelled and abandoned: those that their deadline ended
-                "expired": {"queued": stats["expired_queued"], "running": stats["expired_running"]},
-                # refused at once (OverloadedError), by reason
-                "shed": {"deadline": stats["shed_deadline"], "max_queued": stats["shed_max_queued"]},
-                "worker_deaths": stats["deaths"],
-                "handshake_failures": self._door.n_handshake_failures,
-                "init_failures": len(self._door.init_failures),
-                "closing": core.closing,
-                "oldest_queued_seconds": core.oldest_queued(now),
-                "loading": sum(loading.values()),
-                "models": models,
-            }
+        return _views.statistics(self)
 
     def workers(self) -> list[dict[str, Any]]:
         """Connected workers (state "ready", "busy" or "leaving") and workers
         building their model (state "loading", with ``seconds``)."""
-        loading = [dict(e, state="loading") for e in self.loading()]
-        with self._lock:
-            return loading + [
-                {
-                    "state": "leaving" if p.info.leaving else "busy" if p.info.units else "ready",
-                    "device": p.device,
-                    "pid": p.pid,
-                    "host": p.host,
-                    "name": p.name,
-                    "model": p.info.model,
-                    "class": p.info.cls,
-                    "address": p.address,
-                    "in_flight": len(p.info.held),
-                    "served": p.info.served,
-                    "batch_size": p.info.batch_size,
-                    "shared_memory": p.shm,
-                    "version": p.version,
-                    "token": p.token,
-                }
-                for p in self._peers.values()
-            ]
+        return _views.workers(self)
+
+    def observe(self, model: str) -> dict[str, Any]:
+        """What a pool supervising ``model`` needs (see ``_views.observe``)."""
+        return _views.observe(self, model)
 
     def models(self) -> dict[str, dict[str, Any]]:
         return dict(self.statistics()["models"])
@@ -912,27 +813,6 @@ class Bridge:
             self._apply_locked(self._core.roll_out(model, cls))
 
 
-    def observe(self, model: str) -> dict[str, Any]:
-        """What a pool supervising ``model`` needs: calls queued, the oldest
-        one's wait, busy workers, and each worker's state and calls served
-        by the token in its HELLO."""
-        now = time.monotonic()
-        with self._lock:
-            m = self._core.models.get(model)
-            if m is None:
-                return {"queued": 0, "oldest": 0.0, "busy": 0, "workers": {}}
-            workers = {
-                token: {"served": w.served, "state": "leaving" if w.leaving else "busy" if w.units else "ready"}
-                for w in m.workers.values()
-                if (token := getattr(w.id, "token", None))
-            }
-            return {
-                "queued": len(m.queue),
-                "oldest": self._core.oldest_queued(now, model),
-                "busy": sum(1 for w in m.workers.values() if w.units and not w.leaving),
-                "workers": workers,
-            }
-
     def has_joined(self, token: str) -> bool:
         """Whether the worker whose HELLO carried ``token`` ever joined this
         hub (a token, unlike a pid, is unique across machines)."""
@@ -1249,15 +1129,5 @@ class Bridge:
         except (ProtocolError, ValueError) as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
             self._losses.drop(peer, f"protocol error: {exc}")
-
-
-def _versions(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, Any]]:
-    """Workers by version (a rolling update shows two): version -> class, count."""
-    out: dict[str, dict[str, Any]] = {}
-    for w in workers:
-        version = getattr(w.id, "version", None) or ""
-        entry = out.setdefault(version, {"class": w.cls, "workers": 0})
-        entry["workers"] += 1
-    return out
 
 
