@@ -685,3 +685,50 @@ class Scaled:
     def __call__(self, base: float) -> Any:
         time.sleep(base * self.multiplier)
         return os.getpid()
+
+
+class RequestIds:
+    """Returns its request id (and, with ``inner``, the ids its own calls of
+    that model saw: a sync and an async nested call)."""
+
+    def __init__(self, inner: str = "") -> None:
+        from gibbs import Hub
+
+        self.inner = inner
+        self.hub = Hub() if inner else None
+
+    def __call__(self, x: Any = None) -> Any:
+        import gibbs
+
+        mine = gibbs.request_id()
+        if self.hub is None:
+            return mine
+        return [mine, self.hub.submit(gibbs_model=self.inner).result(timeout=30)]
+
+
+class AsyncRequestIds:
+    """An async model: its request id, and the id its nested call saw."""
+
+    def __init__(self, inner: str = "") -> None:
+        from gibbs import Hub
+
+        self.inner = inner
+        self.hub = Hub() if inner else None
+
+    async def __call__(self, x: Any = None) -> Any:
+        import asyncio
+
+        import gibbs
+
+        await asyncio.sleep(0.001)
+        mine = gibbs.request_id()
+        if self.hub is None:
+            return mine
+        return [mine, await self.hub.request(gibbs_model=self.inner)]
+
+
+class BatchedRequestIds:
+    def __call__(self, xs: list[Any]) -> list[Any]:
+        import gibbs
+
+        return [gibbs.request_id()] * len(xs)

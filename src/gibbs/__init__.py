@@ -30,7 +30,7 @@ from .errors import (
     WorkerRefusedError,
 )
 from .hub import Hub
-from .worker import Worker, remaining
+from .worker import Worker, remaining, request_id
 
 __version__ = "1.0.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "Worker",
     # inside a model's call, in a worker
     "remaining",
+    "request_id",
     # errors
     "GibbsError",
     "UserCodeException",

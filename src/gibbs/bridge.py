@@ -303,11 +303,12 @@ class ClientSink:
 class Forwarded:
     """A forwarded call's payload: inline bytes, nothing to release."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "rid")
     shm_path = None
 
-    def __init__(self, body: Buffer) -> None:
+    def __init__(self, body: Buffer, rid: Optional[str] = None) -> None:
         self.body = body
+        self.rid = rid  # the request id its client hub gave
 
     def inline_body(self) -> Buffer:
         return self.body
@@ -456,6 +457,7 @@ class Bridge:
         self._loading: dict[socket.socket, dict[str, Any]] = {}  # workers building their model
         self._new_loading: list[socket.socket] = []  # for the bridge thread to watch
         self._next_id = 1
+        self.request_ids = protocol.request_id_prefix()  # a call's request id is this + its id, unless given
         self._on_closed: list[Callable[[], None]] = []
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
         # --- the two roles of a hub in a family of processes (owned by _lock)
@@ -618,6 +620,11 @@ class Bridge:
         if self._outcomes:
             self._hand_over()
         return call
+
+    def request_id(self, call: Call) -> str:
+        """The request id of ``call``: its caller's, else this hub's own."""
+        rid = call.payload.rid
+        return rid if rid is not None else self.request_ids + str(call.id)
 
     def cancel(self, call: Call) -> None:
         """The caller gave up (cancelled, timed out): a queued call is removed
@@ -879,7 +886,8 @@ class Bridge:
                     for c in action.calls:
                         self._relay_of[c.id] = relay
                         flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
-                        up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload)))
+                        rid = c.payload.rid or self.request_ids + str(c.id)  # the router's calls keep our id
+                        up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload), rid))
                     peer = up
                     if touched is None:
                         touched = [peer]
@@ -895,6 +903,9 @@ class Bridge:
                         if final is not None:
                             now = now or time.monotonic()
                             peer.out.extend(protocol.pack_deadline(c.id, final - now))
+                for c in calls:
+                    if c.payload.rid is not None:
+                        peer.out.extend(protocol.pack_request_id(c.id, c.payload.rid))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
@@ -1381,6 +1392,7 @@ class Bridge:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "app": self._app,
+                "request_ids": self.request_ids,
             }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)
@@ -2353,11 +2365,11 @@ class Bridge:
         with self._lock:
             for kind, cid, body in frames:
                 if kind == protocol.FORWARD:
-                    model, flags, payload = protocol.unpack_forward(body)
+                    model, flags, payload, rid = protocol.unpack_forward(body)
                     if cid in calls:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
-                    call = Call(self._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
+                    call = Call(self._next_id, model, Forwarded(payload, rid), ClientSink(peer, cid), stream)
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._next_id += 1
                     err: Optional[BaseException] = None

@@ -534,7 +534,12 @@ class Hub:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
 
     def _prepare(
-        self, model: Optional[str], args: tuple[Any, ...], kwargs: dict[str, Any], stream: bool = False
+        self,
+        model: Optional[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stream: bool = False,
+        request_id: Optional[str] = None,
     ) -> tuple[Bridge, str, protocol.Payload]:
         bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
         if model is None:
@@ -551,6 +556,7 @@ class Hub:
         payload = self._encode(args, kwargs, bridge.role == "router")
         if len(args) == 1 and not kwargs:
             payload.flags = protocol.FWD_SINGLE
+        payload.rid = _worker_module._request_id_of_caller(request_id)
         return bridge, model, payload
 
     async def request(
@@ -560,6 +566,7 @@ class Hub:
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
@@ -588,6 +595,13 @@ class Hub:
                 ``serve(gibbs_hedge=True)``). Decided by the hub whose workers
                 run the call: from a client hub, set it on the router's
                 ``serve``.
+            gibbs_request_id: the call's request id (a str of at most 200
+                bytes, e.g. a web request's ``X-Request-ID``), which the model
+                reads with :func:`gibbs.request_id` and gibbs's log lines
+                name. None: the id of the request being served here (a model
+                calling a model, an endpoint behind
+                :class:`gibbs.asgi.CancelOnDisconnect`), else one the hub
+                makes (a per-hub prefix and a counter).
 
         Raises:
             UserCodeException: the model raised (type, message, traceback kept).
@@ -602,7 +616,7 @@ class Hub:
         _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
@@ -626,17 +640,18 @@ class Hub:
         gibbs_retries: int = 0,
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
         ``concurrent.futures.Future``. Cancelling it while queued removes the
         request (it never runs). ``gibbs_timeout`` and ``gibbs_retries`` as
         for ``request``: the future fails with
-        :class:`~gibbs.DeadlineExceededError`. Its done-callbacks run on a
+        :class:`~gibbs.DeadlineExceededError`; ``gibbs_request_id`` too. Its done-callbacks run on a
         gibbs delivery thread, never under a lock of the hub."""
         _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
         fut = _SubmitFuture()
         try:
             call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
@@ -648,7 +663,12 @@ class Hub:
         return fut
 
     async def stream(
-        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_model: Optional[str] = None,
+        gibbs_request_id: Optional[str] = None,
+        **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """Stream ``model(*args, **kwargs)``: yields each item as the worker's
         generator yields it (time to the first item is a request's latency,
@@ -670,7 +690,7 @@ class Hub:
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True, request_id=gibbs_request_id)
         sink = _AsyncStream(loop)
         bridge.home(loop)
         try:
@@ -700,14 +720,19 @@ class Hub:
                 bridge.cancel(call)
 
     def submit_stream(
-        self, *args: Any, gibbs_timeout: Optional[float] = None, gibbs_model: Optional[str] = None, **kwargs: Any
+        self,
+        *args: Any,
+        gibbs_timeout: Optional[float] = None,
+        gibbs_model: Optional[str] = None,
+        gibbs_request_id: Optional[str] = None,
+        **kwargs: Any,
     ) -> "StreamIterator":
         """``stream`` for plain threads: an iterator over the items (blocking
         ``next``). Call ``close()`` (or leave a ``with`` block) to stop early:
         the generator is closed on the worker."""
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True, request_id=gibbs_request_id)
         it = StreamIterator(bridge)
         try:
             it._call = bridge.submit(payload, it, model, stream=True, timeout=gibbs_timeout)

@@ -22,6 +22,7 @@ messages are never unpickled at all.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 from typing import Any, Optional, Union, cast
@@ -72,6 +73,7 @@ RESEND = 18  # client -> router: gibbs_retries: send this running call again to 
 LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building the model (the connection stays open until it is built)
 STATS = 21  # observer -> hub: empty, "send your statistics"; hub -> observer: JSON {statistics, workers}
 DEADLINE = 22  # hub -> worker: f64, seconds left to this call's deadline (sent just before it, to workers that said "deadlines" in HELLO)
+REQUEST_ID = 23  # hub -> worker: UTF-8, the request id of the call that follows (sent just before it, only for an id given by its caller, inherited or forwarded)
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -98,23 +100,31 @@ KIND_NAMES = {
     LOADING: "LOADING",
     STATS: "STATS",
     DEADLINE: "DEADLINE",
+    REQUEST_ID: "REQUEST_ID",
 }
 
 #: FORWARD flags
 FWD_STREAM = 1  # the caller streams
 FWD_SINGLE = 2  # one positional argument and no keyword: fit for a batched model
+FWD_REQUEST_ID = 4  # the model's name is followed by the request id (u8 length, UTF-8)
 _FWD_HEAD = struct.Struct("!BH")
+#: The longest request id (UTF-8 bytes) a frame carries.
+MAX_REQUEST_ID = 200
 
 
-def pack_forward(req_id: int, model: str, flags: int, body: Buffer) -> list[Buffer]:
+def pack_forward(req_id: int, model: str, flags: int, body: Buffer, request_id: Optional[str] = None) -> list[Buffer]:
     name = model.encode()
-    head = _FWD_HEAD.pack(flags, len(name)) + name
+    if request_id is not None:
+        rid = request_id.encode()
+        head = _FWD_HEAD.pack(flags | FWD_REQUEST_ID, len(name)) + name + bytes((len(rid),)) + rid
+    else:
+        head = _FWD_HEAD.pack(flags, len(name)) + name
     n = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
     return [HEADER.pack(FORWARD, req_id, n) + head, body]
 
 
-def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
-    """(model, flags, payload body) of a FORWARD frame."""
+def unpack_forward(body: Buffer) -> tuple[str, int, memoryview, Optional[str]]:
+    """(model, flags, payload body, request id or None) of a FORWARD frame."""
     mv = memoryview(body)
     if len(mv) < _FWD_HEAD.size:
         raise ProtocolError("malformed FORWARD")
@@ -128,7 +138,44 @@ def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
         raise ProtocolError("malformed FORWARD: model name is not UTF-8") from None
     if not model:
         raise ProtocolError("malformed FORWARD: empty model name")
-    return model, flags, mv[end:]
+    request_id = None
+    if flags & FWD_REQUEST_ID:
+        k = mv[end]
+        start, end = end + 1, end + 1 + k
+        if len(mv) < end + 1:
+            raise ProtocolError("malformed FORWARD")
+        request_id = unpack_request_id(mv[start:end])
+    return model, flags, mv[end:], request_id
+
+
+def pack_request_id(req_id: int, request_id: str) -> list[Buffer]:
+    """A REQUEST_ID frame: ``request_id`` is the id of call ``req_id``."""
+    return pack_frame(REQUEST_ID, req_id, request_id.encode())
+
+
+def unpack_request_id(body: Buffer) -> str:
+    if not 0 < len(body) <= MAX_REQUEST_ID:
+        raise ProtocolError(f"a request id is 1 to {MAX_REQUEST_ID} bytes, not {len(body)}")
+    try:
+        return bytes(body).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("a request id is not UTF-8") from None
+
+
+def request_id_prefix() -> str:
+    """A new hub's prefix of the request ids it makes: its calls are
+    ``prefix + str(call id)``, a counter, so that an id costs nothing until
+    it is read (a worker learns the prefix in WELCOME)."""
+    return os.urandom(4).hex() + "-"
+
+
+def check_request_id(request_id: Any) -> str:
+    """``request_id`` if it is one a frame can carry, else TypeError/ValueError."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"gibbs_request_id must be a str, got {type(request_id).__name__}")
+    if not 0 < len(request_id.encode()) <= MAX_REQUEST_ID:
+        raise ValueError(f"gibbs_request_id must be 1 to {MAX_REQUEST_ID} bytes of UTF-8, got {request_id[:40]!r}")
+    return request_id
 
 #: Chunks of one stream a worker may send beyond what its caller consumed.
 STREAM_WINDOW = 8
@@ -339,7 +386,7 @@ class Payload:
     its pool, or is removed if it came from none).
     """
 
-    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags")
+    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags", "rid")
 
     def __init__(
         self,
@@ -354,6 +401,7 @@ class Payload:
         self._pool = pool
         self._name = name
         self.flags = 0  # FWD_SINGLE where the call suits a batched model
+        self.rid: Optional[str] = None  # the request id its caller gave (or inherited); None: the hub's own
 
     @property
     def nbytes(self) -> int:

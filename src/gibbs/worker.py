@@ -61,11 +61,17 @@ from .transport import (
     resolve_authkey,
 )
 
-__all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
+__all__ = ["Worker", "remaining", "request_id", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
 
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.
 _DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
+#: The request id of the call being served here: set by the worker before
+#: each call (an int: the hub's call id, the hub's prefix before it makes the
+#: id; a str: an id given by the caller), by gibbs.asgi for an endpoint.
+_REQUEST_ID: "contextvars.ContextVar[Union[str, int, None]]" = contextvars.ContextVar("gibbs_request_id", default=None)
+#: The prefix of the request ids the hub this worker serves makes (WELCOME).
+_request_ids = ""
 
 
 class Serving:
@@ -107,6 +113,38 @@ def remaining() -> Optional[float]:
     """
     deadline = _DEADLINE.get()
     return None if deadline is None else deadline - time.monotonic()
+
+
+def request_id() -> Optional[str]:
+    """The request id of the call being served: inside a model's call in a
+    worker, its call's (the ``gibbs_request_id`` its caller gave, else the
+    one its hub made); in an endpoint behind :class:`gibbs.asgi.CancelOnDisconnect`,
+    the request's ``X-Request-ID``. ``None`` elsewhere.
+
+    A call made while serving one (a model calling a model) carries the same
+    id, and gibbs's log lines name it, so that a chain can be followed::
+
+        class Model:
+            def __call__(self, x):
+                logging.getLogger("app").info("serving %s", gibbs.request_id())
+                return x
+
+    In a batched call, the id of the batch's first request.
+    """
+    rid = _REQUEST_ID.get()
+    if rid is None or type(rid) is str:
+        return rid
+    return f"{_request_ids}{rid}"
+
+
+def _request_id_of_caller(given: Optional[str]) -> Optional[str]:
+    """The request id a call made here carries: ``given``, else the one
+    being served (None: its hub makes one)."""
+    if given is not None:
+        return protocol.check_request_id(given)
+    if _REQUEST_ID.get() is None:
+        return None
+    return request_id()
 
 
 logger = logging.getLogger("gibbs")
@@ -649,6 +687,7 @@ class _Runtime:
         self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
+        self.rids: dict[int, str] = {}  # call id -> the request id its caller gave (REQUEST_ID frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -778,6 +817,8 @@ class _Runtime:
 
     def _apply_welcome(self, sock: socket.socket, welcome: dict[str, Any]) -> socket.socket:
         self.hub_interval = float(welcome.get("heartbeat_interval", 1.0))
+        global _request_ids
+        _request_ids = str(welcome.get("request_ids", ""))
         probe = welcome.get("shm_probe")
         self.shm_ok = False
         if isinstance(probe, dict) and protocol.shm_available():
@@ -958,10 +999,14 @@ class _Runtime:
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(req_id, body)
                     continue
+                elif kind == protocol.REQUEST_ID:
+                    self.rids[req_id] = protocol.unpack_request_id(body)
+                    continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
+                    _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
                     token = _DEADLINE.set(self.deadlines.pop(req_id, None))
                     try:
                         if self.is_async:
@@ -1019,6 +1064,9 @@ class _Runtime:
 
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
+        # Not reset after the call: the next call sets it before it runs
+        # (an async model's task copies it).
+        _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
         if not self.deadlines:
             return self._handle_call(req_id, body)
         token = _DEADLINE.set(self.deadlines.pop(req_id, None))
@@ -1293,6 +1341,8 @@ class _Runtime:
                         self.pool.release(frame[2].decode(errors="replace"))
                 elif kind == protocol.DEADLINE:
                     self._note_deadline(frame[1], frame[2])
+                elif kind == protocol.REQUEST_ID:
+                    self.rids[frame[1]] = protocol.unpack_request_id(frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1333,6 +1383,8 @@ class _Runtime:
             xs.append(args[0])
         if not ids:
             return out, payloads
+        rids = [self.rids.pop(i, i) for i in ids] if self.rids else ids
+        _REQUEST_ID.set(rids[0])
         deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
         token = _DEADLINE.set(min(deadlines) if deadlines else None)
         try:
