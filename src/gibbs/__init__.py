@@ -30,6 +30,7 @@ from .errors import (
     WorkerRefusedError,
 )
 from .hub import Hub
+from .logs import LogFields
 from .worker import Worker, remaining, request_id
 
 __version__ = "1.0.0"
@@ -59,6 +60,8 @@ __all__ = [
     # inside a model's call, in a worker
     "remaining",
     "request_id",
+    # logging: the model, worker and request id on every record
+    "LogFields",
     # errors
     "GibbsError",
     "UserCodeException",

@@ -60,7 +60,7 @@ import time
 import weakref
 from typing import Any, Callable, Optional, Sequence
 
-from . import errors, protocol
+from . import errors, logs, protocol
 from .core import (
     CANCELLED,
     DEFAULT_MODEL,
@@ -968,7 +968,7 @@ class Bridge:
                     touched.append(peer)
             elif type(action) is Refuse:
                 peer = action.worker  # type: ignore[assignment]
-                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason)
+                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason, extra=logs.peer(peer))
                 self._handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
                 self._n_handshake_failures += 1
                 try:
@@ -1090,7 +1090,9 @@ class Bridge:
             try:
                 self._deliver_sync(*item)
             except BaseException:  # noqa: BLE001 - a callback's error is the caller's
-                logger.exception("gibbs hub: delivering a result failed")
+                call = item[0]
+                logger.exception("gibbs hub: delivering a result failed",
+                                 extra=logs.fields(call.model, None, self.request_id(call)))
             # Hold nothing while waiting: an answer lent from a worker's
             # shared memory goes back when its caller frees it, not later.
             del item
@@ -1235,7 +1237,8 @@ class Bridge:
                     try:
                         self._add_peer(sock, hello, early, partial)
                     except Exception as exc:  # noqa: BLE001 - that connection only
-                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host)
+                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host,
+                                         extra=logs.fields(hello.model, hello.name))
                         self._forget_new_peer(sock, exc)
                 if new_peers and self._home is not None:
                     self._home_changed = True
@@ -1294,7 +1297,7 @@ class Bridge:
                 self._absent_warned[name] = now
                 logger.warning(
                     "gibbs hub: requests of model %r have waited %.0f s and %s",
-                    name, waited, text.replace("\n", "\n  "),
+                    name, waited, text.replace("\n", "\n  "), extra=logs.fields(name),
                 )
 
     def _drain_wake(self) -> None:
@@ -1417,7 +1420,7 @@ class Bridge:
                     f"the supervisor {failed.name} (pid {failed.pid} on {failed.host}) stopped "
                     f"starting workers of model {model!r}: {failed.message}"
                 )
-                logger.error("gibbs hub: %s", why)
+                logger.error("gibbs hub: %s", why, extra=logs.fields(model))
                 sock.close()
                 self.give_up_model(model, why)
                 return
@@ -1427,7 +1430,7 @@ class Bridge:
                     f"failed to build model {failed.model or DEFAULT_MODEL!r}: "
                     f"{failed.exc_type}: {failed.message}\n{failed.traceback}"
                 )
-                logger.error("gibbs hub: %s", line)
+                logger.error("gibbs hub: %s", line, extra=logs.fields(failed.model or DEFAULT_MODEL, failed.name))
                 with self._lock:
                     self._init_failures.append((failed.pid, line))
                     self._check_locals = True
@@ -1531,7 +1534,8 @@ class Bridge:
                 self._count_loading_locked(str(entry["model"]))
                 self._wake_locked()
         if refused is not None:
-            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused)
+            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused,
+                           extra=logs.fields(info.model, info.name))
             sock.close()
             return
         self._notify_waiters()
@@ -1647,7 +1651,7 @@ class Bridge:
                 if peer.role == "client":
                     peer.out.append(self._pool_frame_locked())
                     self._flush_locked(peer)
-            logger.info("gibbs hub: %s joined", peer.describe())
+            logger.info("gibbs hub: %s joined", peer.describe(), extra=logs.peer(peer))
             try:
                 peer.reader.feed(partial)  # an incomplete frame: nothing comes out yet
                 if early:
@@ -1656,11 +1660,11 @@ class Bridge:
                     else:
                         self._observer_frames(peer, list(early))
             except (ProtocolError, ValueError) as exc:
-                logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
                 self._drop(peer, f"protocol error: {exc}")
             return
         if peer.role != "worker":
-            logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
+            logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role, extra=logs.peer(peer))
             sock.close()
             return
         if peer.shm:
@@ -1670,7 +1674,8 @@ class Bridge:
                 # Two peers on one machine cannot share a pid: one of them lies,
                 # and the pid names the shared-memory files the hub reads and removes.
                 logger.warning(
-                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe()
+                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe(),
+                    extra=logs.peer(peer),
                 )
                 sock.close()
                 return
@@ -1705,7 +1710,7 @@ class Bridge:
             except (KeyError, ValueError):
                 pass
             return
-        logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model)
+        logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model, extra=logs.peer(peer))
         self._notify_waiters()
 
     def _forget_new_peer(self, sock: socket.socket, exc: BaseException) -> None:
@@ -1754,7 +1759,7 @@ class Bridge:
         try:
             frames = peer.reader.feed(view[:n])
         except ProtocolError as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             return f"protocol error: {exc}"
         if held or peer.reader.pending:
             why = self._account_buffered(peer)
@@ -1792,7 +1797,7 @@ class Bridge:
                             buffers = [bytearray(v) for v in views]
                         del views
                     except ProtocolError as exc:
-                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
                         bad = f"protocol error: {exc}"
                         break
                     except (OSError, ValueError) as exc:
@@ -1821,10 +1826,11 @@ class Bridge:
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
-                    logger.info("gibbs hub: %s is leaving", peer.describe())
+                    logger.info("gibbs hub: %s is leaving", peer.describe(), extra=logs.peer(peer))
                     self._apply_locked(core.worker_leaving(peer, now))
                 else:
-                    logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
+                    logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind),
+                                   extra=logs.peer(peer))
             if releases:
                 peer.out.extend(releases)
                 self._flush_locked(peer)
@@ -1852,7 +1858,7 @@ class Bridge:
             f"bytes buffered from peers over the hub's bound of {self._max_buffered} "
             f"({total} in all, {worst.reader.pending} from this one)"
         )
-        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why)
+        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why, extra=logs.peer(worst))
         if worst is peer:
             return why
         self._give_back(worst, why)
@@ -2036,7 +2042,7 @@ class Bridge:
                 for peer in owned:
                     if now - peer.last_heard > min(0.5, peer.interval) and _has_data(peer.sock):
                         logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
-                                    "thread reads its workers", peer.describe(), now - peer.last_heard)
+                                    "thread reads its workers", peer.describe(), now - peer.last_heard, extra=logs.peer(peer))
                         stuck = True
                         break
             if stuck:
@@ -2119,9 +2125,10 @@ class Bridge:
         with self._lock:
             self._peers.pop(peer.fd, None)
             if peer.info.leaving and not peer.info.held:
-                logger.info("gibbs hub: %s left", peer.describe())
+                logger.info("gibbs hub: %s left", peer.describe(), extra=logs.peer(peer))
             else:
-                logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
+                rids = ",".join(self.request_id(c) for c in peer.info.held.values()) or None
+                logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason, extra=logs.peer(peer, rids))
             self._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
             self._refresh_batched_locked(peer.info.model)
             self._broadcast_pool_locked()
@@ -2354,7 +2361,7 @@ class Bridge:
             else:
                 self._router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             self._drop(peer, f"protocol error: {exc}")
 
     def _client_frames(self, peer: Peer, frames: list[tuple[int, int, bytes]]) -> None:
@@ -2436,7 +2443,8 @@ class Bridge:
                 peer.calls.clear()
             for call in calls:
                 self._apply_locked(self._core.cancel(call))
-        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls))
+        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls),
+                    extra=logs.peer(peer, ",".join(self.request_id(c) for c in calls) or None))
         if self._outcomes:
             self._hand_over()
 
@@ -2683,7 +2691,7 @@ def _source_of(sock: socket.socket, addr: Any) -> tuple[str, Any]:
 def _internal_error(peer: Peer, exc: BaseException) -> str:
     """A bug met while reading a peer: said loudly, with the traceback; the
     caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
-    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
+    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc, extra=logs.peer(peer))
     return f"internal error reading its frames: {exc!r}"
 
 

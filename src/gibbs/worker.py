@@ -48,7 +48,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import _threads, protocol
+from . import _threads, logs, protocol
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .tls import TLSFiles, files_from_env
@@ -80,15 +80,18 @@ class Serving:
     call) becomes a client of that hub, so that a model calls other models
     (``hub.request(..., gibbs_model="b")``) with no address to pass."""
 
-    __slots__ = ("host", "port", "authkey", "explicit", "model", "token")
+    __slots__ = ("host", "port", "authkey", "explicit", "model", "token", "name")
 
-    def __init__(self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str) -> None:
+    def __init__(
+        self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str, name: str = ""
+    ) -> None:
         self.host = host
         self.port = port
         self.authkey = authkey
         self.explicit = explicit
         self.model = model
         self.token = token
+        self.name = name  # the worker's (its log lines name it)
 
 
 #: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
@@ -687,6 +690,7 @@ class _Runtime:
         self.async_by_id: dict[int, concurrent.futures.Future[Any]] = {}
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
+        self._log_fields = logs.fields(spec.model, spec.name)  # the extra= of its log lines
         self.rids: dict[int, str] = {}  # call id -> the request id its caller gave (REQUEST_ID frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
@@ -725,7 +729,7 @@ class _Runtime:
             # an app that makes its own hubs): Hub() here reaches this hub.
             serving = Serving(
                 self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model,
-                self.spec.token,
+                self.spec.token, str(self.spec.name or ""),
             )
         try:
             # start() blocked these signals across the fork, so that a terminate()
@@ -742,7 +746,7 @@ class _Runtime:
             except Exception as exc:
                 built.set()
                 tb = traceback.format_exc()
-                logger.debug("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
+                logger.debug("worker %s: the model's constructor raised:\n%s", self.spec.name, tb, extra=self._log_fields)
                 self._report_init_failure(exc, tb)
                 raise
             finally:
@@ -860,7 +864,7 @@ class _Runtime:
             try:
                 sock = self._connect(timeout=max(5.0, self.spec.heartbeat_interval * 2))
             except AuthenticationError as exc:
-                logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF)
+                logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF, extra=self._log_fields)
                 if not self._said_refused_key:
                     # Said on this side too, once, whatever the logging setup:
                     # this worker serves nothing until the keys agree.
@@ -874,16 +878,16 @@ class _Runtime:
                 time.sleep(AUTH_BACKOFF)
                 continue
             except (OSError, ProtocolError) as exc:
-                logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff)
+                logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff, extra=self._log_fields)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
             backoff = 0.02
-            logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where)
+            logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where, extra=self._log_fields)
             try:
                 self._serve(sock)
             except (OSError, ProtocolError) as exc:
-                logger.warning("worker %s: connection to hub lost (%s); reconnecting", self.spec.name, exc)
+                logger.warning("worker %s: connection to hub lost (%s); reconnecting", self.spec.name, exc, extra=self._log_fields)
             finally:
                 with self.send_lock:
                     self.sock = None
@@ -929,7 +933,7 @@ class _Runtime:
                     raise _Stop()
                 frames = self._read_frames(sock)
                 if frames is None:
-                    logger.info("worker %s: hub closed the connection", self.spec.name)
+                    logger.info("worker %s: hub closed the connection", self.spec.name, extra=self._log_fields)
                     return
                 if frames:
                     _threads.refresh()
@@ -1434,7 +1438,7 @@ class _Runtime:
         while not self._hb_stop.wait(self.spec.heartbeat_interval):
             if self.parent_pid is not None and not self._parent_alive():
                 # The process that started us is gone: nobody else will stop us.
-                logger.warning("worker %s: parent process exited; stopping", self.spec.name)
+                logger.warning("worker %s: parent process exited; stopping", self.spec.name, extra=self._log_fields)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             with self.send_lock:
