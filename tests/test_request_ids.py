@@ -20,7 +20,7 @@ def test_forward_frames_carry_a_request_id_or_none() -> None:
     for rid in (None, "abc-1", "é" * 100):
         frame = b"".join(bytes(b) for b in protocol.pack_forward(7, "m", protocol.FWD_SINGLE, body, rid))
         kind, req_id, n = protocol.HEADER.unpack_from(frame)
-        model, flags, payload, got = protocol.unpack_forward(frame[protocol.HEADER.size :])
+        model, flags, payload, got, _ = protocol.unpack_forward(frame[protocol.HEADER.size :])
         assert (kind, req_id, model, got) == (protocol.FORWARD, 7, "m", rid)
         assert flags & protocol.FWD_SINGLE
         assert bytes(payload) == bytes(body)

@@ -303,12 +303,13 @@ class ClientSink:
 class Forwarded:
     """A forwarded call's payload: inline bytes, nothing to release."""
 
-    __slots__ = ("body", "rid")
+    __slots__ = ("body", "rid", "trace")
     shm_path = None
 
-    def __init__(self, body: Buffer, rid: Optional[str] = None) -> None:
+    def __init__(self, body: Buffer, rid: Optional[str] = None, trace: Optional[str] = None) -> None:
         self.body = body
         self.rid = rid  # the request id its client hub gave
+        self.trace = trace  # its caller's traceparent, when it traces
 
     def inline_body(self) -> Buffer:
         return self.body
@@ -887,7 +888,9 @@ class Bridge:
                         self._relay_of[c.id] = relay
                         flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
                         rid = c.payload.rid or self.request_ids + str(c.id)  # the router's calls keep our id
-                        up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload), rid))
+                        up.out.extend(
+                            protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload), rid, c.payload.trace)
+                        )
                     peer = up
                     if touched is None:
                         touched = [peer]
@@ -906,6 +909,8 @@ class Bridge:
                 for c in calls:
                     if c.payload.rid is not None:
                         peer.out.extend(protocol.pack_request_id(c.id, c.payload.rid))
+                    if c.payload.trace is not None:  # its caller traces (gibbs.tracing)
+                        peer.out.extend(protocol.pack_trace(c.id, c.payload.trace, time.monotonic() - c.t0))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
@@ -2372,11 +2377,11 @@ class Bridge:
         with self._lock:
             for kind, cid, body in frames:
                 if kind == protocol.FORWARD:
-                    model, flags, payload, rid = protocol.unpack_forward(body)
+                    model, flags, payload, rid, trace = protocol.unpack_forward(body)
                     if cid in calls:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
-                    call = Call(self._next_id, model, Forwarded(payload, rid), ClientSink(peer, cid), stream)
+                    call = Call(self._next_id, model, Forwarded(payload, rid, trace), ClientSink(peer, cid), stream)
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._next_id += 1
                     err: Optional[BaseException] = None

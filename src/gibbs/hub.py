@@ -69,9 +69,11 @@ import time
 import uuid
 import warnings
 import weakref
+from sys import modules as _modules
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
+from . import tracing as _tracing
 from . import worker as _worker_module
 from .bridge import Bridge, LocalWorker, describe_exit
 from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind
@@ -113,6 +115,7 @@ from .worker import Worker, local_workers
 __all__ = ["Hub"]
 
 logger = logging.getLogger("gibbs")
+_OTEL = _tracing._OTEL  # imported by an application that traces (gibbs never imports it)
 
 _live_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
 
@@ -617,21 +620,34 @@ class Hub:
         gibbs_timeout = _within_caller(gibbs_timeout)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
+        span = _tracing.begin(model, payload) if _OTEL in _modules else None  # gibbs.tracing
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
             call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
         except BaseException:
             payload.release()
+            if span is not None:
+                span.end()
             raise
         try:
             outcome = await fut
-        except BaseException:
+        except BaseException as exc:
             bridge.cancel(call)
             if not loop.is_closed():  # cleaned up after its loop closed: nothing to cancel
                 fut.cancel()
+            if span is not None:
+                _tracing.end(span, bridge.request_id(call), call, exc)
             raise
-        return _unwrap(outcome)
+        if span is None:
+            return _unwrap(outcome)
+        try:
+            value = _unwrap(outcome)
+        except BaseException as exc:
+            _tracing.end(span, bridge.request_id(call), call, exc)
+            raise
+        _tracing.end(span, bridge.request_id(call), call, None)
+        return value
 
     def submit(
         self,
@@ -652,14 +668,20 @@ class Hub:
         _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
+        span = _tracing.begin(model, payload) if _OTEL in _modules else None  # gibbs.tracing
         fut = _SubmitFuture()
         try:
             call = bridge.submit(payload, fut, model, timeout=gibbs_timeout, retries=gibbs_retries, hedge=gibbs_hedge)
         except BaseException:
             payload.release()
+            if span is not None:
+                span.end()
             raise
         fut._gibbs_bridge = bridge
         fut._gibbs_call = call
+        if span is not None:
+            rid = bridge.request_id(call)
+            fut.add_done_callback(lambda f: _tracing.end_future(span, rid, call, f))
         return fut
 
     async def stream(

@@ -48,7 +48,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import _threads, logs, protocol
+from . import _threads, logs, protocol, tracing
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .tls import TLSFiles, files_from_env
@@ -691,6 +691,8 @@ class _Runtime:
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
         self._log_fields = logs.fields(spec.model, spec.name)  # the extra= of its log lines
+        self.traces: dict[int, tuple[str, float]] = {}  # call id -> (traceparent, seconds queued) (TRACE frames)
+        self._span: Any = None  # the worker's span of the traced call being started (gibbs.tracing)
         self.rids: dict[int, str] = {}  # call id -> the request id its caller gave (REQUEST_ID frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
@@ -1006,11 +1008,16 @@ class _Runtime:
                 elif kind == protocol.REQUEST_ID:
                     self.rids[req_id] = protocol.unpack_request_id(body)
                     continue
+                elif kind == protocol.TRACE:
+                    self.traces[req_id] = protocol.unpack_trace(body)
+                    continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
                     _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
+                    if self.traces:
+                        self.traces.pop(req_id, None)  # a stream has its caller's span only
                     token = _DEADLINE.set(self.deadlines.pop(req_id, None))
                     try:
                         if self.is_async:
@@ -1071,6 +1078,8 @@ class _Runtime:
         # Not reset after the call: the next call sets it before it runs
         # (an async model's task copies it).
         _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
+        if self.traces and req_id in self.traces:
+            return self._handle_traced(req_id, body)
         if not self.deadlines:
             return self._handle_call(req_id, body)
         token = _DEADLINE.set(self.deadlines.pop(req_id, None))
@@ -1078,6 +1087,24 @@ class _Runtime:
             return self._handle_call(req_id, body)  # an async model's task copies the deadline
         finally:
             _DEADLINE.reset(token)
+
+    def _handle_traced(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
+        """``_handle`` of a call whose caller traces: in a span of its own (gibbs.tracing)."""
+        traceparent, queued = self.traces.pop(req_id)
+        span = tracing.serve_span(traceparent, queued, self.spec.model, str(self.spec.name), request_id())
+        token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+        started = time.monotonic()
+        self._span = span
+        try:
+            with tracing.current(span):
+                buffers, payloads = self._handle_call(req_id, body)
+        finally:
+            _DEADLINE.reset(token)
+        if self._span is not None:  # not an async call (that one ends its span when done)
+            self._span = None
+            failed = bool(buffers) and protocol.HEADER.unpack_from(buffers[0])[0] == protocol.ERROR
+            tracing.finish(span, started, "the call answered an error" if failed else None)
+        return buffers, payloads
 
     def _handle_call(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
@@ -1135,6 +1162,9 @@ class _Runtime:
         assert self.aloop is not None
         sock = self.sock
         fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
+        if self._span is not None:  # a traced call: its span ends with the coroutine
+            span, self._span, started = self._span, None, time.monotonic()
+            fut.add_done_callback(lambda f: tracing.finish(span, started, "cancelled" if f.cancelled() else None))
         self.async_calls.add(fut)
         self.async_by_id[req_id] = fut
         fut.add_done_callback(self.async_calls.discard)
@@ -1347,6 +1377,8 @@ class _Runtime:
                     self._note_deadline(frame[1], frame[2])
                 elif kind == protocol.REQUEST_ID:
                     self.rids[frame[1]] = protocol.unpack_request_id(frame[2])
+                elif kind == protocol.TRACE:
+                    self.traces[frame[1]] = protocol.unpack_trace(frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1388,6 +1420,9 @@ class _Runtime:
         if not ids:
             return out, payloads
         rids = [self.rids.pop(i, i) for i in ids] if self.rids else ids
+        if self.traces:  # a batch has its callers' spans only
+            for i in ids:
+                self.traces.pop(i, None)
         _REQUEST_ID.set(rids[0])
         deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
         token = _DEADLINE.set(min(deadlines) if deadlines else None)
