@@ -73,6 +73,15 @@ def test_ids_given_made_and_inherited(make_hub: Callable[..., Hub], make_workers
     assert chain_b == ["chain-b", "chain-b"]  # an async model's too
     assert chain_made[0] == chain_made[1] and re.fullmatch(r"[0-9a-f]{8}-\d+", chain_made[0])
     assert batched == "batch-c"
+    # Streams, from a sync and an async worker:
+    async def streams() -> list[Any]:
+        a = [item async for item in hub.stream(gibbs_model="leaf", gibbs_request_id="s-1")]
+        b = [item async for item in hub.stream(gibbs_model="async-outer", gibbs_request_id="s-2")]
+        return [a, b]
+
+    assert run(streams(), timeout=60) == [["s-1"], [["s-2", "s-2"]]]
+    with hub.submit_stream(gibbs_model="leaf", gibbs_request_id="s-3") as it:
+        assert list(it) == ["s-3"]
     # From a plain thread, with submit:
     assert hub.submit(gibbs_model="leaf", gibbs_request_id="thread-d").result(timeout=30) == "thread-d"
 

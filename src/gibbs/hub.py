@@ -110,7 +110,7 @@ from .transport import (
     parse_address,
     resolve_authkey,
 )
-from .worker import Worker, local_workers
+from .worker import _REQUEST_ID, Worker, local_workers
 
 __all__ = ["Hub"]
 
@@ -559,7 +559,8 @@ class Hub:
         payload = self._encode(args, kwargs, bridge.role == "router")
         if len(args) == 1 and not kwargs:
             payload.flags = protocol.FWD_SINGLE
-        payload.rid = _worker_module._request_id_of_caller(request_id)
+        if request_id is not None or _REQUEST_ID.get() is not None:  # given, or the one being served here
+            payload.rid = _worker_module._request_id_of_caller(request_id)
         return bridge, model, payload
 
     async def request(
@@ -708,6 +709,7 @@ class Hub:
         ``gibbs_timeout``: the whole stream's deadline; when it passes, the
         generator is closed on the worker and the items already had are
         followed by :class:`~gibbs.DeadlineExceededError`.
+        ``gibbs_request_id``: as for :meth:`request`.
         """
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
