@@ -712,3 +712,101 @@ def self_priority() -> Any:
     from gibbs import worker
 
     return worker.current_priority()
+
+
+class RequestIds:
+    """Returns its request id (and, with ``inner``, the ids its own calls of
+    that model saw: a sync and an async nested call)."""
+
+    def __init__(self, inner: str = "") -> None:
+        from gibbs import Hub
+
+        self.inner = inner
+        self.hub = Hub() if inner else None
+
+    def __call__(self, x: Any = None) -> Any:
+        import gibbs
+
+        mine = gibbs.request_id()
+        if self.hub is None:
+            return mine
+        return [mine, self.hub.submit(gibbs_model=self.inner).result(timeout=30)]
+
+
+class AsyncRequestIds:
+    """An async model: its request id, and the id its nested call saw."""
+
+    def __init__(self, inner: str = "") -> None:
+        from gibbs import Hub
+
+        self.inner = inner
+        self.hub = Hub() if inner else None
+
+    async def __call__(self, x: Any = None) -> Any:
+        import asyncio
+
+        import gibbs
+
+        await asyncio.sleep(0.001)
+        mine = gibbs.request_id()
+        if self.hub is None:
+            return mine
+        return [mine, await self.hub.request(gibbs_model=self.inner)]
+
+
+class BatchedRequestIds:
+    def __call__(self, xs: list[Any]) -> list[Any]:
+        import gibbs
+
+        return [gibbs.request_id()] * len(xs)
+
+
+class Traced:
+    """Records its worker's OpenTelemetry spans (an in-memory exporter of its
+    own); ``"spans"`` returns them, ``"boom"`` raises; with ``inner`` it
+    calls that model first (a nested call, in the same trace)."""
+
+    def __init__(self, inner: str = "") -> None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from gibbs import Hub
+
+        self.exporter = InMemorySpanExporter()
+        provider = trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):  # forked: the parent's is inherited
+            provider = TracerProvider()
+            trace.set_tracer_provider(provider)
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.inner = inner
+        self.hub = Hub() if inner else None
+
+    def __call__(self, x: Any) -> Any:
+        if x == "spans":
+            return [
+                {
+                    "name": s.name,
+                    "trace_id": s.context.trace_id,
+                    "span_id": s.context.span_id,
+                    "parent": s.parent.span_id if s.parent is not None else None,
+                    "attributes": dict(s.attributes or {}),
+                    "error": not s.status.is_ok,
+                }
+                for s in self.exporter.get_finished_spans()
+            ]
+        if x == "boom":
+            raise ValueError("boom")
+        if self.hub is not None:
+            return self.hub.submit(x, gibbs_model=self.inner).result(timeout=30)
+        return x
+
+
+class OtelImported:
+    """Whether this worker's process has imported any of opentelemetry."""
+
+    def __call__(self, x: Any) -> Any:
+        import sys
+
+        return [x, sorted(m for m in sys.modules if m.startswith("opentelemetry"))]

@@ -98,6 +98,7 @@ def test_batch_forward_credit_and_out_of_band_bodies_raise_protocol_error_only(b
         lambda: p.unpack_batch(body),
         lambda: p.unpack_forward(body),
         lambda: p.unpack_credit(body),
+        lambda: p.unpack_request_id(body),
         lambda: p._unpack_oob(b"\x02" + body),
     ):
         try:

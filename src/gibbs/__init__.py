@@ -30,7 +30,8 @@ from .errors import (
     WorkerRefusedError,
 )
 from .hub import Hub
-from .worker import Worker, remaining
+from .logs import LogFields
+from .worker import Worker, remaining, request_id
 
 __version__ = "1.0.0"
 
@@ -58,6 +59,9 @@ __all__ = [
     "Worker",
     # inside a model's call, in a worker
     "remaining",
+    "request_id",
+    # logging: the model, worker and request id on every record
+    "LogFields",
     # errors
     "GibbsError",
     "UserCodeException",

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from . import protocol
+from . import logs, protocol
 from .core import DEFAULT_MODEL
 from .errors import ProtocolError
 from .records import Hello, InitFailed, Loading
@@ -194,6 +194,7 @@ class Door:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "app": self._b._app,
+                "request_ids": self._b.request_ids,
             }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)
@@ -218,7 +219,7 @@ class Door:
                     f"the supervisor {failed.name} (pid {failed.pid} on {failed.host}) stopped "
                     f"starting workers of model {model!r}: {failed.message}"
                 )
-                logger.error("gibbs hub: %s", why)
+                logger.error("gibbs hub: %s", why, extra=logs.fields(model))
                 sock.close()
                 self._b.give_up_model(model, why)
                 return
@@ -228,7 +229,7 @@ class Door:
                     f"failed to build model {failed.model or DEFAULT_MODEL!r}: "
                     f"{failed.exc_type}: {failed.message}\n{failed.traceback}"
                 )
-                logger.error("gibbs hub: %s", line)
+                logger.error("gibbs hub: %s", line, extra=logs.fields(failed.model or DEFAULT_MODEL, failed.name))
                 with self._lock:
                     self.init_failures.append((failed.pid, line))
                     self._b._check_locals = True
@@ -332,7 +333,8 @@ class Door:
                 self._count_loading_locked(str(entry["model"]))
                 self._b._wake_locked()
         if refused is not None:
-            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused)
+            logger.warning("gibbs hub: refused LOADING from %s (pid %d on %s): %s", info.name, info.pid, info.host, refused,
+                           extra=logs.fields(info.model, info.name))
             sock.close()
             return
         self._b._notify_waiters()

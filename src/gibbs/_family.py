@@ -31,7 +31,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import errors, protocol
+from . import errors, logs, protocol
 from ._peers import ClientSink, Forwarded, Peer, Relay
 from .core import CANCELLED, PRIORITIES, Call, Outcome, OutcomeKind, WorkerInfo
 from .errors import ProtocolError
@@ -85,11 +85,11 @@ class RouterRole:
         with self._lock:
             for kind, cid, body in frames:
                 if kind == protocol.FORWARD:
-                    model, flags, payload = protocol.unpack_forward(body)
+                    model, flags, payload, rid, trace = protocol.unpack_forward(body)
                     if cid in calls:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
-                    call = Call(self._b._next_id, model, Forwarded(payload), ClientSink(peer, cid), stream)
+                    call = Call(self._b._next_id, model, Forwarded(payload, rid, trace), ClientSink(peer, cid), stream)
                     if flags >> protocol.FWD_PRIORITY_SHIFT:
                         call.priority = min(flags >> protocol.FWD_PRIORITY_SHIFT, PRIORITIES[-1])
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
@@ -158,7 +158,8 @@ class RouterRole:
                 peer.calls.clear()
             for call in calls:
                 self._b._apply_locked(self._core.cancel(call))
-        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls))
+        logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls),
+                    extra=logs.peer(peer, ",".join(self._b.request_id(c) for c in calls) or None))
         if self._b._outcomes:
             self._b._hand_over()
 

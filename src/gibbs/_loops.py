@@ -24,6 +24,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
+from . import logs
 from ._peers import Peer, has_data, internal_error
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class LoopReads:
                 for peer in owned:
                     if now - peer.last_heard > min(0.5, peer.interval) and has_data(peer.sock):
                         logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
-                                    "thread reads its workers", peer.describe(), now - peer.last_heard)
+                                    "thread reads its workers", peer.describe(), now - peer.last_heard, extra=logs.peer(peer))
                         stuck = True
                         break
             if stuck:

@@ -23,7 +23,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import protocol
+from . import logs, protocol
 from ._peers import LocalWorker, Peer, describe_exit
 from .errors import NoWorkersError
 
@@ -115,9 +115,10 @@ class Losses:
         with self._lock:
             self._b._peers.pop(peer.fd, None)
             if peer.info.leaving and not peer.info.held:
-                logger.info("gibbs hub: %s left", peer.describe())
+                logger.info("gibbs hub: %s left", peer.describe(), extra=logs.peer(peer))
             else:
-                logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason)
+                rids = ",".join(self._b.request_id(c) for c in peer.info.held.values()) or None
+                logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason, extra=logs.peer(peer, rids))
             self._b._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
             self._b._refresh_batched_locked(peer.info.model)
             self._b._router_role.broadcast_pool_locked()

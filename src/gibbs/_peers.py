@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from . import protocol
+from . import logs, protocol
 from .core import Call, WorkerInfo
 from .protocol import Buffer
 from .records import Hello
@@ -145,11 +145,13 @@ class ClientSink:
 class Forwarded:
     """A forwarded call's payload: inline bytes, nothing to release."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "rid", "trace")
     shm_path = None
 
-    def __init__(self, body: Buffer) -> None:
+    def __init__(self, body: Buffer, rid: Optional[str] = None, trace: Optional[str] = None) -> None:
         self.body = body
+        self.rid = rid  # the request id its client hub gave
+        self.trace = trace  # its caller's traceparent, when it traces
 
     def inline_body(self) -> Buffer:
         return self.body
@@ -174,5 +176,5 @@ def describe_exit(code: int) -> str:
 def internal_error(peer: Peer, exc: BaseException) -> str:
     """A bug met while reading a peer: said loudly, with the traceback; the
     caller drops that peer (its calls fail or go elsewhere), the hub serves on."""
-    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc)
+    logger.error("gibbs hub: internal error reading %s; dropping it", peer.describe(), exc_info=exc, extra=logs.peer(peer))
     return f"internal error reading its frames: {exc!r}"

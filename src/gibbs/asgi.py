@@ -11,6 +11,10 @@ Plain ASGI (no dependency): works with any ASGI server and framework.
   :class:`~gibbs.OverloadedError` that escapes the endpoint before the
   response started becomes a 503 with ``Retry-After``, a
   :class:`~gibbs.DeadlineExceededError` a 504.
+  A request's ``X-Request-ID`` header (at most 200 bytes) becomes the
+  request id of the gibbs calls its endpoint makes (:func:`gibbs.request_id`
+  reads it there and in the model), so that a web request and its calls
+  are found in the logs by one id.
 * :func:`install` (FastAPI, Starlette): ``app.add_middleware`` of it, which
   places it inside Starlette's own error middleware (which would answer 500).
 """
@@ -23,6 +27,8 @@ import math
 from typing import Any, Awaitable, Callable, MutableMapping, Optional
 
 from .errors import DeadlineExceededError, OverloadedError
+from .protocol import MAX_REQUEST_ID
+from .worker import _REQUEST_ID
 
 __all__ = ["CancelOnDisconnect", "install", "error_response"]
 
@@ -73,7 +79,15 @@ class CancelOnDisconnect:
                 started = True
             await send(message)
 
-        task = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        rid = _header_request_id(scope)
+        if rid is None:
+            task = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        else:
+            token = _REQUEST_ID.set(rid)  # the endpoint's task copies it
+            try:
+                task = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+            finally:
+                _REQUEST_ID.reset(token)
 
         async def pump() -> None:
             nonlocal gone
@@ -111,6 +125,19 @@ class CancelOnDisconnect:
             await send({"type": "http.response.body", "body": body})
         finally:
             reader.cancel()
+
+
+def _header_request_id(scope: Scope) -> Optional[str]:
+    """The request's ``X-Request-ID``, when it has one a call can carry."""
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"x-request-id":
+            if 0 < len(value) <= MAX_REQUEST_ID:
+                try:
+                    return bytes(value).decode()
+                except UnicodeDecodeError:
+                    return None
+            return None
+    return None
 
 
 def install(app: Any) -> Any:

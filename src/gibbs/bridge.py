@@ -48,7 +48,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from . import _views, protocol
+from . import _views, logs, protocol
 from ._closing import Closing
 from ._door import Door
 from ._family import ClientRole, RouterRole
@@ -162,6 +162,7 @@ class Bridge:
             handshake_timeout=options.handshake_timeout,
         )
         self._next_id = 1
+        self.request_ids = protocol.request_id_prefix()  # a call's request id is this + its id, unless given
         self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
         # --- the two roles of a hub in a family of processes (owned by _lock)
         # Router: the hub that holds the address; workers and client hubs connect to it.
@@ -279,6 +280,11 @@ class Bridge:
         if self._outcomes:
             self._hand_over()
         return call
+
+    def request_id(self, call: Call) -> str:
+        """The request id of ``call``: its caller's, else this hub's own."""
+        rid = call.payload.rid
+        return rid if rid is not None else self.request_ids + str(call.id)
 
     def cancel(self, call: Call) -> None:
         """The caller gave up (cancelled, timed out): a queued call is removed
@@ -409,7 +415,10 @@ class Bridge:
                         self._relay_of[c.id] = relay
                         flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
                         flags |= (c.priority or 0) << protocol.FWD_PRIORITY_SHIFT
-                        up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload)))
+                        rid = c.payload.rid or self.request_ids + str(c.id)  # the router's calls keep our id
+                        up.out.extend(
+                            protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload), rid, c.payload.trace)
+                        )
                     peer = up
                     if touched is None:
                         touched = [peer]
@@ -427,6 +436,11 @@ class Bridge:
                             peer.out.extend(protocol.pack_deadline(c.id, final - now))
                         if c.priority:
                             peer.out.extend(protocol.pack_priority(c.id, c.priority))
+                for c in calls:
+                    if c.payload.rid is not None:
+                        peer.out.extend(protocol.pack_request_id(c.id, c.payload.rid))
+                    if c.payload.trace is not None:  # its caller traces (gibbs.tracing)
+                        peer.out.extend(protocol.pack_trace(c.id, c.payload.trace, time.monotonic() - c.t0))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
@@ -489,7 +503,7 @@ class Bridge:
                     touched.append(peer)
             elif type(action) is Refuse:
                 peer = action.worker  # type: ignore[assignment]
-                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason)
+                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason, extra=logs.peer(peer))
                 self._door.handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
                 self._door.n_handshake_failures += 1
                 try:
@@ -596,7 +610,9 @@ class Bridge:
             try:
                 self._deliver_sync(*item)
             except BaseException:  # noqa: BLE001 - a callback's error is the caller's
-                logger.exception("gibbs hub: delivering a result failed")
+                call = item[0]
+                logger.exception("gibbs hub: delivering a result failed",
+                                 extra=logs.fields(call.model, None, self.request_id(call)))
             # Hold nothing while waiting: an answer lent from a worker's
             # shared memory goes back when its caller frees it, not later.
             del item
@@ -741,7 +757,8 @@ class Bridge:
                     try:
                         self._add_peer(sock, hello, early, partial)
                     except Exception as exc:  # noqa: BLE001 - that connection only
-                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host)
+                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host,
+                                         extra=logs.fields(hello.model, hello.name))
                         self._forget_new_peer(sock, exc)
                 if new_peers and self._loops.loop is not None:
                     self._loops.changed = True
@@ -800,7 +817,7 @@ class Bridge:
                 self._absent_warned[name] = now
                 logger.warning(
                     "gibbs hub: requests of model %r have waited %.0f s and %s",
-                    name, waited, text.replace("\n", "\n  "),
+                    name, waited, text.replace("\n", "\n  "), extra=logs.fields(name),
                 )
 
     # ---------------------------------------------------------------- new connections
@@ -854,7 +871,7 @@ class Bridge:
                 if peer.role == "client":
                     peer.out.append(self._router_role.pool_frame_locked())
                     self._flush_locked(peer)
-            logger.info("gibbs hub: %s joined", peer.describe())
+            logger.info("gibbs hub: %s joined", peer.describe(), extra=logs.peer(peer))
             try:
                 peer.reader.feed(partial)  # an incomplete frame: nothing comes out yet
                 if early:
@@ -863,11 +880,11 @@ class Bridge:
                     else:
                         self._router_role.observer_frames(peer, list(early))
             except (ProtocolError, ValueError) as exc:
-                logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
                 self._losses.drop(peer, f"protocol error: {exc}")
             return
         if peer.role != "worker":
-            logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role)
+            logger.warning("gibbs hub: %s named an unknown role %r; closed", peer.describe(), peer.role, extra=logs.peer(peer))
             sock.close()
             return
         if peer.shm:
@@ -877,7 +894,8 @@ class Bridge:
                 # Two peers on one machine cannot share a pid: one of them lies,
                 # and the pid names the shared-memory files the hub reads and removes.
                 logger.warning(
-                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe()
+                    "gibbs hub: refused %s: pid %d is already that of %s", peer.describe(), peer.pid, twin.describe(),
+                    extra=logs.peer(peer),
                 )
                 sock.close()
                 return
@@ -912,7 +930,7 @@ class Bridge:
             except (KeyError, ValueError):
                 pass
             return
-        logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model)
+        logger.info("gibbs hub: %s joined (model %r)", peer.describe(), model, extra=logs.peer(peer))
         self._notify_waiters()
 
     def _forget_new_peer(self, sock: socket.socket, exc: BaseException) -> None:
@@ -961,7 +979,7 @@ class Bridge:
         try:
             frames = peer.reader.feed(view[:n])
         except ProtocolError as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             return f"protocol error: {exc}"
         if held or peer.reader.pending:
             why = self._account_buffered(peer)
@@ -989,7 +1007,7 @@ class Bridge:
                         buffers: list[Any] = [bytearray(v) for v in views] if lent is None else lent
                         del views
                     except ProtocolError as exc:
-                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
                         bad = f"protocol error: {exc}"
                         break
                     except (OSError, ValueError) as exc:
@@ -997,7 +1015,8 @@ class Bridge:
                         # let go of its segments) or cannot be mapped: the answer
                         # is lost, not the call. The worker is dropped, and the
                         # core sends its calls again, this one with them.
-                        logger.warning("gibbs hub: %s sent an answer whose segment could not be read: %s", peer.describe(), exc)
+                        logger.warning("gibbs hub: %s sent an answer whose segment could not be read: %s", peer.describe(), exc,
+                                       extra=logs.peer(peer))
                         bad = f"the shared-memory segment of its answer to call {req_id} could not be read: {exc}"
                         break
                     else:
@@ -1026,10 +1045,11 @@ class Bridge:
                 elif kind == protocol.HEARTBEAT:
                     pass
                 elif kind == protocol.GOODBYE:
-                    logger.info("gibbs hub: %s is leaving", peer.describe())
+                    logger.info("gibbs hub: %s is leaving", peer.describe(), extra=logs.peer(peer))
                     actions += core.worker_leaving(peer, now)
                 else:
-                    logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind))
+                    logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind),
+                                   extra=logs.peer(peer))
             if actions:
                 self._apply_locked(actions)
             if releases:
@@ -1059,7 +1079,7 @@ class Bridge:
             f"bytes buffered from peers over the hub's bound of {self._max_buffered} "
             f"({total} in all, {worst.reader.pending} from this one)"
         )
-        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why)
+        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why, extra=logs.peer(worst))
         if worst is peer:
             return why
         self._loops.give_back(worst, why)
@@ -1127,7 +1147,7 @@ class Bridge:
             else:
                 self._client_role.router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc)
+            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             self._losses.drop(peer, f"protocol error: {exc}")
 
 

@@ -69,9 +69,11 @@ import time
 import uuid
 import warnings
 import weakref
+from sys import modules as _modules
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import protocol
+from . import tracing as _tracing
 from . import worker as _worker_module
 from ._options import HubOptions
 from ._peers import LocalWorker, describe_exit
@@ -110,11 +112,12 @@ from .transport import (
     parse_address,
     resolve_authkey,
 )
-from .worker import Worker, local_workers
+from .worker import _REQUEST_ID, Worker, local_workers
 
 __all__ = ["Hub"]
 
 logger = logging.getLogger("gibbs")
+_OTEL = _tracing._OTEL  # imported by an application that traces (gibbs never imports it)
 
 _live_hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
 
@@ -518,7 +521,12 @@ class Hub:
             raise SerializationError(f"the request's arguments cannot be pickled: {exc!r}") from exc
 
     def _prepare(
-        self, model: Optional[str], args: tuple[Any, ...], kwargs: dict[str, Any], stream: bool = False
+        self,
+        model: Optional[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stream: bool = False,
+        request_id: Optional[str] = None,
     ) -> tuple[Bridge, str, protocol.Payload]:
         bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
         if model is None:
@@ -536,6 +544,8 @@ class Hub:
         payload = self._encode(args, kwargs, bridge.role == "router")
         if len(args) == 1 and not kwargs:
             payload.flags = protocol.FWD_SINGLE
+        if request_id is not None or _REQUEST_ID.get() is not None:  # given, or the one being served here
+            payload.rid = _worker_module._request_id_of_caller(request_id)
         return bridge, model, payload
 
     async def request(
@@ -546,6 +556,7 @@ class Hub:
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
         gibbs_priority: Optional[int] = None,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``model(*args, **kwargs)`` on an idle worker and return its result.
@@ -580,6 +591,13 @@ class Hub:
                 call is passed by at most ``gibbs.core.STARVATION_BOUND``
                 units of higher classes. A call a model makes while it serves
                 one inherits that call's class.
+            gibbs_request_id: the call's request id (a str of at most 200
+                bytes, e.g. a web request's ``X-Request-ID``), which the model
+                reads with :func:`gibbs.request_id` and gibbs's log lines
+                name. None: the id of the request being served here (a model
+                calling a model, an endpoint behind
+                :class:`gibbs.asgi.CancelOnDisconnect`), else one the hub
+                makes (a per-hub prefix and a counter).
 
         Raises:
             UserCodeException: the model raised (type, message, traceback kept).
@@ -596,7 +614,8 @@ class Hub:
         gibbs_timeout = _within_caller(gibbs_timeout)
         gibbs_priority = _priority_within_caller(gibbs_priority)
         loop = asyncio.get_running_loop()
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
+        span = _tracing.begin(model, payload) if _OTEL in _modules else None  # gibbs.tracing
         fut: asyncio.Future[Outcome] = loop.create_future()
         bridge.home(loop)
         try:
@@ -606,15 +625,27 @@ class Hub:
             )
         except BaseException:
             payload.release()
+            if span is not None:
+                span.end()
             raise
         try:
             outcome = await fut
-        except BaseException:
+        except BaseException as exc:
             bridge.cancel(call)
             if not loop.is_closed():  # cleaned up after its loop closed: nothing to cancel
                 fut.cancel()
+            if span is not None:
+                _tracing.end(span, bridge.request_id(call), call, exc)
             raise
-        return _unwrap(outcome)
+        if span is None:
+            return _unwrap(outcome)
+        try:
+            value = _unwrap(outcome)
+        except BaseException as exc:
+            _tracing.end(span, bridge.request_id(call), call, exc)
+            raise
+        _tracing.end(span, bridge.request_id(call), call, None)
+        return value
 
     def submit(
         self,
@@ -624,18 +655,21 @@ class Hub:
         gibbs_model: Optional[str] = None,
         gibbs_hedge: bool = False,
         gibbs_priority: Optional[int] = None,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> "concurrent.futures.Future[Any]":
         """Like ``request`` for plain threads: returns a
         ``concurrent.futures.Future``. Cancelling it while queued removes the
-        request (it never runs). ``gibbs_timeout``, ``gibbs_retries`` and
-        ``gibbs_priority`` as for ``request``: the future fails with
-        :class:`~gibbs.DeadlineExceededError`. Its done-callbacks run on a
-        gibbs delivery thread, never under a lock of the hub."""
+        request (it never runs). ``gibbs_timeout``, ``gibbs_retries``,
+        ``gibbs_priority`` and ``gibbs_request_id`` as for ``request``: the
+        future fails with :class:`~gibbs.DeadlineExceededError`. Its
+        done-callbacks run on a gibbs delivery thread, never under a lock of
+        the hub."""
         _check_deadline_args(gibbs_timeout, gibbs_retries)
         gibbs_timeout = _within_caller(gibbs_timeout)
         gibbs_priority = _priority_within_caller(gibbs_priority)
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
+        span = _tracing.begin(model, payload) if _OTEL in _modules else None  # gibbs.tracing
         fut = _SubmitFuture()
         try:
             call = bridge.submit(
@@ -644,9 +678,14 @@ class Hub:
             )
         except BaseException:
             payload.release()
+            if span is not None:
+                span.end()
             raise
         fut._gibbs_bridge = bridge
         fut._gibbs_call = call
+        if span is not None:
+            rid = bridge.request_id(call)
+            fut.add_done_callback(lambda f: _tracing.end_future(span, rid, call, f))
         return fut
 
     async def stream(
@@ -655,6 +694,7 @@ class Hub:
         gibbs_timeout: Optional[float] = None,
         gibbs_model: Optional[str] = None,
         gibbs_priority: Optional[int] = None,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """Stream ``model(*args, **kwargs)``: yields each item as the worker's
@@ -673,13 +713,13 @@ class Hub:
         ``gibbs_timeout``: the whole stream's deadline; when it passes, the
         generator is closed on the worker and the items already had are
         followed by :class:`~gibbs.DeadlineExceededError`. ``gibbs_priority``
-        as for ``request``.
+        and ``gibbs_request_id`` as for :meth:`request`.
         """
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
         gibbs_priority = _priority_within_caller(gibbs_priority)
         loop = asyncio.get_running_loop()
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True, request_id=gibbs_request_id)
         sink = _AsyncStream(loop)
         bridge.home(loop)
         try:
@@ -714,6 +754,7 @@ class Hub:
         gibbs_timeout: Optional[float] = None,
         gibbs_model: Optional[str] = None,
         gibbs_priority: Optional[int] = None,
+        gibbs_request_id: Optional[str] = None,
         **kwargs: Any,
     ) -> "StreamIterator":
         """``stream`` for plain threads: an iterator over the items (blocking
@@ -722,7 +763,7 @@ class Hub:
         _check_deadline_args(gibbs_timeout, 0)
         gibbs_timeout = _within_caller(gibbs_timeout)
         gibbs_priority = _priority_within_caller(gibbs_priority)
-        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True)
+        bridge, model, payload = self._prepare(gibbs_model, args, kwargs, stream=True, request_id=gibbs_request_id)
         it = StreamIterator(bridge)
         try:
             it._call = bridge.submit(payload, it, model, stream=True, timeout=gibbs_timeout, priority=gibbs_priority)

@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
+from . import logs
 from ._wakeup import Wakeup
 from .scaling import Autoscaler, Load
 from .worker import Worker, device_name
@@ -396,7 +397,7 @@ class Pool:
             self._target = target
             self._surge = gibbs_surge
             self._update_error = None
-        logger.warning("gibbs pool %r: rolling update to version %d (%s)", self._model, target, class_name(cls))
+        logger.warning("gibbs pool %r: rolling update to version %d (%s)", self._model, target, class_name(cls), extra=logs.fields(self._model))
         self._wake()
         deadline = time.monotonic() + gibbs_timeout
         done = False
@@ -420,7 +421,7 @@ class Pool:
             self._on_rollout(None)
         if error is not None:
             raise UpdateError(f"rolling update of model {self._model!r} rolled back: {error}")
-        logger.warning("gibbs pool %r: now on version %d", self._model, target)
+        logger.warning("gibbs pool %r: now on version %d", self._model, target, extra=logs.fields(self._model))
 
     async def aupdate(self, cls: Any = None, *args: Any, **kwargs: Any) -> None:
         """:meth:`update` for asyncio code (runs it in a thread)."""
@@ -589,7 +590,7 @@ class Pool:
                 self._recycle(now, seen)
                 self._autoscale(now, seen)
         if give_up is not None:
-            logger.error("gibbs: %s", give_up)
+            logger.error("gibbs: %s", give_up, extra=logs.fields(self._model))
             self._on_give_up(give_up)
 
     def _check_slot(self, slot: _Slot, now: float) -> Optional[str]:
@@ -617,7 +618,7 @@ class Pool:
                 logger.error(
                     "gibbs pool %r: worker %s did not join the hub within %.0f s of starting "
                     "(can it reach the hub's address, with its key?); stopping it",
-                    self._model, w, join_timeout,
+                    self._model, w, join_timeout, extra=logs.fields(self._model, getattr(w, "name", None)),
                 )
                 slot.timed_out = True
                 w.kill()
@@ -640,10 +641,10 @@ class Pool:
                 # soon after joining (then after a growing delay).
                 slot.not_before = now + slot.quick
                 slot.quick = min(max(_BACKOFF_FIRST, slot.quick * 2), _BACKOFF_CAP)
-                logger.warning("gibbs pool %r: worker %s exited (%s); replacing it", self._model, w, code)
+                logger.warning("gibbs pool %r: worker %s exited (%s); replacing it", self._model, w, code, extra=logs.fields(self._model, getattr(w, "name", None)))
             elif lost:
                 logger.warning("gibbs pool %r: worker %s was lost before it joined (%s); replacing it",
-                               self._model, w, code)
+                               self._model, w, code, extra=logs.fields(self._model, getattr(w, "name", None)))
                 slot.not_before = now + slot.backoff
                 slot.backoff = min(slot.backoff * 2, _BACKOFF_CAP)
             elif slot.version != self._version:
@@ -654,7 +655,8 @@ class Pool:
             elif slot.replaces is not None:
                 # A replacement (recycling) that did not come up: the old
                 # worker serves on; tried again later.
-                logger.error("gibbs pool %r: replacement worker %s exited before serving (%s)", self._model, w, code)
+                logger.error("gibbs pool %r: replacement worker %s exited before serving (%s)", self._model, w, code,
+                             extra=logs.fields(self._model, getattr(w, "name", None)))
                 slot.replaces.recycle_after = now + 30.0
                 self._slots.remove(slot)
                 return None
@@ -665,7 +667,7 @@ class Pool:
             try:
                 slot.worker = self._start(slot)
             except Exception as exc:  # noqa: BLE001 - e.g. the cluster is gone: retried, then given up
-                logger.error("gibbs pool %r: could not start a worker: %r", self._model, exc)
+                logger.error("gibbs pool %r: could not start a worker: %r", self._model, exc, extra=logs.fields(self._model))
                 give_up = self._failed_start(slot, now, f"could not start (last: {exc!r})") or give_up
             else:
                 self.restarts += 1
@@ -717,7 +719,7 @@ class Pool:
                     why = f"resident memory {rss >> 20} MiB over max_memory {self._max_memory >> 20} MiB"
             if why is None:
                 continue
-            logger.warning("gibbs pool %r: recycling worker %s: %s", self._model, w, why)
+            logger.warning("gibbs pool %r: recycling worker %s: %s", self._model, w, why, extra=logs.fields(self._model, getattr(w, "name", None)))
             self.recycled += 1
             self._add_replacement(slot, slot.version)
 
@@ -733,14 +735,15 @@ class Pool:
         if step > 0:
             self._add_slots(1)
             self.scaled["up"] += 1
-            logger.info("gibbs pool %r: scaling up to %d: %s", self._model, len(self._slots), why)
+            logger.info("gibbs pool %r: scaling up to %d: %s", self._model, len(self._slots), why, extra=logs.fields(self._model))
         elif step < 0:
             busy = seen.get("workers", {})
             idle = [s for s in serving if s.worker is not None and busy.get(s.worker.token, {}).get("state") == "ready"]
             if idle:
                 self._drain_slot(idle[-1])
                 self.scaled["down"] += 1
-                logger.info("gibbs pool %r: scaling down to %d: %s", self._model, len(self._slots), why)
+                logger.info("gibbs pool %r: scaling down to %d: %s", self._model, len(self._slots), why,
+                            extra=logs.fields(self._model))
 
 
 def _resident_bytes(pid: Optional[int]) -> Optional[int]:

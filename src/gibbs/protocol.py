@@ -22,6 +22,7 @@ messages are never unpickled at all.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 from typing import Any, Optional, Union, cast
@@ -73,6 +74,8 @@ LOADING = 20  # worker -> hub: JSON {pid, host, name, model, device}: building t
 STATS = 21  # observer -> hub: empty, "send your statistics"; hub -> observer: JSON {statistics, workers}
 DEADLINE = 22  # hub -> worker: f64, seconds left to this call's deadline (sent just before it, to workers that said "deadlines" in HELLO)
 PRIORITY = 23  # hub -> worker: u8, this call's priority class (sent just before it, when not 0, to workers that read DEADLINE frames)
+TRACE = 24  # hub -> worker: ASCII "<W3C traceparent> <seconds queued>" of the call that follows (only when its caller traces)
+REQUEST_ID = 25  # hub -> worker: UTF-8, the request id of the call that follows (sent just before it, only for an id given by its caller, inherited or forwarded)
 POOL = 19  # router -> client: JSON {models: {name: {class, workers, batched, queued}}}, on every change
 # (client -> router also: STOP = cancel this call, CREDIT = as for a worker; HEARTBEAT both ways)
 
@@ -100,24 +103,50 @@ KIND_NAMES = {
     STATS: "STATS",
     DEADLINE: "DEADLINE",
     PRIORITY: "PRIORITY",
+    REQUEST_ID: "REQUEST_ID",
+    TRACE: "TRACE",
 }
 
 #: FORWARD flags
 FWD_STREAM = 1  # the caller streams
 FWD_SINGLE = 2  # one positional argument and no keyword: fit for a batched model
 FWD_PRIORITY_SHIFT = 4  # bits 4-7: the call's priority class (older routers ignore them)
+FWD_REQUEST_ID = 4  # the model's name is followed by the request id (u8 length, UTF-8)
+FWD_TRACE = 8  # then by the caller's W3C traceparent (u8 length, ASCII)
 _FWD_HEAD = struct.Struct("!BH")
+#: The longest request id (UTF-8 bytes) a frame carries.
+MAX_REQUEST_ID = 200
 
 
-def pack_forward(req_id: int, model: str, flags: int, body: Buffer) -> list[Buffer]:
+def pack_forward(
+    req_id: int,
+    model: str,
+    flags: int,
+    body: Buffer,
+    request_id: Optional[str] = None,
+    trace: Optional[str] = None,
+) -> list[Buffer]:
     name = model.encode()
-    head = _FWD_HEAD.pack(flags, len(name)) + name
+    if request_id is None and trace is None:
+        head = _FWD_HEAD.pack(flags, len(name)) + name
+    else:
+        extra = b""
+        if request_id is not None:
+            flags |= FWD_REQUEST_ID
+            rid = request_id.encode()
+            extra = bytes((len(rid),)) + rid
+        if trace is not None:
+            flags |= FWD_TRACE
+            tp = trace.encode()
+            extra += bytes((len(tp),)) + tp
+        head = _FWD_HEAD.pack(flags, len(name)) + name + extra
     n = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
     return [HEADER.pack(FORWARD, req_id, n) + head, body]
 
 
-def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
-    """(model, flags, payload body) of a FORWARD frame."""
+def unpack_forward(body: Buffer) -> tuple[str, int, memoryview, Optional[str], Optional[str]]:
+    """(model, flags, payload body, request id or None, traceparent or None)
+    of a FORWARD frame."""
     mv = memoryview(body)
     if len(mv) < _FWD_HEAD.size:
         raise ProtocolError("malformed FORWARD")
@@ -131,7 +160,64 @@ def unpack_forward(body: Buffer) -> tuple[str, int, memoryview]:
         raise ProtocolError("malformed FORWARD: model name is not UTF-8") from None
     if not model:
         raise ProtocolError("malformed FORWARD: empty model name")
-    return model, flags, mv[end:]
+    request_id = None
+    if flags & FWD_REQUEST_ID:
+        k = mv[end]
+        start, end = end + 1, end + 1 + k
+        if len(mv) < end + 1:
+            raise ProtocolError("malformed FORWARD")
+        request_id = unpack_request_id(mv[start:end])
+    trace = None
+    if flags & FWD_TRACE:
+        k = mv[end]
+        start, end = end + 1, end + 1 + k
+        if len(mv) < end + 1:
+            raise ProtocolError("malformed FORWARD")
+        trace = bytes(mv[start:end]).decode("ascii", "replace")
+    return model, flags, mv[end:], request_id, trace
+
+
+def pack_request_id(req_id: int, request_id: str) -> list[Buffer]:
+    """A REQUEST_ID frame: ``request_id`` is the id of call ``req_id``."""
+    return pack_frame(REQUEST_ID, req_id, request_id.encode())
+
+
+def unpack_request_id(body: Buffer) -> str:
+    if not 0 < len(body) <= MAX_REQUEST_ID:
+        raise ProtocolError(f"a request id is 1 to {MAX_REQUEST_ID} bytes, not {len(body)}")
+    try:
+        return bytes(body).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("a request id is not UTF-8") from None
+
+
+def request_id_prefix() -> str:
+    """A new hub's prefix of the request ids it makes: its calls are
+    ``prefix + str(call id)``, a counter, so that an id costs nothing until
+    it is read (a worker learns the prefix in WELCOME)."""
+    return os.urandom(4).hex() + "-"
+
+
+def pack_trace(req_id: int, traceparent: str, queued: float) -> list[Buffer]:
+    """A TRACE frame: the caller's trace context, and how long call ``req_id`` waited in the hub."""
+    return pack_frame(TRACE, req_id, f"{traceparent} {queued:.6f}".encode())
+
+
+def unpack_trace(body: Buffer) -> tuple[str, float]:
+    try:
+        traceparent, queued = bytes(body).decode("ascii").split(" ")
+        return traceparent, float(queued)
+    except ValueError:
+        raise ProtocolError("malformed TRACE") from None
+
+
+def check_request_id(request_id: Any) -> str:
+    """``request_id`` if it is one a frame can carry, else TypeError/ValueError."""
+    if not isinstance(request_id, str):
+        raise TypeError(f"gibbs_request_id must be a str, got {type(request_id).__name__}")
+    if not 0 < len(request_id.encode()) <= MAX_REQUEST_ID:
+        raise ValueError(f"gibbs_request_id must be 1 to {MAX_REQUEST_ID} bytes of UTF-8, got {request_id[:40]!r}")
+    return request_id
 
 #: Chunks of one stream a worker may send beyond what its caller consumed.
 STREAM_WINDOW = 8
@@ -356,7 +442,7 @@ class Payload:
     its pool, or is removed if it came from none).
     """
 
-    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags")
+    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags", "rid", "trace")
 
     def __init__(
         self,
@@ -371,6 +457,8 @@ class Payload:
         self._pool = pool
         self._name = name
         self.flags = 0  # FWD_SINGLE where the call suits a batched model
+        self.rid: Optional[str] = None  # the request id its caller gave (or inherited); None: the hub's own
+        self.trace: Optional[str] = None  # its caller's W3C traceparent, when the caller traces
 
     @property
     def nbytes(self) -> int:

@@ -31,6 +31,7 @@ import time
 import weakref
 from typing import Any, Optional
 
+from . import logs
 from .pool import WorkerFactory
 from .transport import is_loopback
 from .worker import Worker
@@ -206,7 +207,7 @@ class ActorHandle:
             try:
                 self._actor.stop.remote()
             except Exception as exc:  # noqa: BLE001 - a dead actor: the watcher will see it
-                logger.debug("gibbs ray: stop of %s failed: %s", self, exc)
+                logger.debug("gibbs ray: stop of %s failed: %s", self, exc, extra=logs.fields(self._worker.model, self.name))
 
     def kill(self) -> None:
         """``ray.kill`` the actor (the hub re-sends what it held)."""
@@ -218,7 +219,7 @@ class ActorHandle:
             try:
                 ray.kill(self._actor, no_restart=True)
             except Exception as exc:  # noqa: BLE001
-                logger.debug("gibbs ray: kill of %s failed: %s", self, exc)
+                logger.debug("gibbs ray: kill of %s failed: %s", self, exc, extra=logs.fields(self._worker.model, self.name))
 
     @property
     def exitcode(self) -> Optional[int]:
@@ -282,7 +283,8 @@ class ActorHandle:
             self._sentinel_w.close()  # the read end becomes ready
             if code != EXIT_OK:
                 level = logging.INFO if self._killed else logging.WARNING
-                logger.log(level, "gibbs ray: worker %s (token %s) ended: %s", self.name, self.token, self._error)
+                logger.log(level, "gibbs ray: worker %s (token %s) ended: %s", self.name, self.token, self._error,
+                           extra=logs.fields(self._worker.model, self.name))
 
     def __repr__(self) -> str:
         where = f"node {self.node_id[:8]}" if self.node_id else "not placed yet"

@@ -49,7 +49,7 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import _threads, protocol
+from . import _threads, logs, protocol, tracing
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .tls import TLSFiles, files_from_env
@@ -62,7 +62,7 @@ from .transport import (
     resolve_authkey,
 )
 
-__all__ = ["Worker", "remaining", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
+__all__ = ["Worker", "remaining", "request_id", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
 
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.
@@ -70,6 +70,12 @@ _DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("g
 #: The priority class of the call being run here (PRIORITY frames), for the
 #: calls a model makes while it serves it: None outside a call, or class 0.
 _PRIORITY: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar("gibbs_priority", default=None)
+#: The request id of the call being served here: set by the worker before
+#: each call (an int: the hub's call id, the hub's prefix before it makes the
+#: id; a str: an id given by the caller), by gibbs.asgi for an endpoint.
+_REQUEST_ID: "contextvars.ContextVar[Union[str, int, None]]" = contextvars.ContextVar("gibbs_request_id", default=None)
+#: The prefix of the request ids the hub this worker serves makes (WELCOME).
+_request_ids = ""
 
 
 class Serving:
@@ -78,15 +84,18 @@ class Serving:
     call) becomes a client of that hub, so that a model calls other models
     (``hub.request(..., gibbs_model="b")``) with no address to pass."""
 
-    __slots__ = ("host", "port", "authkey", "explicit", "model", "token")
+    __slots__ = ("host", "port", "authkey", "explicit", "model", "token", "name")
 
-    def __init__(self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str) -> None:
+    def __init__(
+        self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str, name: str = ""
+    ) -> None:
         self.host = host
         self.port = port
         self.authkey = authkey
         self.explicit = explicit
         self.model = model
         self.token = token
+        self.name = name  # the worker's (its log lines name it)
 
 
 #: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
@@ -117,6 +126,36 @@ def current_priority() -> Optional[int]:
     """Inside a model's call in a worker: the call's priority class, when
     the hub gave it one other than 0 (in a batch: the highest of its items)."""
     return _PRIORITY.get()
+def request_id() -> Optional[str]:
+    """The request id of the call being served: inside a model's call in a
+    worker, its call's (the ``gibbs_request_id`` its caller gave, else the
+    one its hub made); in an endpoint behind :class:`gibbs.asgi.CancelOnDisconnect`,
+    the request's ``X-Request-ID``. ``None`` elsewhere.
+
+    A call made while serving one (a model calling a model) carries the same
+    id, and gibbs's log lines name it, so that a chain can be followed::
+
+        class Model:
+            def __call__(self, x):
+                logging.getLogger("app").info("serving %s", gibbs.request_id())
+                return x
+
+    In a batched call, the id of the batch's first request.
+    """
+    rid = _REQUEST_ID.get()
+    if rid is None or type(rid) is str:
+        return rid
+    return f"{_request_ids}{rid}"
+
+
+def _request_id_of_caller(given: Optional[str]) -> Optional[str]:
+    """The request id a call made here carries: ``given``, else the one
+    being served (None: its hub makes one)."""
+    if given is not None:
+        return protocol.check_request_id(given)
+    if _REQUEST_ID.get() is None:
+        return None
+    return request_id()
 
 
 logger = logging.getLogger("gibbs")
@@ -660,6 +699,10 @@ class _Runtime:
         self.stopped_ids: set[int] = set()
         self.deadlines: dict[int, float] = {}  # request id -> its deadline (DEADLINE frames), until it runs
         self.priorities: dict[int, int] = {}  # request id -> its class (PRIORITY frames), until it runs
+        self._log_fields = logs.fields(spec.model, spec.name)  # the extra= of its log lines
+        self.traces: dict[int, tuple[str, float]] = {}  # call id -> (traceparent, seconds queued) (TRACE frames)
+        self._span: Any = None  # the worker's span of the traced call being started (gibbs.tracing)
+        self.rids: dict[int, str] = {}  # call id -> the request id its caller gave (REQUEST_ID frames), until it runs
         self.async_streams: dict[int, _AsyncStreamState] = {}  # streams running on the loop, by request id
         self.pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # frames read, not handled
         self.reader = protocol.FrameReader()
@@ -697,7 +740,7 @@ class _Runtime:
             # an app that makes its own hubs): Hub() here reaches this hub.
             serving = Serving(
                 self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model,
-                self.spec.token,
+                self.spec.token, str(self.spec.name or ""),
             )
         try:
             # start() blocked these signals across the fork, so that a terminate()
@@ -714,7 +757,7 @@ class _Runtime:
             except Exception as exc:
                 built.set()
                 tb = traceback.format_exc()
-                logger.debug("worker %s: the model's constructor raised:\n%s", self.spec.name, tb)
+                logger.debug("worker %s: the model's constructor raised:\n%s", self.spec.name, tb, extra=self._log_fields)
                 self._report_init_failure(exc, tb)
                 raise
             finally:
@@ -789,6 +832,8 @@ class _Runtime:
 
     def _apply_welcome(self, sock: socket.socket, welcome: dict[str, Any]) -> socket.socket:
         self.hub_interval = float(welcome.get("heartbeat_interval", 1.0))
+        global _request_ids
+        _request_ids = str(welcome.get("request_ids", ""))
         probe = welcome.get("shm_probe")
         self.shm_ok = False
         if isinstance(probe, dict) and protocol.shm_available():
@@ -830,7 +875,7 @@ class _Runtime:
             try:
                 sock = self._connect(timeout=max(5.0, self.spec.heartbeat_interval * 2))
             except AuthenticationError as exc:
-                logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF)
+                logger.warning("worker %s: %s; retrying in %.0f s", self.spec.name, exc, AUTH_BACKOFF, extra=self._log_fields)
                 if not self._said_refused_key:
                     # Said on this side too, once, whatever the logging setup:
                     # this worker serves nothing until the keys agree.
@@ -844,16 +889,16 @@ class _Runtime:
                 time.sleep(AUTH_BACKOFF)
                 continue
             except (OSError, ProtocolError) as exc:
-                logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff)
+                logger.debug("worker %s: no hub at %s (%s); retrying in %.2f s", self.spec.name, where, exc, backoff, extra=self._log_fields)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, max_backoff)
                 continue
             backoff = 0.02
-            logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where)
+            logger.info("worker %s (pid %d): connected to hub at %s", self.spec.name, os.getpid(), where, extra=self._log_fields)
             try:
                 self._serve(sock)
             except (OSError, ProtocolError) as exc:
-                logger.warning("worker %s: connection to hub lost (%s); reconnecting", self.spec.name, exc)
+                logger.warning("worker %s: connection to hub lost (%s); reconnecting", self.spec.name, exc, extra=self._log_fields)
             finally:
                 with self.send_lock:
                     self.sock = None
@@ -899,7 +944,7 @@ class _Runtime:
                     raise _Stop()
                 frames = self._read_frames(sock)
                 if frames is None:
-                    logger.info("worker %s: hub closed the connection", self.spec.name)
+                    logger.info("worker %s: hub closed the connection", self.spec.name, extra=self._log_fields)
                     return
                 if frames:
                     _threads.refresh()
@@ -973,10 +1018,19 @@ class _Runtime:
                 elif kind == protocol.PRIORITY:
                     self.priorities[req_id] = protocol.unpack_priority(body)
                     continue
+                elif kind == protocol.REQUEST_ID:
+                    self.rids[req_id] = protocol.unpack_request_id(body)
+                    continue
+                elif kind == protocol.TRACE:
+                    self.traces[req_id] = protocol.unpack_trace(body)
+                    continue
                 elif kind == protocol.STREAM:
                     if out:  # answers computed before the stream go out first
                         self._send_answers(sock, out, files)
                         out, files = [], []
+                    _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
+                    if self.traces:
+                        self.traces.pop(req_id, None)  # a stream has its caller's span only
                     token = _DEADLINE.set(self.deadlines.pop(req_id, None))
                     ptoken = _PRIORITY.set(self.priorities.pop(req_id, None)) if self.priorities else None
                     try:
@@ -1037,6 +1091,9 @@ class _Runtime:
 
     def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         """Run one request; return the answer's frame buffers (and its payload)."""
+        # Not reset after the call: the next call sets it before it runs
+        # (an async model's task copies it).
+        _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
         if self.priorities:
             ptoken = _PRIORITY.set(self.priorities.pop(req_id, None))
             try:
@@ -1046,6 +1103,8 @@ class _Runtime:
         return self._handle_deadline(req_id, body)
 
     def _handle_deadline(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
+        if self.traces and req_id in self.traces:
+            return self._handle_traced(req_id, body)
         if not self.deadlines:
             return self._handle_call(req_id, body)
         token = _DEADLINE.set(self.deadlines.pop(req_id, None))
@@ -1053,6 +1112,24 @@ class _Runtime:
             return self._handle_call(req_id, body)  # an async model's task copies the deadline
         finally:
             _DEADLINE.reset(token)
+
+    def _handle_traced(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
+        """``_handle`` of a call whose caller traces: in a span of its own (gibbs.tracing)."""
+        traceparent, queued = self.traces.pop(req_id)
+        span = tracing.serve_span(traceparent, queued, self.spec.model, str(self.spec.name), request_id())
+        token = _DEADLINE.set(self.deadlines.pop(req_id, None))
+        started = time.monotonic()
+        self._span = span
+        try:
+            with tracing.current(span):
+                buffers, payloads = self._handle_call(req_id, body)
+        finally:
+            _DEADLINE.reset(token)
+        if self._span is not None:  # not an async call (that one ends its span when done)
+            self._span = None
+            failed = bool(buffers) and protocol.HEADER.unpack_from(buffers[0])[0] == protocol.ERROR
+            tracing.finish(span, started, "the call answered an error" if failed else None)
+        return buffers, payloads
 
     def _handle_call(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
         try:
@@ -1110,6 +1187,9 @@ class _Runtime:
         assert self.aloop is not None
         sock = self.sock
         fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
+        if self._span is not None:  # a traced call: its span ends with the coroutine
+            span, self._span, started = self._span, None, time.monotonic()
+            fut.add_done_callback(lambda f: tracing.finish(span, started, "cancelled" if f.cancelled() else None))
         self.async_calls.add(fut)
         self.async_by_id[req_id] = fut
         fut.add_done_callback(self.async_calls.discard)
@@ -1322,6 +1402,10 @@ class _Runtime:
                     self._note_deadline(frame[1], frame[2])
                 elif kind == protocol.PRIORITY:
                     self.priorities[frame[1]] = protocol.unpack_priority(frame[2])
+                elif kind == protocol.REQUEST_ID:
+                    self.rids[frame[1]] = protocol.unpack_request_id(frame[2])
+                elif kind == protocol.TRACE:
+                    self.traces[frame[1]] = protocol.unpack_trace(frame[2])
                 elif kind == protocol.REQUEST and self.is_async:
                     # An async worker's other slots go on while this stream
                     # waits for its consumer: the call runs on the loop.
@@ -1403,6 +1487,11 @@ class _Runtime:
             xs.append(args[0])
         if not ids:
             return out, payloads
+        rids = [self.rids.pop(i, i) for i in ids] if self.rids else ids
+        if self.traces:  # a batch has its callers' spans only
+            for i in ids:
+                self.traces.pop(i, None)
+        _REQUEST_ID.set(rids[0])
         deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
         classes = [p for p in (self.priorities.pop(i, None) for i in ids) if p is not None] if self.priorities else []
         token = _DEADLINE.set(min(deadlines) if deadlines else None)
@@ -1456,7 +1545,7 @@ class _Runtime:
         while not self._hb_stop.wait(self.spec.heartbeat_interval):
             if self.parent_pid is not None and not self._parent_alive():
                 # The process that started us is gone: nobody else will stop us.
-                logger.warning("worker %s: parent process exited; stopping", self.spec.name)
+                logger.warning("worker %s: parent process exited; stopping", self.spec.name, extra=self._log_fields)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             with self.send_lock:
