@@ -97,14 +97,14 @@ class _GibbsActor:
     def run(self, worker: Worker) -> None:
         """Serve until asked to stop (blocks the calling actor thread);
         raises what the model's constructor raises."""
-        from .worker import _Runtime
+        from .worker import Runtime
 
-        runtime = _Runtime(worker)
-        runtime.serves_process = True  # the actor's process serves this model: Hub() there reaches its hub
+        # The actor's process serves this model: a Hub() made there reaches its hub.
+        runtime = Runtime(worker, serves_process=True)
         with self._lock:
             self._runtime = runtime
             if self._stop_asked:
-                runtime.stopping = True
+                runtime.stop()
         runtime.run(parent_pid=None)
 
     def stop(self) -> None:
@@ -114,7 +114,7 @@ class _GibbsActor:
         with self._lock:
             self._stop_asked = True
             if self._runtime is not None:
-                self._runtime.stopping = True
+                self._runtime.stop()
 
 
 _actor_class: Any = None

@@ -589,9 +589,8 @@ def _process_main(worker: Worker, parent_pid: int, plan: Optional[_threads.Plan]
     # its own (the whole process group gets it): it keeps serving until the
     # app that started it stops it (close, exit or death), so that the app's
     # graceful shutdown can finish its in-flight and queued requests.
-    runtime = _Runtime(worker, stop_signals={signal.SIGTERM})
+    runtime = _Runtime(worker, stop_signals={signal.SIGTERM}, serves_process=True)
     runtime.built_flag = built
-    runtime.serves_process = True
     try:
         runtime.run(parent_pid=parent_pid)
     except WorkerRefusedError as exc:
@@ -670,9 +669,16 @@ os.register_at_fork(after_in_child=_forget_local_workers)
 
 
 class _Runtime:
-    """The state of one serving worker, in its own process (or thread)."""
+    """The state of one serving worker, in its own process (or thread).
 
-    def __init__(self, spec: Worker, stop_signals: Optional[set[signal.Signals]] = None) -> None:
+    ``Runtime(spec, serves_process=True).run(None)`` serves in the calling
+    thread until :meth:`stop` (what the Ray launcher does in an actor);
+    ``serves_process``: the whole process serves this model, so that a
+    ``Hub()`` made there reaches the hub it serves."""
+
+    def __init__(
+        self, spec: Worker, stop_signals: Optional[set[signal.Signals]] = None, serves_process: bool = False
+    ) -> None:
         self.spec = spec
         self.stop_signals = _STOP_SIGNALS if stop_signals is None else stop_signals
         self.model: Any = None
@@ -712,8 +718,14 @@ class _Runtime:
         self._in_main_thread = threading.current_thread() is threading.main_thread()
         self._initial_ppid = os.getppid()
         self.built_flag: Any = None  # the parent's shared byte (Worker.built), when started by one
-        self.serves_process = False  # the whole process serves this model (set for started workers, Ray actors)
+        self.serves_process = serves_process  # the whole process serves this model (started workers, Ray actors)
         self._said_refused_key = False
+
+    def stop(self) -> None:
+        """The graceful stop, from any thread (what SIGTERM does to a worker
+        process): the call in hand is finished and answered, then the
+        worker says goodbye to its hub and :meth:`run` returns."""
+        self.stopping = True
 
     # -------------------------------------------------------------- signals
 
@@ -1628,3 +1640,9 @@ class _Runtime:
             finally:
                 sock.close()
             return
+
+
+#: The serving loop of one worker, for launchers that run it in a thread of
+#: their own (``gibbs.ray``): ``Runtime(spec, serves_process=True).run(None)``
+#: serves until ``stop()``.
+Runtime = _Runtime
