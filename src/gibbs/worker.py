@@ -29,7 +29,6 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
-import contextvars
 import inspect
 import logging
 import multiprocessing
@@ -37,7 +36,6 @@ import multiprocessing.util  # noqa: F401  (so our atexit hook runs before its j
 import os
 import pickle
 import secrets
-import select
 import signal
 import socket
 import ssl
@@ -49,7 +47,19 @@ import traceback
 from types import FrameType
 from typing import Any, Callable, Optional, Sequence, Union
 
-from . import _threads, logs, protocol, tracing
+from . import _context, _threads, logs, protocol
+from ._context import (  # noqa: F401 (gibbs.worker's names)
+    _DEADLINE,
+    _PRIORITY,
+    _REQUEST_ID,
+    _request_id_of_caller,
+    current_priority,
+    remaining,
+    request_id,
+)
+from ._worker_async import AsyncSlots, _AsyncStreamState, _drain_agen, _identity
+from ._worker_calls import Calls
+from ._worker_streams import Streams
 from .core import DEFAULT_MODEL
 from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .tls import TLSFiles, files_from_env
@@ -63,20 +73,6 @@ from .transport import (
 )
 
 __all__ = ["Worker", "remaining", "request_id", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
-
-#: The deadline (time.monotonic() of this process) of the call being run
-#: here: set around each call, so that a model, sync or async, reads its own.
-_DEADLINE: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar("gibbs_deadline", default=None)
-#: The priority class of the call being run here (PRIORITY frames), for the
-#: calls a model makes while it serves it: None outside a call, or class 0.
-_PRIORITY: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar("gibbs_priority", default=None)
-#: The request id of the call being served here: set by the worker before
-#: each call (an int: the hub's call id, the hub's prefix before it makes the
-#: id; a str: an id given by the caller), by gibbs.asgi for an endpoint.
-_REQUEST_ID: "contextvars.ContextVar[Union[str, int, None]]" = contextvars.ContextVar("gibbs_request_id", default=None)
-#: The prefix of the request ids the hub this worker serves makes (WELCOME).
-_request_ids = ""
-
 
 class Serving:
     """Where this process serves as a worker: its hub's address and key, and
@@ -101,61 +97,6 @@ class Serving:
 #: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
 #: actor); read by ``Hub()``.
 serving: Optional[Serving] = None
-
-
-def remaining() -> Optional[float]:
-    """Inside a model's call in a worker: seconds left before the call's
-    deadline (``gibbs_timeout``), negative once it has passed: the caller
-    has its :class:`~gibbs.DeadlineExceededError` and will not read the
-    answer. ``None`` when the call has no deadline (or outside a call).
-
-    A cheap check for a sync model that cannot be interrupted::
-
-        for step in range(n):
-            if (left := gibbs.remaining()) is not None and left <= 0:
-                break  # nobody waits for this answer any more
-            ...
-
-    In a batched call, the earliest deadline of the batch's items.
-    """
-    deadline = _DEADLINE.get()
-    return None if deadline is None else deadline - time.monotonic()
-
-
-def current_priority() -> Optional[int]:
-    """Inside a model's call in a worker: the call's priority class, when
-    the hub gave it one other than 0 (in a batch: the highest of its items)."""
-    return _PRIORITY.get()
-def request_id() -> Optional[str]:
-    """The request id of the call being served: inside a model's call in a
-    worker, its call's (the ``gibbs_request_id`` its caller gave, else the
-    one its hub made); in an endpoint behind :class:`gibbs.asgi.CancelOnDisconnect`,
-    the request's ``X-Request-ID``. ``None`` elsewhere.
-
-    A call made while serving one (a model calling a model) carries the same
-    id, and gibbs's log lines name it, so that a chain can be followed::
-
-        class Model:
-            def __call__(self, x):
-                logging.getLogger("app").info("serving %s", gibbs.request_id())
-                return x
-
-    In a batched call, the id of the batch's first request.
-    """
-    rid = _REQUEST_ID.get()
-    if rid is None or type(rid) is str:
-        return rid
-    return f"{_request_ids}{rid}"
-
-
-def _request_id_of_caller(given: Optional[str]) -> Optional[str]:
-    """The request id a call made here carries: ``given``, else the one
-    being served (None: its hub makes one)."""
-    if given is not None:
-        return protocol.check_request_id(given)
-    if _REQUEST_ID.get() is None:
-        return None
-    return request_id()
 
 
 logger = logging.getLogger("gibbs")
@@ -506,40 +447,6 @@ class Worker:
         _Runtime(self).run(parent_pid=None)
 
 
-async def _drain_agen(agen: Any) -> None:
-    async for _ in agen:
-        pass
-
-
-async def _identity(aw: Any) -> Any:
-    return await aw
-
-
-async def _one(value: Any) -> Any:
-    yield value
-
-
-class _AsyncStreamState:
-    """Flow control of one stream running on an async worker's loop (touched
-    only on that loop: the serving thread hands frames over with
-    ``call_soon_threadsafe``)."""
-
-    __slots__ = ("granted", "stopped", "changed")
-
-    def __init__(self) -> None:
-        self.granted = protocol.STREAM_WINDOW
-        self.stopped = False
-        self.changed: Optional[asyncio.Event] = None
-
-    def control(self, n: int) -> None:
-        if n < 0:
-            self.stopped = True
-        else:
-            self.granted += n
-        if self.changed is not None:
-            self.changed.set()
-
-
 def class_name(cls: Any) -> str:
     """``module:QualifiedName`` of a model class (what a hub compares)."""
     return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', getattr(cls, '__name__', repr(cls)))}"
@@ -669,7 +576,10 @@ os.register_at_fork(after_in_child=_forget_local_workers)
 
 
 class _Runtime:
-    """The state of one serving worker, in its own process (or thread).
+    """The state of one serving worker, in its own process (or thread): the
+    connection to its hub, the frames read, their dispatch by kind, the
+    answers sent. How a call runs is its mode's: ``_calls`` (one at a time,
+    batches), ``_streams`` (a sync generator), ``_async`` (async slots).
 
     ``Runtime(spec, serves_process=True).run(None)`` serves in the calling
     thread until :meth:`stop` (what the Ray launcher does in an actor);
@@ -720,6 +630,10 @@ class _Runtime:
         self.built_flag: Any = None  # the parent's shared byte (Worker.built), when started by one
         self.serves_process = serves_process  # the whole process serves this model (started workers, Ray actors)
         self._said_refused_key = False
+        # How it runs calls, by mode: one at a time or batches, sync streams, async slots.
+        self._calls = Calls(self)
+        self._streams = Streams(self)
+        self._async = AsyncSlots(self)
 
     def stop(self) -> None:
         """The graceful stop, from any thread (what SIGTERM does to a worker
@@ -780,7 +694,7 @@ class _Runtime:
             call = self.model if inspect.isfunction(self.model) else type(self.model).__call__
             self.is_async = inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
             if self.is_async:
-                self._start_async_loop()
+                self._async.start_loop()
             heartbeat = threading.Thread(
                 target=self._heartbeat_loop, name="gibbs-worker-heartbeat", daemon=True
             )
@@ -792,7 +706,7 @@ class _Runtime:
             self._hb_stop.set()
             if heartbeat is not None:
                 heartbeat.join(5.0)
-            self._stop_async_loop()
+            self._async.stop_loop()
             if self.pool is not None:
                 self.pool.close()
             self.maps.clear()
@@ -844,8 +758,7 @@ class _Runtime:
 
     def _apply_welcome(self, sock: socket.socket, welcome: dict[str, Any]) -> socket.socket:
         self.hub_interval = float(welcome.get("heartbeat_interval", 1.0))
-        global _request_ids
-        _request_ids = str(welcome.get("request_ids", ""))
+        _context.request_ids = str(welcome.get("request_ids", ""))
         probe = welcome.get("shm_probe")
         self.shm_ok = False
         if isinstance(probe, dict) and protocol.shm_available():
@@ -963,7 +876,7 @@ class _Runtime:
                     self._serve_batch(sock, frames)
                     self.last_heard = time.monotonic()
         except _Stop:
-            self._drain_async()  # calls in progress answer before the goodbye
+            self._async.drain()  # calls in progress answer before the goodbye
             self._goodbye(sock)
             raise
 
@@ -1020,12 +933,12 @@ class _Runtime:
                         self.pool.release(body.decode(errors="replace"))
                     continue
                 if kind == protocol.REQUEST:
-                    buffers, payloads = self._handle(req_id, body)
+                    buffers, payloads = self._calls.handle(req_id, body)
                 elif kind == protocol.BATCH:
-                    self._poll_controls(sock)  # a STOP for one of its items may have come meanwhile
-                    buffers, payloads = self._handle_batch(body)
+                    self._streams.poll_controls(sock)  # a STOP for one of its items may have come meanwhile
+                    buffers, payloads = self._calls.handle_batch(body)
                 elif kind == protocol.DEADLINE:
-                    self._note_deadline(req_id, body)
+                    self._calls.note_deadline(req_id, body)
                     continue
                 elif kind == protocol.PRIORITY:
                     self.priorities[req_id] = protocol.unpack_priority(body)
@@ -1047,9 +960,9 @@ class _Runtime:
                     ptoken = _PRIORITY.set(self.priorities.pop(req_id, None)) if self.priorities else None
                     try:
                         if self.is_async:
-                            self._start_async_stream(sock, req_id, body)
+                            self._async.start_stream(sock, req_id, body)
                         else:
-                            self._stream(sock, req_id, body)
+                            self._streams.stream(sock, req_id, body)
                     finally:
                         _DEADLINE.reset(token)
                         if ptoken is not None:
@@ -1098,457 +1011,9 @@ class _Runtime:
                 payload.release()  # the hub never saw them: the files are still ours
             raise
 
-    def _note_deadline(self, req_id: int, body: protocol.Buffer) -> None:
-        self.deadlines[req_id] = time.monotonic() + protocol.unpack_deadline(body)
-
-    def _handle(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        """Run one request; return the answer's frame buffers (and its payload)."""
-        # Not reset after the call: the next call sets it before it runs
-        # (an async model's task copies it).
-        _REQUEST_ID.set(self.rids.pop(req_id, req_id) if self.rids else req_id)
-        if self.priorities:
-            ptoken = _PRIORITY.set(self.priorities.pop(req_id, None))
-            try:
-                return self._handle_deadline(req_id, body)
-            finally:
-                _PRIORITY.reset(ptoken)
-        return self._handle_deadline(req_id, body)
-
-    def _handle_deadline(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        if self.traces and req_id in self.traces:
-            return self._handle_traced(req_id, body)
-        if not self.deadlines:
-            return self._handle_call(req_id, body)
-        token = _DEADLINE.set(self.deadlines.pop(req_id, None))
-        try:
-            return self._handle_call(req_id, body)  # an async model's task copies the deadline
-        finally:
-            _DEADLINE.reset(token)
-
-    def _handle_traced(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        """``_handle`` of a call whose caller traces: in a span of its own (gibbs.tracing)."""
-        traceparent, queued = self.traces.pop(req_id)
-        span = tracing.serve_span(traceparent, queued, self.spec.model, str(self.spec.name), request_id())
-        token = _DEADLINE.set(self.deadlines.pop(req_id, None))
-        started = time.monotonic()
-        self._span = span
-        try:
-            with tracing.current(span):
-                buffers, payloads = self._handle_call(req_id, body)
-        finally:
-            _DEADLINE.reset(token)
-        if self._span is not None:  # not an async call (that one ends its span when done)
-            self._span = None
-            failed = bool(buffers) and protocol.HEADER.unpack_from(buffers[0])[0] == protocol.ERROR
-            tracing.finish(span, started, "the call answered an error" if failed else None)
-        return buffers, payloads
-
-    def _handle_call(self, req_id: int, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        try:
-            args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
-        except Exception as exc:
-            return self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), []
-        try:
-            result = self.model(*args, **kwargs)
-            if inspect.isgenerator(result):
-                result = list(result)  # a plain request to a streaming model: all items at once
-        except Exception as exc:
-            del args, kwargs
-            return self._error_frame(req_id, protocol.ERR_USER, exc), []
-        del args, kwargs
-        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
-            self._run_async(req_id, result)
-            return [], []  # answered from the event loop's thread when done
-        return self._result_frame(req_id, result)
 
     # -------------------------------------------------------------- async models
 
-    def _start_async_loop(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self.aloop = loop
-        self.aloop_thread = threading.Thread(target=run, name="gibbs-worker-loop", daemon=True)
-        self.aloop_thread.start()
-        ready.wait()
-
-    def _stop_async_loop(self) -> None:
-        loop, thread = self.aloop, self.aloop_thread
-        if loop is None or thread is None:
-            return
-        self._drain_async()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5.0)
-        if not thread.is_alive():
-            loop.close()
-        self.aloop = self.aloop_thread = None
-
-    def _drain_async(self, timeout: float = 60.0) -> None:
-        """Wait for the async calls in progress (each sends its own answer)."""
-        if self.async_calls:
-            concurrent.futures.wait(list(self.async_calls), timeout)
-
-    def _run_async(self, req_id: int, aw: Any) -> None:
-        if self.aloop is None:  # a sync __call__ that returned an awaitable
-            self._start_async_loop()
-        assert self.aloop is not None
-        sock = self.sock
-        fut = asyncio.run_coroutine_threadsafe(self._answer_async(sock, req_id, aw), self.aloop)
-        if self._span is not None:  # a traced call: its span ends with the coroutine
-            span, self._span, started = self._span, None, time.monotonic()
-            fut.add_done_callback(lambda f: tracing.finish(span, started, "cancelled" if f.cancelled() else None))
-        self.async_calls.add(fut)
-        self.async_by_id[req_id] = fut
-        fut.add_done_callback(self.async_calls.discard)
-        fut.add_done_callback(lambda f: self._async_done(sock, req_id, f))
-
-    def _async_done(self, sock: Optional[socket.socket], req_id: int, fut: "concurrent.futures.Future[Any]") -> None:
-        """An async call ended. One the hub stopped (its caller is gone: the
-        model got CancelledError) is answered all the same, with an error the
-        hub drops, so that the hub knows its slot is free."""
-        self.async_by_id.pop(req_id, None)
-        if not fut.cancelled() or req_id not in self.stopped_ids:
-            return
-        self.stopped_ids.discard(req_id)
-        if sock is None:
-            return
-        try:
-            err = asyncio.CancelledError("stopped: its caller is gone")
-            self._send(sock, self._error_frame(req_id, protocol.ERR_USER, err, tb=""))
-        except OSError:
-            pass
-
-    async def _answer_async(self, sock: Optional[socket.socket], req_id: int, aw: Any) -> None:
-        try:
-            if inspect.isasyncgen(aw):
-                result: Any = [item async for item in aw]
-            else:
-                result = await aw
-        except Exception as exc:
-            buffers = self._error_frame(req_id, protocol.ERR_USER, exc)
-            payloads: list[protocol.Payload] = []
-        else:
-            buffers, payloads = self._result_frame(req_id, result)
-            del result
-        if sock is None:
-            return
-        try:
-            self._send_answers(sock, buffers, [p for p in payloads if p.shm_path is not None])
-        except OSError:
-            pass  # the connection is gone: the hub re-sends what we held
-
-    def _stream(self, sock: socket.socket, req_id: int, body: protocol.Buffer) -> None:
-        """Run a streamed request: each item the model yields goes out as a
-        CHUNK at once, at most ``STREAM_WINDOW`` ahead of what the caller has
-        consumed (CREDIT frames); a STOP closes the generator (its
-        ``finally`` runs). Ends with a RESULT (None), or an ERROR."""
-        try:
-            args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
-        except Exception as exc:
-            self._send(sock, self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
-            return
-        granted = protocol.STREAM_WINDOW
-        sent = 0
-        stopped = False
-        gen: Any = None
-        try:
-            result = self.model(*args, **kwargs)
-            del args, kwargs
-            if inspect.isasyncgen(result):
-                items: Any = self._iterate_async(result)
-            elif inspect.iscoroutine(result):
-                items = iter((self._await(result),))
-            else:
-                items = result if inspect.isgenerator(result) else iter((result,))
-            gen = items
-            for item in items:
-                try:
-                    payload = protocol.encode(item)
-                except Exception as exc:
-                    self._send(sock, self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc))
-                    return
-                while sent >= granted and not stopped:
-                    granted, stopped = self._wait_credit(sock, req_id, granted)
-                if stopped:
-                    break
-                self._send(sock, protocol.pack_frame(protocol.CHUNK, req_id, payload.body))
-                sent += 1
-                # A STOP may already be here: look without waiting.
-                granted, stopped = self._take_controls(req_id, granted, stopped)
-                if stopped:
-                    break
-        except Exception as exc:
-            self._send(sock, self._error_frame(req_id, protocol.ERR_USER, exc))
-            return
-        finally:
-            if gen is not None and inspect.isgenerator(gen):
-                gen.close()  # runs the generator's finally when it was stopped early
-        self._send(sock, protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body))
-
-    def _start_async_stream(self, sock: socket.socket, req_id: int, body: protocol.Buffer) -> None:
-        """An async worker streams on its loop, so that its other slots (and
-        other streams) go on while one consumer is slow. CREDIT and STOP
-        frames reach the stream through ``async_streams``."""
-        if self.aloop is None:
-            self._start_async_loop()
-        assert self.aloop is not None
-        state = _AsyncStreamState()
-        self.async_streams[req_id] = state
-        fut = asyncio.run_coroutine_threadsafe(self._astream(sock, req_id, body, state), self.aloop)
-        self.async_calls.add(fut)
-        fut.add_done_callback(self.async_calls.discard)
-
-    async def _astream(self, sock: socket.socket, req_id: int, body: protocol.Buffer, state: "_AsyncStreamState") -> None:
-        state.changed = asyncio.Event()
-        out: list[protocol.Buffer]
-        try:
-            try:
-                args, kwargs = protocol.decode(body, cache=self.maps, in_place=not self.spec.copy_args)
-            except Exception as exc:
-                out = self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc)
-            else:
-                out = await self._astream_items(sock, req_id, args, kwargs, state)
-            try:
-                self._send(sock, out)
-            except OSError:
-                pass
-        finally:
-            self.async_streams.pop(req_id, None)
-
-    async def _astream_items(
-        self, sock: socket.socket, req_id: int, args: Any, kwargs: Any, state: "_AsyncStreamState"
-    ) -> list[protocol.Buffer]:
-        """Send the items; return the closing frame (RESULT None, or ERROR)."""
-        agen: Any = None
-        sent = 0
-        changed = state.changed
-        assert changed is not None
-        try:
-            result = self.model(*args, **kwargs)
-            del args, kwargs
-            if inspect.isasyncgen(result):
-                agen = result
-            else:
-                value = await result if inspect.isawaitable(result) else result
-                agen = _one(value)
-            async for item in agen:
-                try:
-                    payload = protocol.encode(item)
-                except Exception as exc:
-                    return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc)
-                while sent >= state.granted and not state.stopped:
-                    changed.clear()
-                    await changed.wait()
-                if state.stopped:
-                    break
-                try:
-                    self._send(sock, protocol.pack_frame(protocol.CHUNK, req_id, payload.body))
-                except OSError:
-                    break  # the hub is gone: it re-sends or fails the stream
-                sent += 1
-        except Exception as exc:
-            return self._error_frame(req_id, protocol.ERR_USER, exc)
-        finally:
-            if agen is not None:
-                await agen.aclose()  # runs its finally when stopped early
-        return protocol.pack_frame(protocol.RESULT, req_id, protocol.encode(None).body)
-
-    def _await(self, aw: Any) -> Any:
-        if self.aloop is None:
-            self._start_async_loop()
-        assert self.aloop is not None
-        return asyncio.run_coroutine_threadsafe(_identity(aw), self.aloop).result()
-
-    def _iterate_async(self, agen: Any) -> Any:
-        """A plain generator over an async generator run on the worker's
-        loop (one item at a time, driven from the serving thread)."""
-        try:
-            while True:
-                try:
-                    yield self._await(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._await(agen.aclose())
-
-    def _take_controls(self, req_id: int, granted: int, stopped: bool) -> tuple[int, bool]:
-        """Consume the CREDIT and STOP frames for ``req_id`` already read."""
-        keep = []
-        for frame in self.pending:
-            kind, rid, body = frame
-            if rid == req_id and kind == protocol.CREDIT:
-                granted += protocol.unpack_credit(body)
-            elif rid == req_id and kind == protocol.STOP:
-                stopped = True
-            elif kind in (protocol.CREDIT, protocol.STOP):
-                pass  # for a stream that is over
-            else:
-                keep.append(frame)
-        if len(keep) != len(self.pending):
-            self.pending.clear()
-            self.pending.extend(keep)
-        return granted, stopped
-
-    def _wait_credit(self, sock: socket.socket, req_id: int, granted: int) -> tuple[int, bool]:
-        """Block until the caller consumed something (or stopped): the worker
-        waits rather than buffer without bound for a slow consumer."""
-        while True:
-            before = granted
-            granted, stopped = self._take_controls(req_id, granted, False)
-            if stopped or granted != before:
-                return granted, stopped
-            frames = self._read_frames(sock)
-            if frames is None:
-                raise ConnectionResetError("the hub closed the connection during a stream")
-            for frame in frames:
-                kind = frame[0]
-                if kind == protocol.RELEASE:
-                    if self.pool is not None:
-                        self.pool.release(frame[2].decode(errors="replace"))
-                elif kind == protocol.DEADLINE:
-                    self._note_deadline(frame[1], frame[2])
-                elif kind == protocol.PRIORITY:
-                    self.priorities[frame[1]] = protocol.unpack_priority(frame[2])
-                elif kind == protocol.REQUEST_ID:
-                    self.rids[frame[1]] = protocol.unpack_request_id(frame[2])
-                elif kind == protocol.TRACE:
-                    self.traces[frame[1]] = protocol.unpack_trace(frame[2])
-                elif kind == protocol.REQUEST and self.is_async:
-                    # An async worker's other slots go on while this stream
-                    # waits for its consumer: the call runs on the loop.
-                    buffers, payloads = self._handle(frame[1], frame[2])
-                    if buffers:
-                        self._send_answers(sock, buffers, [p for p in payloads if p.shm_path is not None])
-                else:
-                    self.pending.append(frame)
-
-    def _result_frame(self, req_id: int, result: Any) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        try:
-            payload = protocol.encode(result, self.pool if self.shm_ok else None)
-        except Exception as exc:
-            return self._error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), []
-        return protocol.pack_frame(protocol.RESULT, req_id, payload.body), [payload]
-
-    def _poll_controls(self, sock: socket.socket) -> None:
-        """Read, without waiting, the frames the hub sent while the previous
-        unit ran: they join ``pending`` (a batch that waited here behind
-        another, pipelined, is then thinned of the items they stop)."""
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
-            return
-        if readable:
-            frames = self._read_frames(sock)
-            if frames:
-                self.pending.extend(frames)
-
-    def _dropped(self, ids: list[int]) -> set[int]:
-        """The items of a batch about to start that nobody waits for: past
-        their deadline, or stopped by the hub (their caller cancelled, or a
-        hedge won) in a STOP frame already read. Their STOP frames are used up."""
-        gone: set[int] = set()
-        if self.deadlines:
-            now = time.monotonic()
-            gone.update(i for i in ids if (d := self.deadlines.get(i)) is not None and d <= now)
-        if self.pending:
-            wanted = set(ids)
-            stops = [f for f in self.pending if f[0] == protocol.STOP and f[1] in wanted]
-            if stops:
-                gone.update(f[1] for f in stops)
-                keep = [f for f in self.pending if not (f[0] == protocol.STOP and f[1] in wanted)]
-                self.pending.clear()
-                self.pending.extend(keep)
-        return gone
-
-    def _handle_batch(self, body: protocol.Buffer) -> tuple[list[protocol.Buffer], list[protocol.Payload]]:
-        """Run a batch: ``model(xs)`` with the single argument of each live
-        request (an item past its deadline or stopped before the batch
-        starts is answered ERR_DROPPED, and the model never sees it);
-        answers go one frame per request."""
-        out: list[protocol.Buffer] = []
-        payloads: list[protocol.Payload] = []
-        ids: list[int] = []
-        xs: list[Any] = []
-        items = protocol.unpack_batch(body)
-        gone = self._dropped([i for i, _ in items]) if self.deadlines or self.pending else ()
-        for req_id, item in items:
-            if req_id in gone:
-                self.deadlines.pop(req_id, None)
-                self.priorities.pop(req_id, None)
-                why = ValueError("taken out of its batch before it started: past its deadline, or its caller gone")
-                out.extend(self._error_frame(req_id, protocol.ERR_DROPPED, why, tb=""))
-                continue
-            try:
-                args, kwargs = protocol.decode(item, cache=self.maps, in_place=not self.spec.copy_args)
-            except Exception as exc:
-                out.extend(self._error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc))
-                continue
-            if len(args) != 1 or kwargs:
-                err = TypeError(
-                    f"model {self.spec.model!r} is batched (gibbs_batch_size={self.spec.batch_size}): a request "
-                    f"takes exactly one positional argument and no keyword arguments"
-                )
-                out.extend(self._error_frame(req_id, protocol.ERR_USER, err, tb=""))
-                continue
-            ids.append(req_id)
-            xs.append(args[0])
-        if not ids:
-            return out, payloads
-        rids = [self.rids.pop(i, i) for i in ids] if self.rids else ids
-        if self.traces:  # a batch has its callers' spans only
-            for i in ids:
-                self.traces.pop(i, None)
-        _REQUEST_ID.set(rids[0])
-        deadlines = [d for d in (self.deadlines.pop(i, None) for i in ids) if d is not None] if self.deadlines else []
-        classes = [p for p in (self.priorities.pop(i, None) for i in ids) if p is not None] if self.priorities else []
-        token = _DEADLINE.set(min(deadlines) if deadlines else None)
-        ptoken = _PRIORITY.set(max(classes)) if classes else None
-        try:
-            results = self.model(xs)
-        except Exception as exc:
-            error = protocol.make_error_body(protocol.ERR_USER, exc, traceback.format_exc())
-            for req_id in ids:
-                out.extend(protocol.pack_frame(protocol.ERROR, req_id, error))
-            return out, payloads
-        finally:
-            _DEADLINE.reset(token)
-            if ptoken is not None:
-                _PRIORITY.reset(ptoken)
-        del xs
-        try:
-            n = len(results)
-        except TypeError:
-            n = -1
-        if n != len(ids):
-            got = f"{n} results" if n >= 0 else f"a {type(results).__name__}"
-            bad = ValueError(
-                f"a batched model must return a list of as many results as inputs: got {got} for {len(ids)} inputs"
-            )
-            error = protocol.make_error_body(protocol.ERR_USER, bad, "")
-            for req_id in ids:
-                out.extend(protocol.pack_frame(protocol.ERROR, req_id, error))
-            return out, payloads
-        for req_id, result in zip(ids, results):
-            if isinstance(result, BaseException):
-                tb = "".join(traceback.format_exception(type(result), result, result.__traceback__))
-                out.extend(protocol.pack_frame(protocol.ERROR, req_id, protocol.make_error_body(protocol.ERR_USER, result, tb)))
-                continue
-            buffers, ps = self._result_frame(req_id, result)
-            out.extend(buffers)
-            payloads.extend(ps)
-        return out, payloads
-
-    def _error_frame(
-        self, req_id: int, kind: str, exc: BaseException, tb: Optional[str] = None
-    ) -> list[protocol.Buffer]:
-        if tb is None:
-            tb = traceback.format_exc()
-        return protocol.pack_frame(protocol.ERROR, req_id, protocol.make_error_body(kind, exc, tb))
 
     # -------------------------------------------------------------- heartbeats
 
