@@ -192,3 +192,82 @@ def test_close_while_a_hand_over_is_still_putting_outcomes_strands_none(make_hub
     assert not pending, f"{len(pending)} futures never resolved"
     assert not closer.is_alive(), "close() hung waiting for the delivery thread"
     assert all(type(f.exception()).__name__ == "HubClosedError" for f in done)
+
+
+def test_the_answers_of_one_read_free_their_queued_calls_in_one_write(monkeypatch) -> None:
+    """A worker's answers that arrive together are applied together: the
+    queued calls they free go out to it in one write, not one per answer."""
+    import socket
+
+    from gibbs import protocol as p
+    from gibbs import transport as t
+    from gibbs.bridge import Bridge
+    from gibbs.core import Core
+
+    key = b"one-write-per-read-test-key"
+    mine = threading.local()  # the read in progress on this thread: [answers, writes]
+    reads: list[tuple[int, int]] = []
+    read_worker, flush, answered = Bridge._read_worker, Bridge._flush_locked, Core.answered
+
+    def counting_read(self, peer, buf, view):  # type: ignore[no-untyped-def]
+        mine.counts = [0, 0]
+        try:
+            return read_worker(self, peer, buf, view)
+        finally:
+            if mine.counts[0]:
+                reads.append((mine.counts[0], mine.counts[1]))
+            mine.counts = None
+
+    def counting_flush(self, peer):  # type: ignore[no-untyped-def]
+        if getattr(mine, "counts", None) is not None:
+            mine.counts[1] += 1
+        return flush(self, peer)
+
+    def counting_answered(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(mine, "counts", None) is not None:
+            mine.counts[0] += 1
+        return answered(self, *args, **kwargs)
+
+    monkeypatch.setattr(Bridge, "_read_worker", counting_read)
+    monkeypatch.setattr(Bridge, "_flush_locked", counting_flush)
+    monkeypatch.setattr(Core, "answered", counting_answered)
+    # pipeline_depth=1: a worker holds its 4 slots' calls and no more, so
+    # that every answer frees exactly one queued call.
+    hub = Hub(port=0, authkey=key, pipeline_depth=1)
+    hub.start()
+    sock = socket.create_connection(("127.0.0.1", hub.port), timeout=10)
+    try:
+        sock.settimeout(10)
+        t.client_handshake(sock, key)
+        reader = p.FrameReader(1 << 16)
+        pending: list[tuple[int, int, bytes]] = []
+        while not any(f[0] == p.WELCOME for f in pending):
+            pending += reader.feed(sock.recv(65536))
+        hello = {"pid": 4000000, "host": "fake", "name": "fake", "heartbeat_interval": 5.0, "model": "m",
+                 "concurrency": 4}
+        sock.sendall(p.pack_json(p.HELLO, hello))
+        hub.wait_for_workers_sync(1, model="m", timeout=10)
+        futures = [hub.submit(i, gibbs_model="m") for i in range(8)]
+
+        def requests(n: int) -> list[tuple[int, int, bytes]]:
+            got: list[tuple[int, int, bytes]] = []
+            while len(got) < n:
+                got += [f for f in reader.feed(sock.recv(65536)) if f[0] == p.REQUEST]
+            assert len(got) == n, got
+            return got
+
+        def answers(frames: list[tuple[int, int, bytes]]) -> bytes:  # echo each call's argument, in one write
+            out = []
+            for _, req_id, body in frames:
+                (x,), _ = p.decode(body)
+                out.append(b"".join(bytes(b) for b in p.pack_frame(p.RESULT, req_id, p.encode(x).body)))
+            return b"".join(out)
+
+        sock.sendall(answers(requests(4)))
+        sock.sendall(answers(requests(4)))  # the four queued calls, freed by the first four answers
+        assert sorted(f.result(timeout=10) for f in futures) == list(range(8))
+    finally:
+        sock.close()
+        hub.close(grace=0)
+    assert any(n >= 2 for n, _ in reads), f"no read carried several answers: {reads}"
+    assert all(writes <= 1 for _, writes in reads), f"(answers, writes) per read: {reads}"

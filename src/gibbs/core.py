@@ -658,8 +658,33 @@ class Core:
         call.mark = model.passed[prio]
         if model.batch_wait:
             call.queued_at = now  # only a batch that may wait needs it
-        self._enqueue(call)
         self.stats["submitted"] += 1
+        if not model.queue and call.deadline is None and call.origin is None and not self.closing:
+            # The common case: nothing waits ahead and a worker is idle. It
+            # is sent as _dispatch would send it (the first idle worker),
+            # without the queue and the scan.
+            for w in model.workers.values():
+                if w.units or w.leaving:
+                    continue
+                if w.batch_size == 1:  # (a batched worker may wait to fill its batch)
+                    call._move(CallState.QUEUED)
+                    call._move(CallState.RUNNING)
+                    w.last_done = now
+                    w.units.append([call.id])
+                    call.holders = (w.id,)
+                    w.held[call.id] = call
+                    if call.stream:
+                        w.streams += 1
+                    call.dispatched = True
+                    call.sent_at = now
+                    model.queue_wait.add(0.0)
+                    if call.hedge == 1 and not call.stream:
+                        self._hedging[call.id] = call
+                    out.append(Send(w.id, (call,)))
+                    model.absent_since = None  # a worker is there
+                    return out
+                break
+        self._enqueue(call)
         if model.workers:
             self._dispatch(model, now, out)
         self._absence(model, now)
