@@ -6,7 +6,7 @@ caller as GibbsError subclasses with the cause chained.
 
 Each test here failed on the code before the edge checks (``records.py``,
 ``shm._parse_shm_head``, the guards in ``bridge._read``/``_loop_read``, and
-``hub._unwrap``): the hub's bridge thread died, or asyncio logged the error
+``_delivery._unwrap``): the hub's bridge thread died, or asyncio logged the error
 and kept the peer, or the caller got ``SystemExit`` / a bare decode error.
 """
 

@@ -55,14 +55,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import concurrent.futures
-import errno
 import logging
 import os
-import pickle
-import queue
-import socket
 import ssl
 import threading
 import time
@@ -75,40 +70,40 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 from . import protocol
 from . import tracing as _tracing
 from . import worker as _worker_module
+from ._delivery import (
+    _CREDIT_EVERY,
+    StreamIterator,
+    _AsyncStream,
+    _deliver_async,
+    _deliver_sync,
+    _set_if_pending,
+    _SubmitFuture,
+    _unwrap,
+    _unwrap_chunk,
+)
 from ._options import HubOptions
 from ._peers import LocalWorker, describe_exit
+from ._rendezvous import _Place
 from .bridge import Bridge
-from .core import DEFAULT_MODEL, Call, Expired, Outcome, OutcomeKind, check_priority
+from .core import DEFAULT_MODEL, Outcome, OutcomeKind, check_priority
 from .errors import (
-    AddressInUseError,
-    AuthenticationError,
     DeadlineExceededError,
-    GibbsError,
     HubClosedError,
     NoWorkersError,
-    ProtocolError,
     SerializationError,
-    UserCodeException,
 )
 from .metrics import CONTENT_TYPE, prometheus_text
 from .pool import DeviceSpec, Launcher, LocalLauncher, Pool, WorkerFactory, resolve_devices
 from .scaling import Autoscaler
 from .tls import files_from_env
 from .transport import (
-    ANY_APP,
-    APP_ENV,
     DEFAULT_HOST,
     DEFAULT_PORT,
-    PORT_ENV,
     KeyLike,
-    client_handshake,
-    connect,
     default_app,
     default_port,
     is_loopback,
     limited_keys,
-    listen,
-    listen_local,
     parse_address,
     resolve_authkey,
 )
@@ -1156,429 +1151,6 @@ class Hub:
         return text + ">"
 
 
-class _Place:
-    """Where a hub stands in its family: the address it takes, or the router
-    it joins. Shared by the hub and its bridge (which calls it again when its
-    router is lost), so that the bridge holds no reference to the hub."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        router: Optional[tuple[str, int]],
-        authkey: bytes,
-        explicit: bool,
-        handshake_timeout: float,
-        heartbeat_interval: float,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.router = router  # set: a client of the hub there, never a router
-        self.authkey = authkey
-        self.explicit = explicit
-        self.handshake_timeout = handshake_timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.bound: Optional[tuple[str, int]] = None  # once listening
-        self.max_frame = protocol.DEFAULT_MAX_FRAME  # the hub sets its own
-        self.app = default_app()  # the hub sets its own
-        self.standby: list[Pool] = []  # pools started if this hub takes the address over
-        self.ssl_context: Optional[ssl.SSLContext] = None  # set: joining the router over TCP carries TLS
-
-    def listen(self) -> list[socket.socket]:
-        """The TCP listener, and on loopback the local (unix) one. With a
-        known port the local one is bound first: a worker or hub of this
-        machine that finds the TCP port open must find the local socket too,
-        or it would fall back to TCP, where only a shared key lets it in."""
-        loopback = is_loopback(self.host)
-        local = listen_local(self.port) if loopback and self.port else None
-        try:
-            listener = listen(self.host, self.port)
-        except BaseException:
-            if local is not None:
-                local.close()
-            raise
-        if loopback and local is None:
-            for _ in range(5):  # a router that is closing may hold the local name a moment longer
-                local = listen_local(listener.getsockname()[1])
-                if local is not None:
-                    break
-                time.sleep(0.01)
-        return [listener] + ([local] if local is not None else [])
-
-    def join(self, timeout: float) -> tuple[socket.socket, dict[str, Any], protocol.FrameReader, list[Any]]:
-        """Connect to the router hub at our address as a client hub. Returns
-        the socket, the router's WELCOME, and the reader with the frames
-        that followed our HELLO (at least the router's first POOL): nothing
-        is sent on the connection until the router has taken us in."""
-        sock = connect(self.host, self.port, timeout=timeout, ssl_context=self.ssl_context)
-        try:
-            sock.settimeout(timeout)
-            client_handshake(sock, self.authkey, self.explicit)
-            reader = protocol.FrameReader(self.max_frame)
-            welcome: Optional[dict[str, Any]] = None
-            frames: list[Any] = []
-            while welcome is None:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("the hub closed the connection after the handshake")
-                frames.extend(reader.feed(data))
-                while frames and welcome is None:
-                    kind, _, body = frames.pop(0)
-                    if kind == protocol.WELCOME:
-                        welcome = protocol.unpack_json(body)
-                    elif kind == protocol.REFUSED:
-                        raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
-            # Found at our own address (not named by GIBBS_HUB/address=): the
-            # hub there must be of this application, or we would answer our
-            # callers with another application's models.
-            theirs = welcome.get("app")
-            if self.router is None and isinstance(theirs, str) and theirs not in (ANY_APP, self.app):
-                raise AddressInUseError(errno.EADDRINUSE, self.mismatch(theirs))
-            hello = {
-                "role": "client",
-                "app": None if self.router is not None else self.app,
-                # Inside a worker: whose calls these are (the router tells a
-                # model waiting on itself from a busy one).
-                "within": _worker_module.serving.token if _worker_module.serving is not None else None,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "name": f"hub-{os.getpid()}",
-                "heartbeat_interval": self.heartbeat_interval,
-            }
-            sock.sendall(protocol.pack_json(protocol.HELLO, hello))
-            while not any(kind == protocol.POOL for kind, _, _ in frames):
-                for kind, _, body in frames:
-                    if kind == protocol.REFUSED:
-                        refusal = protocol.unpack_json(body)
-                        if refusal.get("app"):
-                            raise AddressInUseError(errno.EADDRINUSE, self.mismatch(str(refusal["app"])))
-                        raise ConnectionRefusedError(refusal.get("reason", "refused"))
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("the hub closed the connection after our HELLO")
-                frames.extend(reader.feed(data))
-            sock.settimeout(None)
-            return sock, welcome, reader, frames
-        except BaseException:
-            sock.close()
-            raise
-
-    def mismatch(self, theirs: str) -> str:
-        where = f"{self.host}:{self.port}"
-        return (
-            f"{where} is held by the hub of another application ({theirs}); this hub's application is "
-            f"{self.app}. A hub never sends its calls to another application's hub. Give each application "
-            f"its own address: Hub(port=...) or {PORT_ENV}=... here, and the same port for its workers "
-            f"(gibbs_port=..., python -m gibbs worker --hub 127.0.0.1:PORT); or, if the two are one "
-            f"application, give both the same name: Hub(app=...) or {APP_ENV}=..."
-        )
-
-    def __call__(self) -> Optional[tuple[str, Any]]:
-        """Where this hub stands (the bridge calls it again when its router
-        is lost): the address is free -> take it and route; a hub holds it
-        -> join that hub as a client. Raises when neither works this time."""
-        if self.router is None:
-            try:
-                return ("listen", self.listen())
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-        return ("client", self.join(self.handshake_timeout))
-
-    def find(self) -> tuple[list[socket.socket], Optional[tuple[Any, ...]]]:
-        """At start: the listeners if this hub routes, else its connection
-        to the router (None: not reached yet; the bridge keeps trying)."""
-        where = f"{self.host}:{self.port}"
-        if self.router is not None:
-            try:
-                return [], self.join(self.handshake_timeout)
-            except (OSError, ProtocolError) as exc:
-                if isinstance(exc, AuthenticationError):
-                    raise AuthenticationError(f"the hub at {where} refused this hub's key: {exc}") from exc
-                logger.warning("gibbs hub: no hub at %s yet (%s); calls wait for it", where, exc)
-                return [], None
-        deadline = time.monotonic() + self.handshake_timeout
-        while True:
-            try:
-                return self.listen(), None
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or self.port == 0:
-                    raise OSError(exc.errno, f"gibbs hub cannot listen on {where}: {exc.strerror}") from exc
-            try:
-                return [], self.join(max(0.1, deadline - time.monotonic()))
-            except AddressInUseError as exc:
-                logger.error("gibbs hub: %s", exc.strerror)
-                raise
-            except AuthenticationError as exc:
-                raise AuthenticationError(
-                    f"{where} is held by a gibbs hub that refused this hub's key (another user's, or "
-                    f"another key): pick another port, or share its key ({exc})"
-                ) from exc
-            except ProtocolError as exc:
-                raise OSError(
-                    errno.EADDRINUSE, f"gibbs hub cannot listen on {where}: in use by something that is not a gibbs hub ({exc})"
-                ) from exc
-            except OSError as exc:
-                # The holder went away between our bind and our connect: try again.
-                if time.monotonic() >= deadline:
-                    raise OSError(
-                        errno.EADDRINUSE, f"gibbs hub cannot listen on {where}, nor reach the hub there: {exc}"
-                    ) from exc
-                time.sleep(0.02)
-
-    def took_over(self, role: str, listeners: list[socket.socket]) -> None:
-        """Bridge thread: the router went away and this hub took the address:
-        its standby pools start the family's workers now."""
-        if listeners:
-            self.bound = listeners[0].getsockname()[:2]
-            for pool in self.standby:
-                pool.activate()
-
-
-# ---------------------------------------------------------------- delivery
-
-
-_PENDING = concurrent.futures._base.PENDING
-_CONDITION_LOCK = threading.Lock()
-
-
-class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """The future ``submit`` returns: cancelling it while the request is
-    queued removes the request (it never runs). No done-callback per
-    request: a queue of 100 000 costs no 100 000 closures."""
-
-    _gibbs_bridge: Optional[Bridge] = None
-    _gibbs_call: Optional[Call] = None
-
-    def __init__(self) -> None:  # noqa: D107 - Future.__init__ but its Condition
-        # A Condition (with its lock, deque and bound methods) is most of a
-        # Future's 2 KiB; a queued request needs none until someone waits on
-        # it or it is done: made on first use, below.
-        self._state = _PENDING
-        self._result = None
-        self._exception: Optional[BaseException] = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self.__dict__.get("_cond")
-        if cond is None:
-            with _CONDITION_LOCK:
-                cond = self.__dict__.get("_cond")
-                if cond is None:
-                    cond = self.__dict__["_cond"] = threading.Condition()
-        return cond
-
-    def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        call = self._gibbs_call
-        if call is not None and self._gibbs_bridge is not None:
-            self._gibbs_bridge.cancel(call)
-        return True
-
-    def result(self, timeout: Optional[float] = None) -> Any:
-        if not self.done():
-            self._gibbs_blocking()
-        return super().result(timeout)
-
-    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
-        if not self.done():
-            self._gibbs_blocking()
-        return super().exception(timeout)
-
-    def _gibbs_blocking(self) -> None:
-        """About to block: if this thread runs the loop that reads the
-        workers, that loop cannot read the answer while it waits here; the
-        bridge thread takes the sockets back at once."""
-        bridge = self._gibbs_bridge
-        if bridge is not None and bridge.has_home():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            bridge.leave_home(loop)
-
-
-def _set_if_pending(fut: "asyncio.Future[Any]", value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _resolve_batch(batch: list[tuple["asyncio.Future[Outcome]", Outcome]]) -> None:
-    """Runs on the caller's loop. An outcome nobody waits for (the caller
-    was cancelled) is dropped here: an answer lent on a worker's shared
-    memory goes back to its worker when its buffers are freed, now."""
-    for fut, outcome in batch:
-        if not fut.done():  # else cancelled meanwhile
-            fut.set_result(outcome)
-
-
-def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
-    """Runs in the bridge thread, or in the home event loop when it read the
-    answers itself: one hand-over per event loop; the running loop's own
-    callers are resolved at once."""
-    try:
-        running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    by_loop: Optional[dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]]] = None
-    for call, outcome in items:
-        sink = call.sink
-        loop = sink.get_loop()
-        if loop is running:  # as _resolve_batch, without a batch
-            if not sink.done():  # else cancelled meanwhile
-                sink.set_result(outcome)
-            continue
-        if by_loop is None:
-            by_loop = {}
-        by_loop.setdefault(loop, []).append((sink, outcome))
-    if by_loop is None:
-        return
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve_batch, batch)
-        except RuntimeError:  # the loop is closed: nobody is waiting
-            pass
-
-
-def _deliver_sync(call: Call, outcome: Outcome) -> None:
-    """Runs on the bridge's delivery thread: unpickles the result and runs
-    the future's done-callbacks (user code) there."""
-    sink = call.sink
-    if type(sink) is StreamIterator:
-        sink._items.put(outcome)
-        return
-    if not sink.set_running_or_notify_cancel():
-        return
-    try:
-        sink.set_result(_unwrap(outcome))
-    except BaseException as exc:  # noqa: BLE001 - the caller's to see
-        sink.set_exception(exc)
-
-
-def _unwrap_chunk(value: Any) -> Any:
-    try:
-        return protocol.decode(value)
-    except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
-        raise SerializationError(f"a streamed item could not be unpickled in the hub: {exc!r}") from exc
-
-
-#: A stream's consumer credits the worker every this many items (half the window).
-_CREDIT_EVERY = max(1, protocol.STREAM_WINDOW // 2)
-
-
-class _AsyncStream:
-    """The sink of a stream on an event loop. Future-like where the bridge
-    delivers (``get_loop``, ``done``, ``set_result``): each outcome, chunks
-    then the final one, is appended in order on the caller's loop."""
-
-    __slots__ = ("_loop", "_items", "_waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: collections.deque[Outcome] = collections.deque()
-        self._waiter: Optional[asyncio.Future[None]] = None
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, outcome: Outcome) -> None:
-        self._items.append(outcome)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> Outcome:
-        while not self._items:
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        return self._items.popleft()
-
-
-class StreamIterator:
-    """What ``hub.submit_stream`` returns: iterate it from any thread;
-    ``close()`` stops the stream (the worker closes the generator)."""
-
-    def __init__(self, bridge: Bridge) -> None:
-        self._bridge = bridge
-        self._call: Optional[Call] = None
-        self._items: "queue.SimpleQueue[Outcome]" = queue.SimpleQueue()
-        self._finished = False
-        self._unacked = 0
-
-    def __iter__(self) -> "StreamIterator":
-        return self
-
-    def __next__(self) -> Any:
-        if self._finished:
-            raise StopIteration
-        if self._items.empty() and self._bridge.has_home():
-            try:  # blocking in the loop that reads the workers: let the bridge read
-                self._bridge.leave_home(asyncio.get_running_loop())
-            except RuntimeError:
-                pass
-        kind, value = self._items.get()
-        if kind is OutcomeKind.CHUNK:
-            self._unacked += 1
-            if self._unacked >= _CREDIT_EVERY and self._call is not None:
-                self._bridge.consumed(self._call, self._unacked)
-                self._unacked = 0
-            return _unwrap_chunk(value)
-        self._finished = True
-        if kind is OutcomeKind.RESULT or kind is OutcomeKind.COPIED:
-            raise StopIteration
-        return _unwrap(Outcome(kind, value))  # raises
-
-    def close(self) -> None:
-        """Stop early (idempotent): the worker closes the generator."""
-        if not self._finished:
-            self._finished = True
-            if self._call is not None:
-                self._bridge.cancel(self._call)
-
-    def __enter__(self) -> "StreamIterator":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _unwrap(outcome: Outcome) -> Any:
-    kind, value = outcome
-    if kind is OutcomeKind.RESULT:
-        try:
-            return protocol.decode(value)
-        except BaseException as exc:  # noqa: BLE001 - a peer's pickle may raise SystemExit: never the caller's own
-            raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
-    if kind is OutcomeKind.COPIED:
-        pickled, buffers = value
-        try:
-            return pickle.loads(pickled, buffers=buffers)
-        except BaseException as exc:  # noqa: BLE001 - as above
-            # The error's traceback keeps this frame and the caller's (and
-            # their locals) alive as long as the caller keeps the error: let
-            # go of the buffers so that a lent segment goes back now.
-            buffers.clear()
-            exc.__traceback__ = None
-            raise SerializationError(f"the result could not be unpickled in the hub: {exc!r}") from exc
-    if kind is OutcomeKind.ERROR:
-        raise _error_from_record(value)
-    if kind is OutcomeKind.EXPIRED:
-        raise _timeout_error(value)
-    raise value
-
-
-def _timeout_error(expired: Expired) -> DeadlineExceededError:
-    """The error a caller gets when its call's deadline passed (the one place
-    it is made)."""
-    return DeadlineExceededError(expired.describe(), in_queue=expired.in_queue)
-
-
 def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
     if timeout is not None and not timeout > 0:
         raise ValueError("gibbs_timeout must be > 0 or None")
@@ -1605,51 +1177,6 @@ def _priority_within_caller(priority: Optional[int]) -> Optional[int]:
     if priority is not None:
         return check_priority(priority)
     return _worker_module.current_priority()
-
-
-def _error_from_record(body: bytes) -> GibbsError:
-    """The caller's exception for an ERROR frame. Its body is the worker's
-    pickle: whatever it holds or raises on loading (``SystemExit`` too) ends
-    as a :class:`SerializationError`, with the cause chained."""
-    try:
-        record = pickle.loads(body)
-    except BaseException as exc:  # noqa: BLE001 - a peer's pickle: never the caller's own exception
-        raise SerializationError(f"the worker's error record could not be unpickled in the hub: {exc!r}") from exc
-    if not isinstance(record, dict):
-        raise SerializationError(f"the worker's error record is not a record: {type(record).__name__}")
-    kind = record.get("kind")
-    type_name = str(record.get("type"))
-    message = str(record.get("message", ""))
-    tb = str(record.get("traceback", ""))
-    if kind == protocol.ERR_USER:
-        original: Optional[BaseException] = None
-        if record.get("exception") is not None:
-            try:
-                loaded = pickle.loads(record["exception"])
-            except BaseException:  # noqa: BLE001 - as above: the message and traceback still say what happened
-                loaded = None
-            original = loaded if isinstance(loaded, BaseException) else None
-        err = UserCodeException(
-            f"Exception raised in user-defined code: {type_name}: {message}\n"
-            f"Remote traceback:\n{tb}",
-            original=original,
-            exc_type=type_name,
-            exc_message=message,
-            remote_traceback=tb,
-        )
-        err.__cause__ = original
-        return err
-    if kind == protocol.ERR_DROPPED:
-        # The worker took it out of its batch: its deadline had passed there
-        # (when the hub's own timer had not ended it yet).
-        return DeadlineExceededError(
-            "request expired in the queue: its deadline passed while its batch waited on the worker", in_queue=True
-        )
-    if kind == protocol.ERR_RESULT_PICKLE:
-        return SerializationError(
-            f"the model's return value cannot be pickled: {type_name}: {message}"
-        )
-    return SerializationError(f"the worker could not unpickle the arguments: {type_name}: {message}")
 
 
 def _local_workers_of(port: int, since: float) -> list[LocalWorker]:
