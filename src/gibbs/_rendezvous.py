@@ -26,9 +26,8 @@ from .transport import (
     ANY_APP,
     APP_ENV,
     PORT_ENV,
-    client_handshake,
-    connect,
     default_app,
+    dial,
     is_loopback,
     listen,
     listen_local,
@@ -91,24 +90,10 @@ class _Place:
         the socket, the router's WELCOME, and the reader with the frames
         that followed our HELLO (at least the router's first POOL): nothing
         is sent on the connection until the router has taken us in."""
-        sock = connect(self.host, self.port, timeout=timeout, ssl_context=self.ssl_context)
+        sock, welcome, reader, frames = dial(
+            self.host, self.port, self.authkey, self.explicit, timeout, self.ssl_context, self.max_frame
+        )
         try:
-            sock.settimeout(timeout)
-            client_handshake(sock, self.authkey, self.explicit)
-            reader = protocol.FrameReader(self.max_frame)
-            welcome: Optional[dict[str, Any]] = None
-            frames: list[Any] = []
-            while welcome is None:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("the hub closed the connection after the handshake")
-                frames.extend(reader.feed(data))
-                while frames and welcome is None:
-                    kind, _, body = frames.pop(0)
-                    if kind == protocol.WELCOME:
-                        welcome = protocol.unpack_json(body)
-                    elif kind == protocol.REFUSED:
-                        raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
             # Found at our own address (not named by GIBBS_HUB/address=): the
             # hub there must be of this application, or we would answer our
             # callers with another application's models.

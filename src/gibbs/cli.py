@@ -414,14 +414,10 @@ def fetch_status(
     import json
 
     from . import protocol
-    from .transport import client_handshake, connect
+    from .transport import dial
 
-    sock = connect(host, port, timeout=timeout, ssl_context=ssl_context)
-    sock.settimeout(timeout)
+    sock, _, reader, pending = dial(host, port, key or b"", key is not None, timeout, ssl_context, 1 << 30)
     try:
-        client_handshake(sock, key or b"", key is not None)
-        reader = protocol.FrameReader(1 << 30)
-
         def read_one(kind_wanted: int) -> bytes:
             while True:
                 for kind, _, body in pending:
@@ -434,8 +430,6 @@ def fetch_status(
                     raise ConnectionResetError("the hub closed the connection")
                 pending.extend(reader.feed(data))
 
-        pending: list[Any] = []
-        read_one(protocol.WELCOME)
         hello = {"role": "observer", "pid": os.getpid(), "host": socket.gethostname(), "name": "status"}
         sock.sendall(protocol.pack_json(protocol.HELLO, hello))
     except BaseException:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 if TYPE_CHECKING:
     import ssl
 
+from . import protocol
 from .errors import AuthenticationError, ProtocolError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -459,3 +460,40 @@ def describe(sock_name: object) -> str:
         host, port = sock_name[0], sock_name[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(sock_name)
+
+
+def dial(
+    host: str,
+    port: int,
+    key: bytes,
+    explicit: bool,
+    timeout: float,
+    ssl_context: Optional["ssl.SSLContext"] = None,
+    max_frame: int = 1 << 16,
+) -> tuple[socket.socket, dict, "protocol.FrameReader", list[tuple[int, int, bytes]]]:
+    """Connect to a hub and pass its door: the connection (local socket,
+    TCP, or TLS's tunnel), the HMAC challenge both ways, then the hub's
+    WELCOME. Returns the socket (with ``timeout`` set), the WELCOME record,
+    the frame reader and any frames read after WELCOME. The one way in for
+    a worker, a client hub and ``gibbs status``; each then says HELLO in
+    its own role. A REFUSED before WELCOME raises ConnectionRefusedError."""
+    sock = connect(host, port, timeout=timeout, ssl_context=ssl_context)
+    try:
+        sock.settimeout(timeout)
+        client_handshake(sock, key, explicit)
+        reader = protocol.FrameReader(max_frame)
+        frames: list[tuple[int, int, bytes]] = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the hub closed the connection after the handshake")
+            frames.extend(reader.feed(data))
+            while frames:
+                kind, _, body = frames.pop(0)
+                if kind == protocol.WELCOME:
+                    return sock, protocol.unpack_json(body), reader, frames
+                if kind == protocol.REFUSED:
+                    raise ConnectionRefusedError(protocol.unpack_json(body).get("reason", "refused"))
+    except BaseException:
+        sock.close()
+        raise

@@ -65,9 +65,8 @@ from .errors import AuthenticationError, ProtocolError, WorkerRefusedError
 from .tls import TLSFiles, files_from_env
 from .transport import (
     KeyLike,
-    client_handshake,
-    connect,
     default_port,
+    dial,
     is_loopback,
     resolve_authkey,
 )
@@ -738,19 +737,9 @@ class _Runtime:
     # -------------------------------------------------------------- connecting
 
     def _connect(self, timeout: float) -> socket.socket:
-        sock = connect(self.spec.host, self.spec.port, timeout=timeout, ssl_context=self.spec._ssl_context())
+        spec = self.spec
+        sock, welcome, _, _ = dial(spec.host, spec.port, spec._authkey, spec._explicit_key, timeout, spec._ssl_context())
         try:
-            client_handshake(sock, self.spec._authkey, self.spec._explicit_key)
-            reader = protocol.FrameReader(1 << 16)
-            welcome = None
-            while welcome is None:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionResetError("hub closed the connection after the handshake")
-                for kind, _, body in reader.feed(data):
-                    if kind == protocol.WELCOME:
-                        welcome = protocol.unpack_json(body)
-                        break
             return self._apply_welcome(sock, welcome)
         except BaseException:
             sock.close()
