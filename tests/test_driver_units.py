@@ -87,3 +87,148 @@ def test_hub_options_name_the_field_that_is_wrong() -> None:
         for value in values:
             with pytest.raises(ValueError, match=field):
                 HubOptions(**{field: value})  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the door, with sockets and no process
+
+
+def _bridge_for_door(app: str = "door-tests") -> Any:
+    from gibbs._options import HubOptions
+    from gibbs.bridge import Bridge
+
+    return Bridge(
+        [],
+        authkey=b"door-key",
+        options=HubOptions(app=app, handshake_timeout=5.0),
+        shm_probe=None,
+        deliver_async=lambda items: None,
+        deliver_sync=lambda call, outcome: None,
+    )
+
+
+def _through_the_door(bridge: Any, client: Any) -> Any:
+    """Accept one connection on a loopback listener, run ``client(port)``
+    against it in a thread, and return what it returned (or raised)."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            got["value"] = client(port)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            got["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not bridge._door.handshaking and t.is_alive() and time.monotonic() < deadline:
+        bridge._door.accept(listener)  # what the bridge thread does when the listener is readable
+        time.sleep(0.005)
+    t.join(10)
+    listener.close()
+    assert not t.is_alive()
+    return got
+
+
+def test_the_door_takes_a_worker_in_after_the_challenge_and_welcome() -> None:
+    import json
+    import time
+
+    from gibbs import protocol
+    from gibbs.transport import dial
+
+    bridge = _bridge_for_door()
+
+    def worker(port: int) -> Any:
+        sock, welcome, _, _ = dial("127.0.0.1", port, b"door-key", True, 5.0)
+        hello = {"pid": 4242, "host": "h", "name": "w", "heartbeat_interval": 1.0, "shm": False, "model": "m"}
+        sock.sendall(protocol.pack_json(protocol.HELLO, hello))
+        time.sleep(0.2)
+        return sock, welcome
+
+    got = _through_the_door(bridge, worker)
+    sock, welcome = got["value"]
+    assert welcome["app"] == "door-tests" and welcome["heartbeat_interval"] == 1.0
+    assert welcome["request_ids"] == bridge.request_ids
+    deadline = time.monotonic() + 5
+    while not bridge._new_peers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (taken, hello, early, partial), = bridge._new_peers  # handed to the bridge thread to become a peer
+    assert (hello.pid, hello.model, hello.role, early, partial) == (4242, "m", "worker", [], b"")
+    assert not bridge._door.handshaking
+    taken.close()
+    sock.close()
+    assert json.dumps(bridge.failures()) == "[]"
+
+
+def test_the_door_refuses_a_wrong_key_and_says_why() -> None:
+    from gibbs.errors import AuthenticationError
+    from gibbs.transport import dial
+
+    bridge = _bridge_for_door()
+    got = _through_the_door(bridge, lambda port: dial("127.0.0.1", port, b"not-the-key", True, 5.0))
+    assert isinstance(got.get("error"), (AuthenticationError, ConnectionError)), got
+    import time
+
+    deadline = time.monotonic() + 5
+    while not bridge.failures() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bridge.failures() and "failed its handshake" in bridge.failures()[0]
+    assert not bridge._new_peers and not bridge._door.handshaking
+
+
+def test_the_door_refuses_a_client_hub_of_another_application() -> None:
+    from gibbs import protocol
+    from gibbs.transport import dial
+
+    bridge = _bridge_for_door(app="ours")
+
+    def client(port: int) -> Any:
+        sock, _, reader, _ = dial("127.0.0.1", port, b"door-key", True, 5.0)
+        hello = {"role": "client", "app": "theirs", "pid": 7, "host": "h", "name": "c", "heartbeat_interval": 1.0}
+        sock.sendall(protocol.pack_json(protocol.HELLO, hello))
+        frames: list[Any] = []
+        while not frames:
+            data = sock.recv(65536)
+            if not data:
+                break
+            frames.extend(reader.feed(data))
+        sock.close()
+        return frames
+
+    got = _through_the_door(bridge, client)
+    (kind, _, body), = got["value"]
+    assert kind == protocol.REFUSED and "another application" in protocol.unpack_json(body)["reason"]
+    assert not bridge._new_peers
+
+
+def test_the_door_lists_a_loading_worker_until_it_closes() -> None:
+    import time
+
+    from gibbs import protocol
+    from gibbs.transport import dial
+
+    bridge = _bridge_for_door()
+
+    def loading(port: int) -> Any:
+        sock, _, _, _ = dial("127.0.0.1", port, b"door-key", True, 5.0)
+        sock.sendall(protocol.pack_json(protocol.LOADING, {"pid": 99, "host": "h", "name": "w", "model": "big"}))
+        return sock
+
+    sock = _through_the_door(bridge, loading)["value"]
+    deadline = time.monotonic() + 5
+    while not bridge.loading() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (entry,) = bridge.loading()
+    assert (entry["pid"], entry["model"]) == (99, "big")
+    assert bridge.statistics()["models"]["big"]["states"]["loading"] == 1
+    sock.close()
+    (held,) = list(bridge._door.loading_workers)
+    bridge._door.end_loading(held)  # what the bridge thread does when it reads the end
+    assert bridge.loading() == []
