@@ -201,13 +201,14 @@ def test_the_answers_of_one_read_free_their_queued_calls_in_one_write(monkeypatc
 
     from gibbs import protocol as p
     from gibbs import transport as t
+    from gibbs._reading import Reader
     from gibbs.bridge import Bridge
     from gibbs.core import Core
 
     key = b"one-write-per-read-test-key"
     mine = threading.local()  # the read in progress on this thread: [answers, writes]
     reads: list[tuple[int, int]] = []
-    read_worker, flush, answered = Bridge._read_worker, Bridge._flush_locked, Core.answered
+    read_worker, flush, answered = Reader.read_worker, Bridge._flush_locked, Core.answered
 
     def counting_read(self, peer, buf, view):  # type: ignore[no-untyped-def]
         mine.counts = [0, 0]
@@ -228,7 +229,7 @@ def test_the_answers_of_one_read_free_their_queued_calls_in_one_write(monkeypatc
             mine.counts[0] += 1
         return answered(self, *args, **kwargs)
 
-    monkeypatch.setattr(Bridge, "_read_worker", counting_read)
+    monkeypatch.setattr(Reader, "read_worker", counting_read)
     monkeypatch.setattr(Bridge, "_flush_locked", counting_flush)
     monkeypatch.setattr(Core, "answered", counting_answered)
     # pipeline_depth=1: a worker holds its 4 slots' calls and no more, so

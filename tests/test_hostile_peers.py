@@ -5,7 +5,7 @@ the hub goes on answering correctly; errors from a peer's bytes reach the
 caller as GibbsError subclasses with the cause chained.
 
 Each test here failed on the code before the edge checks (``records.py``,
-``shm._parse_shm_head``, the guards in ``bridge._read``/``_loop_read``, and
+``shm._parse_shm_head``, the guards in ``_reading.Reader.read``/``_loops.LoopReads._loop_read``, and
 ``_delivery._unwrap``): the hub's bridge thread died, or asyncio logged the error
 and kept the peer, or the caller got ``SystemExit`` / a bare decode error.
 """

@@ -185,7 +185,7 @@ class LoopReads:
         with peer.rlock:
             mine = peer.owner is att
             try:
-                why = self._b._read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+                why = self._b._reader.read_worker(peer, att.reader.buf, att.reader.view) if mine else None
             except Exception as exc:  # noqa: BLE001 - as in the bridge thread: drop that peer only
                 why = internal_error(peer, exc)
             if mine and why is not None:

@@ -52,8 +52,8 @@ class Losses:
         exit status of a local worker process is known (or soon anyway)."""
         if peer.gone:
             return
-        with self._b._buffered_lock:
-            self._b._buffered.pop(peer, None)
+        with self._b._reader._buffered_lock:
+            self._b._reader.buffered.pop(peer, None)
         if peer.role in ("client", "observer"):
             self._b._router_role.drop_client(peer, reason)
             return

@@ -16,9 +16,8 @@ into core events and carries out the core's actions. Here:
   to callers (or, for a client hub's call, back on its connection),
   ``Release`` frees a payload's shared memory, ``Stop``/``Credit`` tell a
   worker, ``Refuse`` closes a connection;
-* a worker's frames: RESULT/ERROR/CHUNK become ``core.answered``/``chunk``
-  (an answer in shared memory is lent in place, see ``_loans.py``), GOODBYE
-  ``core.worker_leaving``;
+* peers taken in (``_add_peer``): a worker joins the core, a client hub or
+  an observer is registered; their frames are read by ``_reading.py``;
 * the hand-over: outcomes go to their callers outside the lock, to asyncio
   callers with one ``call_soon_threadsafe`` per loop per pass (or directly,
   from the loop that reads the sockets itself: ``_loops.py``), to
@@ -26,7 +25,7 @@ into core events and carries out the core's actions. Here:
   callback ever runs on this thread or under this lock.
 
 Its units, each with one job: ``_door.py`` (new connections, handshakes,
-workers loading), ``_losses.py`` (dropped connections, losses, heartbeats),
+workers loading), ``_reading.py`` (peers' frames into core events), ``_losses.py`` (dropped connections, losses, heartbeats),
 ``_loops.py`` (the home loop's reads), ``_loans.py`` (lent answers),
 ``_family.py`` (the router and client roles), ``_views.py`` (statistics and
 other read-only views), ``_closing.py`` (closing and
@@ -56,7 +55,8 @@ from ._loans import LoanBook
 from ._loops import LoopReads
 from ._losses import Losses
 from ._options import HubOptions
-from ._peers import ClientSink, LocalWorker, Peer, Relay, internal_error
+from ._peers import ClientSink, LocalWorker, Peer, Relay
+from ._reading import Reader
 from ._wakeup import Wakeup
 from .core import (
     DEFAULT_MODEL,
@@ -116,21 +116,14 @@ class Bridge:
         self._interval = options.heartbeat_interval
         self._misses = options.heartbeat_misses
         self._max_frame = max_frame = options.max_frame_bytes
-        # Bytes of incomplete frames held from all peers together, at most
-        # (each may hold up to max_frame): two frames' worth.
-        self._max_buffered = 2 * max_frame
-        self._buffered_lock = threading.Lock()  # owns _buffered
-        self._buffered: dict[Peer, int] = {}  # peers holding part of a frame -> bytes
         self._depth = options.pipeline_depth
         self._shm_probe = shm_probe
         self._deliver_async = deliver_async
         self._deliver_sync = deliver_sync
         self._local_workers = local_workers
         self._maps = mappings or protocol.MappingCache()  # whichever thread reads the workers (own lock)
-        self._rbuf = bytearray(1 << 18)  # bridge thread only: every read lands here
         self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
         self._loans = LoanBook(options.max_lent_bytes, self._wakeup.wake, request_pool)  # answers lent in place
-        self._rview = memoryview(self._rbuf)
 
         self._lock = threading.Lock()
         # --- owned by _lock
@@ -194,6 +187,7 @@ class Bridge:
         # --- bridge thread only
         self._selector = selectors.DefaultSelector()
         self._losses = Losses(self)  # connections dropped, losses declared, heartbeats
+        self._reader = Reader(self, max_frame)  # peers' bytes into core events
         self._closing = Closing(self)  # closing, and forgetting everything after a fork
         self.begin_close = self._closing.begin
         self.forget_after_fork = self._closing.forget_after_fork
@@ -392,9 +386,6 @@ class Bridge:
 
     def models(self) -> dict[str, dict[str, Any]]:
         return dict(self.statistics()["models"])
-
-    # ---------------------------------------------------------------- closing
-
 
     def _wake_locked(self) -> None:
         self._wakeup.wake()
@@ -732,7 +723,7 @@ class Bridge:
                 else:
                     peer: Peer = data
                     if mask & selectors.EVENT_READ:
-                        self._read(peer)
+                        self._reader.read(peer)
                     if mask & selectors.EVENT_WRITE and not peer.gone:
                         with self._lock:
                             self._flush_locked(peer)
@@ -949,141 +940,9 @@ class Bridge:
 
     # ---------------------------------------------------------------- reading
 
-    def _read(self, peer: Peer) -> None:
-        why: Optional[str]
-        try:
-            if peer.role != "worker":
-                self._read_hub(peer)
-                return
-            why = self._read_worker(peer, self._rbuf, self._rview)
-        except Exception as exc:  # noqa: BLE001 - a bug met on one peer's bytes drops that peer, not the hub
-            why = internal_error(peer, exc)
-        if why is not None:
-            self._losses.drop(peer, why)
 
-    def _read_worker(self, peer: Peer, buf: bytearray, view: memoryview) -> Optional[str]:
-        """Read and act on what a worker sent; in the bridge thread, or in the
-        event loop that reads this socket. Returns why to drop it, if so."""
-        try:
-            # Into one reused buffer: a fresh 256 KiB bytes object per read
-            # would be an mmap and munmap each time.
-            n = peer.sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            return f"connection error: {exc}"
-        if not n:
-            return "connection closed (end of file)"
-        peer.last_heard = time.monotonic()
-        held = peer.reader.pending
-        try:
-            frames = peer.reader.feed(view[:n])
-        except ProtocolError as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
-            return f"protocol error: {exc}"
-        if held or peer.reader.pending:
-            why = self._account_buffered(peer)
-            if why is not None:
-                return why
-        if not frames:
-            return None
-        releases: list[Buffer] = []
-        answers: list[tuple[int, int, Optional[Outcome]]] = []
-        bad: Optional[str] = None  # a malformed frame: the answers before it count, then the peer goes
-        for kind, req_id, body in frames:
-            if kind == protocol.RESULT:
-                if protocol.is_shm(body):
-                    # Read in place and lent to the caller (the segment goes
-                    # back when the caller frees it); or, over the limit of
-                    # what is lent, copied out so that the worker can reuse
-                    # its segment at once (RELEASE below).
-                    try:
-                        pickled, views, name, size = protocol.read_views(
-                            body, self._maps, readonly=False, owner=f"{protocol.SHM_PREFIX}w{peer.pid}-"
-                        )
-                        if not peer.vouched and len(peer.segments) < 4096:
-                            peer.segments.add(name)
-                        lent = self._loans.lend(peer, name, size, views)
-                        buffers: list[Any] = [bytearray(v) for v in views] if lent is None else lent
-                        del views
-                    except ProtocolError as exc:
-                        logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
-                        bad = f"protocol error: {exc}"
-                        break
-                    except (OSError, ValueError) as exc:
-                        # Its file is gone (the worker took its hub for lost and
-                        # let go of its segments) or cannot be mapped: the answer
-                        # is lost, not the call. The worker is dropped, and the
-                        # core sends its calls again, this one with them.
-                        logger.warning("gibbs hub: %s sent an answer whose segment could not be read: %s", peer.describe(), exc,
-                                       extra=logs.peer(peer))
-                        bad = f"the shared-memory segment of its answer to call {req_id} could not be read: {exc}"
-                        break
-                    else:
-                        answers.append((kind, req_id, Outcome(OutcomeKind.COPIED, (pickled, buffers))))
-                        if lent is None:
-                            releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
-                else:
-                    answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
-            elif kind == protocol.ERROR:
-                answers.append((kind, req_id, Outcome(OutcomeKind.ERROR, body)))
-            elif kind == protocol.CHUNK:
-                answers.append((kind, req_id, Outcome(OutcomeKind.CHUNK, body)))
-            else:
-                answers.append((kind, req_id, None))
-        now = time.monotonic()
-        core = self._core
-        with self._lock:
-            # The actions of every answer of this read are applied together:
-            # the calls they free go out in one write per worker, not one each.
-            actions: list[Any] = []
-            for kind, req_id, outcome in answers:
-                if kind == protocol.CHUNK:
-                    actions += core.chunk(peer, req_id, outcome)  # type: ignore[arg-type]
-                elif outcome is not None:
-                    actions += core.answered(peer, req_id, outcome, now)
-                elif kind == protocol.HEARTBEAT:
-                    pass
-                elif kind == protocol.GOODBYE:
-                    logger.info("gibbs hub: %s is leaving", peer.describe(), extra=logs.peer(peer))
-                    actions += core.worker_leaving(peer, now)
-                else:
-                    logger.warning("gibbs hub: %s sent unexpected %s", peer.describe(), protocol.KIND_NAMES.get(kind),
-                                   extra=logs.peer(peer))
-            if actions:
-                self._apply_locked(actions)
-            if releases:
-                peer.out.extend(releases)
-                self._flush_locked(peer)
-        return bad
+    # ---------------------------------------------------------------- segments given back
 
-    # ---------------------------------------------------------------- bytes held, segments given back
-
-    def _account_buffered(self, peer: Peer) -> Optional[str]:
-        """Any reading thread: ``peer`` holds this many bytes of a frame not
-        complete yet. Over ``max_buffered`` bytes from all peers together,
-        the peer that holds the most is dropped: returned here if it is
-        this one, else handed to the bridge thread to drop."""
-        pending = peer.reader.pending
-        with self._buffered_lock:
-            if pending:
-                self._buffered[peer] = pending
-            else:
-                self._buffered.pop(peer, None)
-            total = sum(self._buffered.values())
-            if total <= self._max_buffered:
-                return None
-            worst = max(self._buffered, key=self._buffered.__getitem__)
-            del self._buffered[worst]
-        why = (
-            f"bytes buffered from peers over the hub's bound of {self._max_buffered} "
-            f"({total} in all, {worst.reader.pending} from this one)"
-        )
-        logger.warning("gibbs hub: dropping %s: %s", worst.describe(), why, extra=logs.peer(worst))
-        if worst is peer:
-            return why
-        self._loops.give_back(worst, why)
-        return None
 
     def _send_loans_back(self) -> None:
         """Bridge thread: RELEASE frames for the segments callers freed."""
@@ -1097,9 +956,6 @@ class Bridge:
     def shared_memory(self) -> dict[str, Any]:
         return self._loans.snapshot()
 
-    # ---------------------------------------------------------------- the home loop
-
-
     def _refresh_batched_locked(self, model: str) -> None:
         """Whether calls to ``model`` must be batchable: while a batched
         worker serves it (a name may change hands once its workers left)."""
@@ -1109,45 +965,6 @@ class Bridge:
         else:
             self._batched_models.discard(model)
 
-    # ---------------------------------------------------------------- local workers
-
-
-    # ---------------------------------------------------------------- heartbeats
-
-
-    # ---------------------------------------------------------------- closing
-
-
     # ================================================================ family of hubs (see _family.py)
-
-
-    def _read_hub(self, peer: Peer) -> None:
-        """Frames from another hub: a client routing through us, or our router."""
-        try:
-            n = peer.sock.recv_into(self._rbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._losses.drop(peer, f"connection error: {exc}")
-            return
-        if not n:
-            self._losses.drop(peer, "connection closed (end of file)")
-            return
-        peer.last_heard = time.monotonic()
-        try:
-            frames = peer.reader.feed(self._rview[:n])
-            why = self._account_buffered(peer) if peer.reader.pending or peer in self._buffered else None
-            if why is not None:
-                self._losses.drop(peer, why)
-                return
-            if peer.role == "client":
-                self._router_role.client_frames(peer, frames)
-            elif peer.role == "observer":
-                self._router_role.observer_frames(peer, frames)
-            else:
-                self._client_role.router_frames(peer, frames)
-        except (ProtocolError, ValueError) as exc:
-            logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
-            self._losses.drop(peer, f"protocol error: {exc}")
 
 
