@@ -709,50 +709,8 @@ class Bridge:
                 # A call submitted from now on with an earlier deadline wakes the loop.
                 self._wake_at = deadline
             events = sel.select(max(0.0, deadline - time.monotonic()))
-            for key, mask in events:
-                data = key.data
-                if data == "wake":
-                    self._wakeup.drain()
-                elif isinstance(data, tuple):
-                    if data[0] == "listener":
-                        self._door.accept(data[1])
-                    elif data[0] == "loading":
-                        self._door.read_loading(data[1])
-                    else:  # ("exit", peer): a lost local worker's process is ending
-                        self._losses.sentinel_fired(data[1])
-                else:
-                    peer: Peer = data
-                    if mask & selectors.EVENT_READ:
-                        self._reader.read(peer)
-                    if mask & selectors.EVENT_WRITE and not peer.gone:
-                        with self._lock:
-                            self._flush_locked(peer)
-            if self._door.new_loading:
-                with self._lock:
-                    new_loading, self._door.new_loading = self._door.new_loading, []
-                for sock in new_loading:
-                    self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
-            if self._new_peers or self._dirty or self._loops.returned:
-                with self._lock:
-                    new_peers, self._new_peers = self._new_peers, []
-                    dirty, self._dirty = self._dirty, []
-                    returned, self._loops.returned = self._loops.returned, []
-                for peer in dirty:
-                    self._update_registration(peer)
-                for peer, why in returned:
-                    if why is not None:
-                        self._losses.drop(peer, why)
-                    else:
-                        self._update_registration(peer)
-                for sock, hello, early, partial in new_peers:
-                    try:
-                        self._add_peer(sock, hello, early, partial)
-                    except Exception as exc:  # noqa: BLE001 - that connection only
-                        logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host,
-                                         extra=logs.fields(hello.model, hello.name))
-                        self._forget_new_peer(sock, exc)
-                if new_peers and self._loops.loop is not None:
-                    self._loops.changed = True
+            self._dispatch_events(events)
+            self._take_handoffs()
             if self._loans.has_returns():
                 self._send_loans_back()
             if self._loops.changed:
@@ -784,6 +742,58 @@ class Bridge:
                 self._hand_over()
             if self._core.closing and self._closing.step():
                 return
+
+    def _dispatch_events(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        """Bridge thread: what the selector says is ready."""
+        for key, mask in events:
+            data = key.data
+            if data == "wake":
+                self._wakeup.drain()
+            elif isinstance(data, tuple):
+                if data[0] == "listener":
+                    self._door.accept(data[1])
+                elif data[0] == "loading":
+                    self._door.read_loading(data[1])
+                else:  # ("exit", peer): a lost local worker's process is ending
+                    self._losses.sentinel_fired(data[1])
+            else:
+                peer: Peer = data
+                if mask & selectors.EVENT_READ:
+                    self._reader.read(peer)
+                if mask & selectors.EVENT_WRITE and not peer.gone:
+                    with self._lock:
+                        self._flush_locked(peer)
+
+    def _take_handoffs(self) -> None:
+        """Bridge thread: what other threads handed over since the last pass:
+        workers loading to watch, new peers to take in, sockets whose write
+        interest changed or that an event loop gave back."""
+        if self._door.new_loading:
+            with self._lock:
+                new_loading, self._door.new_loading = self._door.new_loading, []
+            for sock in new_loading:
+                self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
+        if self._new_peers or self._dirty or self._loops.returned:
+            with self._lock:
+                new_peers, self._new_peers = self._new_peers, []
+                dirty, self._dirty = self._dirty, []
+                returned, self._loops.returned = self._loops.returned, []
+            for peer in dirty:
+                self._update_registration(peer)
+            for peer, why in returned:
+                if why is not None:
+                    self._losses.drop(peer, why)
+                else:
+                    self._update_registration(peer)
+            for sock, hello, early, partial in new_peers:
+                try:
+                    self._add_peer(sock, hello, early, partial)
+                except Exception as exc:  # noqa: BLE001 - that connection only
+                    logger.exception("gibbs hub: internal error taking in %s (pid %d on %s); closed", hello.name, hello.pid, hello.host,
+                                     extra=logs.fields(hello.model, hello.name))
+                    self._forget_new_peer(sock, exc)
+            if new_peers and self._loops.loop is not None:
+                self._loops.changed = True
 
     def _check_absent(self, now: float) -> None:
         """Requests wait and no worker of their model is there: say so, in
