@@ -1112,3 +1112,51 @@ def test_a_full_queue_gives_a_low_call_s_place_to_a_higher_one() -> None:
     assert core.queued() == 3
     assert core.priority_stats("default")["1"]["shed"] == 2
     core.check_invariants()
+
+
+# ---------------------------------------------------------------- a client hub loses its router
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["call", "stream", "stream-with-chunks"]), min_size=1, max_size=8),
+    max_attempts=st.integers(1, 3),
+    answered=st.integers(0, 8),
+)
+def test_losing_the_router_sends_every_call_again_and_costs_no_attempt(
+    kinds: list[str], max_attempts: int, answered: int
+) -> None:
+    """``upstream_lost``: the relays standing for the router go; what they
+    held goes back to the front of the queue, in the order it was sent, with
+    no attempt counted and no death (the router's workers may live on); a
+    stream whose caller had chunks already fails (a second run would repeat
+    them); once a relay stands for the router again, the calls go to it."""
+    core = Core(max_attempts=max_attempts)
+    relay = WorkerInfo("relay-1", "m", "", slots=1 << 30, depth=1 << 30, relay=True)
+    core.worker_joined(relay, 0.0)
+    calls = [Call(i + 1, "m", b"x", object(), kind != "call") for i, kind in enumerate(kinds)]
+    for call in calls:
+        actions = core.submit(call, 0.0)
+        assert [a.calls for a in actions if isinstance(a, Send)] == [(call,)]
+    done = set()
+    for call in calls[: min(answered, len(calls))]:
+        if not call.stream:
+            core.answered("relay-1", call.id, Outcome(OutcomeKind.RESULT, b"x"), 0.1)
+            done.add(call.id)
+    for call, kind in zip(calls, kinds):
+        if kind == "stream-with-chunks":
+            assert core.chunk("relay-1", call.id, Outcome(OutcomeKind.CHUNK, b"c"))
+    actions = core.upstream_lost(["relay-1"], 0.2)
+    assert "relay-1" not in core.workers and core.stats["deaths"] == 0
+    failed = {a.call.id for a in actions if isinstance(a, Resolve)}
+    assert failed == {c.id for c, k in zip(calls, kinds) if k == "stream-with-chunks"}
+    for a in actions:
+        if isinstance(a, Resolve):
+            assert isinstance(a.outcome.value, WorkerDiedError)
+    again = [c for c in calls if c.id not in done and c.id not in failed]
+    assert all(c.queued and c.attempts == 0 and not c.holders for c in again)
+    assert list(core.models["m"].queue.values()) == again  # in the order they were sent
+    # The router is found again: a new relay takes them all.
+    back = WorkerInfo("relay-2", "m", "", slots=1 << 30, depth=1 << 30, relay=True)
+    sent = [c for a in core.worker_joined(back, 0.3) if isinstance(a, Send) for c in a.calls]
+    assert sent == again

@@ -13,9 +13,10 @@ A **client** hub routes through the router. :class:`ClientRole` keeps one
 ``Relay`` worker per model in its core (room for any number of calls)
 standing for the router: the bridge writes a ``Send`` to a relay as a
 FORWARD frame; the router's answers become ``core.answered``; the
-router's loss takes the relays back without counting an attempt (``leaving``
-then ``lost``: the core sends their calls again), and a rendezvous thread
-finds the router again or takes the address over.
+router's loss is ``core.upstream_lost``: the relays go and their calls go
+back to the queue with no attempt counted (sent again once the router is
+found again), and a rendezvous thread finds the router again or takes the
+address over.
 
 Both run on the bridge thread (the rendezvous loop in its own thread) and
 share the bridge's lock and state: its peers, relays and pool as seen.
@@ -322,9 +323,7 @@ class ClientRole:
             self._b._relay_of.clear()
             self._b._pool_info = {}
             held = sum(len(r.held) for r in relays)
-            for r in relays:
-                self._b._apply_locked(self._core.worker_leaving(r.id, now))
-                self._b._apply_locked(self._core.worker_lost(r.id, reason, now))
+            self._b._apply_locked(self._core.upstream_lost([r.id for r in relays], now))
             closing = self._core.closing
         if not closing:
             logger.warning("gibbs hub: lost the router hub %s (%s); %d calls to send again", peer.describe(), reason, held)

@@ -65,7 +65,7 @@ from __future__ import annotations
 import collections
 import enum
 import heapq
-from typing import Any, Hashable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Hashable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from .errors import HubClosedError, NoWorkersError, OverloadedError, QueueFullError, WorkerDiedError
 from .metrics import Window, _quantile
@@ -1025,6 +1025,30 @@ class Core:
         self._take_back(w, penalty=None if w.leaving else reason, out=out)
         self._dispatch(model, now, out)
         self._absence(model, now)
+        return out
+
+    def upstream_lost(self, relay_ids: Sequence[Hashable], now: float = 0.0) -> list[Action]:
+        """A client hub lost its router: the relays standing for it go, and
+        every call they held goes back to the front of the queue with no
+        attempt counted (the router's workers may live on: losing the router
+        is not their death). Once a relay stands for the router again, the
+        calls go to it."""
+        out: list[Action] = []
+        models: list[_Model] = []
+        for relay_id in relay_ids:
+            w = self.workers.pop(relay_id, None)
+            if w is None:
+                continue
+            assert w.relay, f"{w.describe} is not a relay"
+            model = self.models[w.model]
+            del model.workers[relay_id]
+            w.leaving = True
+            self._take_back(w, penalty=None, out=out)
+            if model not in models:
+                models.append(model)
+        for model in models:
+            self._dispatch(model, now, out)
+            self._absence(model, now)
         return out
 
     def _take_back(self, w: WorkerInfo, penalty: Optional[str], out: list[Action]) -> None:
