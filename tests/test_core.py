@@ -69,6 +69,14 @@ class CoreMachine(RuleBasedStateMachine):
         self.stopped: set[tuple[int, int]] = set()  # (worker, call) asked to stop
 
     def apply(self, actions: list[Any]) -> None:
+        drops: list[tuple[int, str]] = []
+        self._apply(actions, drops)
+        for wid, reason in drops:
+            self.live.pop(wid, None)
+            self.holding.pop(wid, None)
+            self.apply(self.core.worker_lost(wid, reason, self.now))
+
+    def _apply(self, actions: list[Any], drops: list[tuple[int, str]]) -> None:
         # Each worker's load before these sends (the core's estimate of the
         # time to answer counts the units committed before each one).
         load = {}
@@ -116,7 +124,11 @@ class CoreMachine(RuleBasedStateMachine):
                 self.live.pop(a.worker, None)
                 self.holding.pop(a.worker, None)
             elif isinstance(a, Drop):
-                pass
+                # Only an idle worker, and only while closing: the driver
+                # closes its connection, and its loss follows.
+                assert self.core.closing, "a worker dropped while the hub is open"
+                assert a.worker in self.live and not self.holding[a.worker], "dropped a worker that holds calls"
+                drops.append((a.worker, a.reason))
             elif isinstance(a, Deliver):
                 assert a.call.stream, "a chunk delivered for a call that is not a stream"
                 assert a.call.id not in self.outcomes, "a chunk delivered after the call's outcome"
@@ -207,6 +219,22 @@ class CoreMachine(RuleBasedStateMachine):
         if queued_only:
             self.cancelled_while_queued.add(call.id)
             assert call.id in self.released
+
+    @precondition(lambda self: any(c.id not in self.outcomes for c in self.calls.values()))
+    @rule(data=st.data())
+    def client_gone(self, data: st.DataObject) -> None:
+        """A client hub went away: the calls it forwarded are cancelled at
+        once, each stopped where it runs; the queued ones never run."""
+        open_calls = [c for c in self.calls.values() if c.id not in self.outcomes]
+        gone = data.draw(st.lists(st.sampled_from(open_calls), min_size=1, unique_by=lambda c: c.id))
+        before = {c.id: (c.queued and not c.holders, list(c.holders)) for c in gone}
+        self.apply(self.core.client_gone(gone))
+        for c in gone:
+            queued_only, holders = before[c.id]
+            assert self.outcomes[c.id].kind is OutcomeKind.CANCELLED, "a gone client's call was not cancelled"
+            assert all((w, c.id) in self.stopped for w in holders), "a gone client's call was not stopped"
+            if queued_only:
+                self.cancelled_while_queued.add(c.id)
 
     @precondition(lambda self: any(c.id not in self.outcomes for c in self.calls.values()))
     @rule(data=st.data())
@@ -317,6 +345,11 @@ class CoreMachine(RuleBasedStateMachine):
     def tick(self, dt: float) -> None:
         self.now += dt
         self.apply(self.core.tick(self.now))
+        if self.core.closing:
+            # Closing: a worker that holds nothing is let go at once (it
+            # goes looking for the hub that takes the address over).
+            idle = [wid for wid, w in self.core.workers.items() if not w.held and not w.relay and not w.leaving]
+            assert not idle, f"idle workers kept while closing: {idle}"
 
     @precondition(lambda self: self.core.no_worker_timeout is not None and self.core.n_queued)
     @rule()

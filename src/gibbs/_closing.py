@@ -2,12 +2,13 @@
 
 :meth:`Closing.begin` stops taking calls (the core fails the queued ones
 and lets the running ones finish within the grace period); client hubs'
-calls are cancelled, not failed, and their connections shut down, so that
-they send their calls again to whichever hub takes the address over. The
-listeners close at once (another hub of the family may take the address
-while our running calls finish), idle workers are let go at once (they go
-looking for the hub that takes over), and once the core is idle every
-socket, the selector and the wake-up pipe close.
+calls are cancelled, not failed (``core.client_gone``), and their
+connections shut down, so that they send their calls again to whichever hub
+takes the address over. The listeners close at once (another hub of the
+family may take the address while our running calls finish); the core lets
+idle workers go at once (its ``Drop``: they go looking for the hub that
+takes over); once the core is idle every socket, the selector and the
+wake-up pipe close.
 
 In a forked child (:meth:`Closing.forget_after_fork`) the inherited
 descriptors close without a word to the peers: they are the parent's
@@ -54,8 +55,7 @@ class Closing:
                     calls = list(peer.calls.values()) if peer.calls else []
                     if peer.calls:
                         peer.calls.clear()
-                    for call in calls:
-                        self._b._apply_locked(self._core.cancel(call))
+                    self._b._apply_locked(self._core.client_gone(calls))
                     try:
                         peer.sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -71,16 +71,9 @@ class Closing:
         """While closing: True once everything is closed."""
         now = time.monotonic()
         with self._lock:
-            self._b._apply_locked(self._core.tick(now))
-            # An idle worker is let go at once: it goes back to looking for a
-            # hub, and finds the one that takes the address over (if any)
-            # without waiting for this one's grace period.
-            idle = [p for p in self._b._peers.values() if not p.info.held and not p.gone]
-            for p in idle:
-                self._b._apply_locked(self._core.worker_leaving(p, now))
+            self._b._apply_locked(self._core.tick(now))  # idle workers are let go (the core's Drop)
             busy = not self._core.idle
-        for p in idle:
-            self._b._losses.drop(p, "the hub is closing")
+        self._b._take_handoffs()  # those Drops, now
         if busy:
             return False
         self._b._hand_over()

@@ -157,8 +157,7 @@ class RouterRole:
             calls = list(peer.calls.values()) if peer.calls else []
             if peer.calls:
                 peer.calls.clear()
-            for call in calls:
-                self._b._apply_locked(self._core.cancel(call))
+            self._b._apply_locked(self._core.client_gone(calls))
         logger.info("gibbs hub: %s left (%s); %d of its calls cancelled", peer.describe(), reason, len(calls),
                     extra=logs.peer(peer, ",".join(self._b.request_id(c) for c in calls) or None))
         if self._b._outcomes:

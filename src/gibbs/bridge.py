@@ -137,6 +137,7 @@ class Bridge:
         # bytes of a frame begun after it).
         self._new_peers: list[tuple[socket.socket, Hello, list[tuple[int, int, bytes]], bytes]] = []
         self._dirty: list[Peer] = []  # peers whose write interest changed off-thread
+        self._drops: list[tuple[Peer, str]] = []  # the core's Drop actions, for the bridge thread
         self._joined_pids: set[int] = set()
         self._joined_tokens: set[str] = set()  # the HELLO's "token" (optional: older workers send none)
         self._check_locals = False  # a report came in: look at local workers now
@@ -506,7 +507,9 @@ class Bridge:
                 peer.sock.close()
                 peer.gone = True
             elif type(action) is Drop:
-                pass  # the core never drops on its own yet; the driver drops on I/O
+                # The bridge thread closes it (the selector is its own).
+                self._drops.append((action.worker, action.reason))  # type: ignore[arg-type]
+                self._wake_locked()
         if touched:
             for peer in touched:
                 self._flush_locked(peer)
@@ -773,6 +776,11 @@ class Bridge:
                 new_loading, self._door.new_loading = self._door.new_loading, []
             for sock in new_loading:
                 self._selector.register(sock, selectors.EVENT_READ, ("loading", sock))
+        if self._drops:
+            with self._lock:
+                drops, self._drops = self._drops, []
+            for peer, reason in drops:
+                self._losses.drop(peer, reason)
         if self._new_peers or self._dirty or self._loops.returned:
             with self._lock:
                 new_peers, self._new_peers = self._new_peers, []

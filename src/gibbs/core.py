@@ -12,8 +12,12 @@ submit(call)                             Send(worker, calls)       one unit
 cancel(call, outcome)                    Resolve(call, outcome)    once a call
 resend(call)             (gibbs_retries) Release(call)             payload free
 worker_joined(w) / worker_leaving(w)     Refuse(worker, why)       at join
-worker_lost(w, why)                      Drop(worker, why)
-answered(w, call_id, outcome, now)
+worker_lost(w, why)                      Drop(worker, why)         idle, closing
+upstream_lost(relays)    (a client hub)  Deliver(call, chunk)      a stream's item
+client_gone(calls)       (the router)
+answered(w, call_id, outcome, now)       Stop(worker, call)        caller gone
+chunk(w, call_id, chunk)                 Credit(worker, call, n)   stream window
+consumed(call, n)                        Resend(relay, call)       via the router
 model_unavailable(model, error)
 workers_loading(model, n, now)
 roll_out(model, cls)                     (a rolling update: two classes)
@@ -469,6 +473,9 @@ class Refuse(NamedTuple):
 
 
 class Drop(NamedTuple):
+    """Close this worker's connection (it holds nothing: while closing, an
+    idle worker is let go at once). Its loss follows, as a leaving worker's."""
+
     worker: Hashable
     reason: str
 
@@ -856,6 +863,16 @@ class Core:
         self.stats["cancelled" if call.queued and not call.holders else "abandoned"] += 1
         self._stop_holders(call, out)
         self._resolve(call, outcome, out)
+        return out
+
+    def client_gone(self, calls: Sequence[Call]) -> list[Action]:
+        """A client hub went away (its process died, closed, or this router
+        is closing and hands its calls back): its calls are cancelled, so
+        that queued ones never run and running ones are stopped (it sends
+        them again to whichever hub takes the address over, if it can)."""
+        out: list[Action] = []
+        for call in calls:
+            out.extend(self.cancel(call))
         return out
 
     def _stop_holders(self, call: Call, out: list[Action]) -> None:
@@ -1251,6 +1268,13 @@ class Core:
                 for call in list(self.calls.values()):
                     err = HubClosedError("the hub was closed before the worker answered (grace period over)")
                     self._resolve(call, Outcome(OutcomeKind.EXCEPTION, err), out)
+            # An idle worker is let go at once: it goes back to looking for a
+            # hub, and finds the one that takes the address over (if any)
+            # without waiting for this one's grace period.
+            for w in self.workers.values():
+                if not w.held and not w.leaving and not w.relay:
+                    w.leaving = True
+                    out.append(Drop(w.id, "the hub is closing"))
             return out
         if self._deadlines and self._deadlines[0][0] <= now:
             self._expire_due(now, out)
