@@ -34,6 +34,12 @@ class Wakeup:
 
     def wake(self) -> None:
         """Any thread: the waiter's next (or current) wait returns."""
+        if self._pending:
+            # A byte is in the pipe, or a drain is under way: the waiter
+            # looks at everything published before this call once its wait
+            # returns (it drains first, then reads the state). No lock, no
+            # write: the common case when many calls wake it in one pass.
+            return
         with self._lock:
             if self._pending or self._closed:
                 return
