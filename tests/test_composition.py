@@ -116,9 +116,9 @@ def test_a_model_calling_itself_with_no_worker_free_fails_saying_so(
 
 
 def test_a_hub_made_outside_a_worker_is_its_own() -> None:
-    import gibbs.worker
+    import gibbs._context
 
-    assert gibbs.worker.serving is None
+    assert gibbs._context.serving is None
     hub = Hub(port=0)
     try:
         hub.start()
@@ -175,12 +175,12 @@ def test_a_worker_run_in_this_process_leaves_its_hubs_alone() -> None:
     this process's later Hub() pointed at that worker's hub."""
     from gibbs_test_models import BadInit
 
-    import gibbs.worker
+    import gibbs._context
     from gibbs import Worker
 
     with pytest.raises(RuntimeError):
         Worker(BadInit, gibbs_port=1).run()
-    assert gibbs.worker.serving is None
+    assert gibbs._context.serving is None
     hub = Hub(port=0)
     try:
         hub.start()

@@ -1,6 +1,8 @@
-"""What a model's call knows of itself while a worker serves it: its
+"""What a process knows of the serving it does: which hub and model it
+serves as a worker (``serving``: a ``Hub()`` made here becomes a client of
+that hub), and what a model's call knows of itself while it runs: its
 deadline, priority class and request id (context variables, set by the
-worker around each call; an async model's task copies them), and the
+worker around each call; an async model's task copies them), with the
 accessors a model uses (``gibbs.remaining()``, ``gibbs.request_id()``).
 """
 
@@ -12,7 +14,32 @@ from typing import Optional, Union
 
 from . import protocol
 
-__all__ = ["current_priority", "remaining", "request_id"]
+__all__ = ["Serving", "current_priority", "remaining", "request_id", "serving"]
+
+class Serving:
+    """Where this process serves as a worker: its hub's address and key, and
+    its model. A plain ``Hub()`` made here (in a model's constructor or
+    call) becomes a client of that hub, so that a model calls other models
+    (``hub.request(..., gibbs_model="b")``) with no address to pass."""
+
+    __slots__ = ("host", "port", "authkey", "explicit", "model", "token", "name")
+
+    def __init__(
+        self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str, name: str = ""
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.authkey = authkey
+        self.explicit = explicit
+        self.model = model
+        self.token = token
+        self.name = name  # the worker's (its log lines name it)
+
+
+#: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
+#: actor); read by ``Hub()`` and the log fields.
+serving: Optional[Serving] = None
+
 
 #: The deadline (time.monotonic() of this process) of the call being run
 #: here: set around each call, so that a model, sync or async, reads its own.

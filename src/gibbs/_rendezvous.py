@@ -14,8 +14,7 @@ import ssl
 import time
 from typing import Any, Optional
 
-from . import protocol
-from . import worker as _worker_module
+from . import _context, protocol
 from .errors import (
     AddressInUseError,
     AuthenticationError,
@@ -105,7 +104,7 @@ class _Place:
                 "app": None if self.router is not None else self.app,
                 # Inside a worker: whose calls these are (the router tells a
                 # model waiting on itself from a busy one).
-                "within": _worker_module.serving.token if _worker_module.serving is not None else None,
+                "within": _context.serving.token if _context.serving is not None else None,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "name": f"hub-{os.getpid()}",

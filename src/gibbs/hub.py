@@ -67,9 +67,8 @@ import weakref
 from sys import modules as _modules
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
-from . import protocol
+from . import _context, protocol
 from . import tracing as _tracing
-from . import worker as _worker_module
 from ._delivery import (
     _CREDIT_EVERY,
     StreamIterator,
@@ -253,7 +252,7 @@ class Hub:
         key, explicit = resolve_authkey(authkey)
         if address is None:
             address = os.environ.get(HUB_ENV) or None
-        inside = _worker_module.serving
+        inside = _context.serving
         if address is None and inside is not None:
             # Made inside a worker (a model that calls models): a client of
             # the hub this worker serves, with the worker's own key.
@@ -540,7 +539,7 @@ class Hub:
         if len(args) == 1 and not kwargs:
             payload.flags = protocol.FWD_SINGLE
         if request_id is not None or _REQUEST_ID.get() is not None:  # given, or the one being served here
-            payload.rid = _worker_module._request_id_of_caller(request_id)
+            payload.rid = _context._request_id_of_caller(request_id)
         return bridge, model, payload
 
     async def request(
@@ -1161,7 +1160,7 @@ def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
 def _within_caller(timeout: Optional[float]) -> Optional[float]:
     """A call made while a worker serves a call with a deadline (a model
     calling a model) inherits what is left of it: never more."""
-    left = _worker_module.remaining()
+    left = _context.remaining()
     if left is None:
         return timeout
     if left <= 0:
@@ -1176,7 +1175,7 @@ def _priority_within_caller(priority: Optional[int]) -> Optional[int]:
     takes that call's class when it gives none of its own."""
     if priority is not None:
         return check_priority(priority)
-    return _worker_module.current_priority()
+    return _context.current_priority()
 
 
 def _local_workers_of(port: int, since: float) -> list[LocalWorker]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from . import _context
+
 __all__ = ["LogFields", "FIELDS", "fields", "peer"]
 
 #: The attributes every gibbs record carries.
@@ -59,10 +61,8 @@ class LogFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         d = record.__dict__
         if "gibbs_request_id" not in d:
-            from . import worker
-
-            d["gibbs_request_id"] = worker.request_id()
-            serving = worker.serving if d["gibbs_request_id"] is not None else None
+            d["gibbs_request_id"] = _context.request_id()
+            serving = _context.serving if d["gibbs_request_id"] is not None else None
             d.setdefault("gibbs_model", serving.model if serving is not None else None)
             d.setdefault("gibbs_worker", serving.name or None if serving is not None else None)
         else:

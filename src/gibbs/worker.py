@@ -52,6 +52,7 @@ from ._context import (  # noqa: F401 (gibbs.worker's names)
     _DEADLINE,
     _PRIORITY,
     _REQUEST_ID,
+    Serving,
     _request_id_of_caller,
     current_priority,
     remaining,
@@ -73,29 +74,7 @@ from .transport import (
 
 __all__ = ["Worker", "remaining", "request_id", "report_given_up", "INIT_FAILED_EXIT", "REFUSED_EXIT", "Serving"]
 
-class Serving:
-    """Where this process serves as a worker: its hub's address and key, and
-    its model. A plain ``Hub()`` made here (in a model's constructor or
-    call) becomes a client of that hub, so that a model calls other models
-    (``hub.request(..., gibbs_model="b")``) with no address to pass."""
 
-    __slots__ = ("host", "port", "authkey", "explicit", "model", "token", "name")
-
-    def __init__(
-        self, host: str, port: int, authkey: bytes, explicit: bool, model: str, token: str, name: str = ""
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.authkey = authkey
-        self.explicit = explicit
-        self.model = model
-        self.token = token
-        self.name = name  # the worker's (its log lines name it)
-
-
-#: Set once this process serves a model (``Worker.start()``, ``run()``, a Ray
-#: actor); read by ``Hub()``.
-serving: Optional[Serving] = None
 
 
 logger = logging.getLogger("gibbs")
@@ -658,12 +637,11 @@ class _Runtime:
                 handler = self._on_signal if sig in self.stop_signals else signal.SIG_IGN
                 old[sig] = signal.signal(sig, handler)
         heartbeat: Optional[threading.Thread] = None
-        global serving
-        before = serving
+        before = _context.serving
         if self._in_main_thread or self.serves_process:
             # This process serves the model (not a Worker.run() in a thread of
             # an app that makes its own hubs): Hub() here reaches this hub.
-            serving = Serving(
+            _context.serving = Serving(
                 self.spec.host, self.spec.port, self.spec._authkey, self.spec._explicit_key, self.spec.model,
                 self.spec.token, str(self.spec.name or ""),
             )
@@ -711,7 +689,7 @@ class _Runtime:
             self.maps.clear()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            serving = before
+            _context.serving = before
 
     def _warm_up(self, model: Any) -> None:
         """The model's own ``warmup()``, then the sample inputs, before the
