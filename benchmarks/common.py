@@ -1,7 +1,9 @@
-"""Timing, statistics, machine description and process reaping."""
+"""Timing, statistics, machine description, process reaping, and the
+open-loop arrivals the overload benchmarks share."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import math
 import os
@@ -10,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
 perf = time.perf_counter
 
@@ -147,3 +149,56 @@ def fmt_bytes(n: float) -> str:
     if abs(n) >= 1 << 10:
         return f"{n / 1024:.2f} KiB"
     return f"{n:.0f} B"
+
+
+def deadline_counts() -> dict[str, int]:
+    """The fates :func:`request_by_deadline` counts."""
+    return {"ok": 0, "late": 0, "shed": 0, "expired_queued": 0, "expired_running": 0, "timeout": 0}
+
+
+async def request_by_deadline(hub: Any, x: Any, deadline: float, core_deadline: bool, counts: dict[str, int]) -> Optional[float]:
+    """One request given up after ``deadline``: by the hub (``gibbs_timeout``,
+    ``core_deadline``) or by the caller (``asyncio.wait_for``). Counts its
+    fate; returns its latency when it was answered in time."""
+    from gibbs import DeadlineExceededError, OverloadedError
+
+    t0 = time.perf_counter()
+    try:
+        if core_deadline:
+            await hub.request(x, gibbs_timeout=deadline)
+        else:
+            await asyncio.wait_for(hub.request(x), deadline)
+    except OverloadedError:
+        counts["shed"] += 1
+        return None
+    except DeadlineExceededError as exc:
+        counts["expired_queued" if exc.in_queue else "expired_running"] += 1
+        return None
+    except asyncio.TimeoutError:
+        counts["timeout"] += 1
+        return None
+    dt = time.perf_counter() - t0
+    counts["ok" if dt <= deadline else "late"] += 1
+    return dt if dt <= deadline else None
+
+
+async def arrivals(
+    one: Callable[[int], Awaitable[None]], rate: float, seconds: Optional[float] = None, count: Optional[int] = None
+) -> tuple[int, float]:
+    """Open-loop arrivals: ``one(i)`` started at ``rate`` a second, whatever
+    came back, for ``seconds`` or until ``count`` were started; then waits
+    for them all. Returns (calls started, seconds of arrivals and waiting)."""
+    tasks: list[asyncio.Future[None]] = []
+    t0 = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - t0
+        if (seconds is not None and elapsed >= seconds) or (count is not None and len(tasks) >= count):
+            break
+        due = int(elapsed * rate) + 1
+        if count is not None:
+            due = min(count, due)
+        while len(tasks) < due:
+            tasks.append(asyncio.ensure_future(one(len(tasks))))
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*tasks)
+    return len(tasks), time.perf_counter() - t0

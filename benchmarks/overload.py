@@ -25,9 +25,9 @@ import sys
 import time
 from typing import Any
 
-from gibbs import DeadlineExceededError, Hub, OverloadedError
+from gibbs import Hub
 
-from .common import percentile
+from .common import arrivals, deadline_counts, percentile, request_by_deadline
 from .models import Sleeper
 from .report import Row
 
@@ -59,46 +59,15 @@ def _served(hub: Hub) -> int:
 
 async def _open_loop(hub: Hub, rate: float, seconds: float, core_deadline: bool) -> dict[str, Any]:
     latencies: list[float] = []
-    counts = {"ok": 0, "late": 0, "shed": 0, "expired_queued": 0, "expired_running": 0, "timeout": 0}
+    counts = deadline_counts()
     before = _served(hub)
 
     async def one(i: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            if core_deadline:
-                await hub.request(i, gibbs_timeout=DEADLINE)
-            else:
-                await asyncio.wait_for(hub.request(i), DEADLINE)
-        except OverloadedError:
-            counts["shed"] += 1
-            return
-        except DeadlineExceededError as exc:
-            counts["expired_queued" if exc.in_queue else "expired_running"] += 1
-            return
-        except asyncio.TimeoutError:
-            counts["timeout"] += 1
-            return
-        dt = time.perf_counter() - t0
-        if dt <= DEADLINE:
-            counts["ok"] += 1
+        dt = await request_by_deadline(hub, i, DEADLINE, core_deadline, counts)
+        if dt is not None:
             latencies.append(dt)
-        else:
-            counts["late"] += 1
 
-    tasks = []
-    t0 = time.perf_counter()
-    sent = 0
-    while True:
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            break
-        due = int(elapsed * rate) + 1
-        while sent < due:
-            tasks.append(asyncio.ensure_future(one(sent)))
-            sent += 1
-        await asyncio.sleep(0.002)
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
+    sent, wall = await arrivals(one, rate, seconds=seconds)
     await asyncio.sleep(0.3)  # answers of abandoned calls come back
     # Every call a worker ran either answered its caller in time (counted
     # "ok") or was wasted: ran for a caller that had gone or would not wait.

@@ -24,8 +24,9 @@ import sys
 import time
 from typing import Any
 
-from gibbs import DeadlineExceededError, Hub, OverloadedError
+from gibbs import Hub
 
+from .common import arrivals, deadline_counts, request_by_deadline
 from .models import BatchedSleeper
 from .report import Row
 
@@ -37,36 +38,14 @@ LOAD = 2.0
 
 
 async def _open_loop(hub: Hub, counters: Any, requests: int, core_deadline: bool) -> dict[str, Any]:
-    counts = {"ok": 0, "late": 0, "shed": 0, "expired_queued": 0, "expired_running": 0, "timeout": 0}
+    counts = deadline_counts()
     items_before = counters[1]
     rate = LOAD * BATCH_SIZE / SERVICE
 
     async def one(i: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            if core_deadline:
-                await hub.request(i, gibbs_timeout=DEADLINE)
-            else:
-                await asyncio.wait_for(hub.request(i), DEADLINE)
-        except OverloadedError:
-            counts["shed"] += 1
-            return
-        except DeadlineExceededError as exc:
-            counts["expired_queued" if exc.in_queue else "expired_running"] += 1
-            return
-        except asyncio.TimeoutError:
-            counts["timeout"] += 1
-            return
-        counts["ok" if time.perf_counter() - t0 <= DEADLINE else "late"] += 1
+        await request_by_deadline(hub, i, DEADLINE, core_deadline, counts)
 
-    tasks = []
-    t0 = time.perf_counter()
-    while len(tasks) < requests:
-        due = min(requests, int((time.perf_counter() - t0) * rate) + 1)
-        while len(tasks) < due:
-            tasks.append(asyncio.ensure_future(one(len(tasks))))
-        await asyncio.sleep(0.002)
-    await asyncio.gather(*tasks)
+    await arrivals(one, rate, count=requests)
     await asyncio.sleep(2 * SERVICE + 0.2)  # the batches of abandoned calls end
     computed = counters[1] - items_before
     return {

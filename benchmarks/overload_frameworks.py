@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any, Awaitable, Callable
 
-from .common import percentile
+from .common import arrivals, percentile
 from .serving import Unavailable, child_env, litserve_server
 
 SERVICE = 0.010
@@ -88,20 +88,7 @@ async def open_loop(
         else:
             counts["late"] += 1
 
-    tasks = []
-    t0 = time.perf_counter()
-    sent = 0
-    while True:
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            break
-        due = int(elapsed * rate) + 1
-        while sent < due:
-            tasks.append(asyncio.ensure_future(one(sent)))
-            sent += 1
-        await asyncio.sleep(0.002)
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
+    sent, wall = await arrivals(one, rate, seconds=seconds)
     await asyncio.sleep(0.5)  # the calls of callers that left end
     ran = served() - before
     return {
