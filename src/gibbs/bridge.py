@@ -419,20 +419,24 @@ class Bridge:
                     continue
                 peer = action.worker  # type: ignore[assignment]
                 calls = action.calls
-                if peer.deadlines:
-                    now = 0.0
-                    for c in calls:
+                # What travels just before each call, when it has it: its
+                # deadline and class (to workers that read them), the request
+                # id its caller gave, its caller's trace context.
+                now = 0.0
+                for c in calls:
+                    if peer.deadlines:
                         final = c.final_deadline
                         if final is not None:
                             now = now or time.monotonic()
                             peer.out.extend(protocol.pack_deadline(c.id, final - now))
                         if c.priority:
                             peer.out.extend(protocol.pack_priority(c.id, c.priority))
-                for c in calls:
-                    if c.payload.rid is not None:
-                        peer.out.extend(protocol.pack_request_id(c.id, c.payload.rid))
-                    if c.payload.trace is not None:  # its caller traces (gibbs.tracing)
-                        peer.out.extend(protocol.pack_trace(c.id, c.payload.trace, time.monotonic() - c.t0))
+                    payload = c.payload
+                    if payload.rid is not None:
+                        peer.out.extend(protocol.pack_request_id(c.id, payload.rid))
+                    if payload.trace is not None:  # its caller traces (gibbs.tracing)
+                        now = now or time.monotonic()
+                        peer.out.extend(protocol.pack_trace(c.id, payload.trace, now - c.t0))
                 if peer.batched:
                     items = [(c.id, self._body_for(peer, c)) for c in calls]
                     peer.out.extend(protocol.pack_batch(items))
