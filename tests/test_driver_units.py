@@ -6,6 +6,8 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import pytest
+
 from gibbs._loans import LoanBook
 
 
@@ -63,8 +65,6 @@ def test_after_close_a_freed_answer_wakes_nobody() -> None:
 def test_hub_options_name_the_field_that_is_wrong() -> None:
     import math
 
-    import pytest
-
     from gibbs._options import HubOptions
 
     ok = HubOptions(heartbeat_interval=2, app="x")
@@ -92,11 +92,15 @@ def test_hub_options_name_the_field_that_is_wrong() -> None:
 # ---------------------------------------------------------------- the door, with sockets and no process
 
 
+_made: list[Any] = []
+
+
 def _bridge_for_door(app: str = "door-tests") -> Any:
+    """A bridge whose thread never starts: only its door is driven."""
     from gibbs._options import HubOptions
     from gibbs.bridge import Bridge
 
-    return Bridge(
+    bridge = Bridge(
         [],
         authkey=b"door-key",
         options=HubOptions(app=app, handshake_timeout=5.0),
@@ -104,6 +108,16 @@ def _bridge_for_door(app: str = "door-tests") -> Any:
         deliver_async=lambda items: None,
         deliver_sync=lambda call, outcome: None,
     )
+    _made.append(bridge)
+    return bridge
+
+
+@pytest.fixture(autouse=True)
+def _close_bridges() -> Any:
+    """Its descriptors (selector, wake-up pipe, sockets it holds) closed, whatever the test did."""
+    yield
+    while _made:
+        _made.pop().forget_after_fork()
 
 
 def _through_the_door(bridge: Any, client: Any) -> Any:
