@@ -163,9 +163,15 @@ class CoreMachine(RuleBasedStateMachine):
         retries=st.sampled_from([0, 0, 1, 2, -1]),
         hedge=st.booleans(),
         priority=st.sampled_from([None, 0, 1, 2]),
+        single=st.sampled_from([True, True, False]),
     )
-    def submit(self, model: str, stream: bool, timeout: Any, retries: int, hedge: bool, priority: Any) -> None:
-        call = Call(self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries, priority=priority)
+    def submit(
+        self, model: str, stream: bool, timeout: Any, retries: int, hedge: bool, priority: Any, single: bool
+    ) -> None:
+        call = Call(
+            self.next_call, model, payload=b"x", stream=stream, timeout=timeout, retries=retries, priority=priority,
+            single=single,
+        )
         call.hedge = 1 if hedge and not stream else 0
         self.next_call += 1
         pred = self.core.predicted_wait(model, priority or 0, self.now)
@@ -181,6 +187,17 @@ class CoreMachine(RuleBasedStateMachine):
             return
         except (HubClosedError, NoWorkersError):
             return
+        except TypeError:
+            # Refused at once: it does not fit the batches of its model's
+            # workers; nothing of it is kept.
+            m = self.core.models[model]
+            assert (stream or not single) and any(w.batch_size > 1 for w in m.workers.values())
+            assert call.id not in self.core.calls and len(self.core.calls) == n_calls and not call.queued
+            return
+        m = self.core.models[model]
+        assert not ((stream or not single) and any(w.batch_size > 1 for w in m.workers.values())), (
+            "a call that does not fit its model's batches was taken"
+        )
         final = call.final_deadline
         if pred is not None and final is not None:
             assert pred[1] < final - self.now and pred[0] <= self.core.queue_share * (final - self.now - pred[1]), (

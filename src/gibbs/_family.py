@@ -62,7 +62,7 @@ class RouterRole:
                 models[name] = {
                     "class": m.cls,
                     "workers": n,
-                    "batched": name in self._b._batched_models,
+                    "batched": m.batched,
                     "queued": len(m.queue),
                 }
         return protocol.pack_json(protocol.POOL, {"models": models})
@@ -90,22 +90,19 @@ class RouterRole:
                     if cid in calls:
                         raise ProtocolError(f"call id {cid} forwarded twice")
                     stream = bool(flags & protocol.FWD_STREAM)
-                    call = Call(self._b._next_id, model, Forwarded(payload, rid, trace), ClientSink(peer, cid), stream)
+                    call = Call(
+                        self._b._next_id, model, Forwarded(payload, rid, trace), ClientSink(peer, cid), stream,
+                        single=bool(flags & protocol.FWD_SINGLE),
+                    )
                     if flags >> protocol.FWD_PRIORITY_SHIFT:
                         call.priority = min(flags >> protocol.FWD_PRIORITY_SHIFT, PRIORITIES[-1])
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._b._next_id += 1
                     err: Optional[BaseException] = None
-                    if model in self._b._batched_models and (stream or not flags & protocol.FWD_SINGLE):
-                        err = TypeError(
-                            f"model {model!r} is batched: a request takes exactly one positional argument and "
-                            "no keyword arguments, and cannot be streamed"
-                        )
-                    else:
-                        try:
-                            actions = core.submit(call, now)
-                        except Exception as exc:  # noqa: BLE001 - the caller's to see
-                            err = exc
+                    try:
+                        actions = core.submit(call, now)
+                    except Exception as exc:  # noqa: BLE001 - the caller's to see (a batched model's refusal too)
+                        err = exc
                     if err is not None:
                         peer.out.extend(protocol.pack_frame(protocol.EXC, cid, exc_to_json(err)))
                         continue
@@ -234,7 +231,7 @@ class ClientRole:
         peer.reader = reader
         self._b._selector.register(sock, selectors.EVENT_READ, peer)
         try:
-            self.router_frames(peer, frames)  # the pool first: is_batched() is right before any call goes
+            self.router_frames(peer, frames)  # the pool first: wait_for_workers and models() are right at once
         except ProtocolError as exc:
             logger.warning("gibbs hub: the router hub sent a bad frame (%s); looking again", exc)
             try:
@@ -288,11 +285,6 @@ class ClientRole:
                     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
                         raise ProtocolError("malformed POOL")
                     self._b._pool_info = dict(models)
-                    for name, v in self._b._pool_info.items():
-                        if v.get("batched"):
-                            self._b._batched_models.add(name)
-                        else:
-                            self._b._batched_models.discard(name)
                     changed = True
                 elif kind != protocol.HEARTBEAT:
                     raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from the router hub")

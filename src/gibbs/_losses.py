@@ -120,7 +120,6 @@ class Losses:
                 rids = ",".join(self._b.request_id(c) for c in peer.info.held.values()) or None
                 logger.warning("gibbs hub: lost %s: %s", peer.describe(), reason, extra=logs.peer(peer, rids))
             self._b._apply_locked(self._core.worker_lost(peer, reason, time.monotonic()))
-            self._b._refresh_batched_locked(peer.info.model)
             self._b._router_role.broadcast_pool_locked()
         if peer.shm:
             # The worker's segments: answers it never sent, and its pool.

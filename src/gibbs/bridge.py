@@ -157,7 +157,6 @@ class Bridge:
         )
         self._next_id = 1
         self.request_ids = protocol.request_id_prefix()  # a call's request id is this + its id, unless given
-        self._batched_models: set[str] = set()  # read without the lock (a hint for callers)
         # --- the two roles of a hub in a family of processes (owned by _lock)
         # Router: the hub that holds the address; workers and client hubs connect to it.
         self._clients: dict[int, Peer] = {}  # fd -> client hub routing through us
@@ -234,9 +233,6 @@ class Bridge:
         with self._lock:
             self._core._model(model).hedge = on
 
-    def is_batched(self, model: str) -> bool:
-        return model in self._batched_models
-
 
     def submit(
         self,
@@ -259,7 +255,10 @@ class Bridge:
         with self._lock:
             if self._crashed is not None:
                 raise GibbsError("the hub's bridge thread stopped unexpectedly") from self._crashed
-            call = Call(self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries, priority=priority)
+            call = Call(
+                self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries, priority=priority,
+                single=bool(payload.flags & protocol.FWD_SINGLE),
+            )
             if hedge and not stream:
                 call.hedge = 1
             self._next_id += 1
@@ -935,7 +934,6 @@ class Bridge:
                     self._joined_pids.add(peer.pid)
                 if hello.token:
                     self._joined_tokens.add(hello.token)
-                self._refresh_batched_locked(model)
                 self._router_role.broadcast_pool_locked()
         if peer.gone:
             try:
@@ -978,14 +976,6 @@ class Bridge:
     def shared_memory(self) -> dict[str, Any]:
         return self._loans.snapshot()
 
-    def _refresh_batched_locked(self, model: str) -> None:
-        """Whether calls to ``model`` must be batchable: while a batched
-        worker serves it (a name may change hands once its workers left)."""
-        m = self._core.models.get(model)
-        if m is not None and any(w.batch_size > 1 for w in m.workers.values()):
-            self._batched_models.add(model)
-        else:
-            self._batched_models.discard(model)
 
     # ================================================================ family of hubs (see _family.py)
 

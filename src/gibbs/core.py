@@ -209,7 +209,7 @@ class Call:
         "id", "model", "payload", "sink", "state", "holders",
         "attempts", "failures", "queued_at", "stream", "delivered", "t0", "dispatched",
         "timeout", "retries", "deadline", "windows", "origin", "hedge", "sent_at",
-        "priority", "mark",
+        "priority", "mark", "single",
     )
 
     def __init__(
@@ -223,12 +223,16 @@ class Call:
         timeout: Optional[float] = None,
         retries: int = 0,
         priority: Optional[int] = None,
+        single: bool = True,
     ) -> None:
         self.id = call_id
         self.model = model
         self.payload = payload
         self.sink = sink
         self.state = CallState.NEW
+        # One positional argument and no keyword: fit for a batched model
+        # (whose model is called with a list of them).
+        self.single = single
         # Workers holding an attempt: a tuple, empty (shared) while queued,
         # so that a queued call costs no list of its own.
         self.holders: tuple[Hashable, ...] = ()
@@ -383,6 +387,12 @@ class _Model:
             if not w.leaving:
                 return False
         return True
+
+    @property
+    def batched(self) -> bool:
+        """Whether its workers batch (they all do, or none: ``worker_joined``
+        refuses the other kind)."""
+        return any(w.batch_size > 1 for w in self.workers.values())
 
 
 def _without(holders: tuple[Hashable, ...], worker_id: Hashable) -> tuple[Hashable, ...]:
@@ -600,7 +610,8 @@ class Core:
 
     def submit(self, call: Call, now: float = 0.0) -> list[Action]:
         """A caller's new call. Raises (and stores nothing) when the hub is
-        closing, the queue is full, or the model is known to be unavailable."""
+        closing, the queue is full, the model is known to be unavailable, or
+        its workers batch and the call does not fit a batch (TypeError)."""
         if self.closing:
             raise HubClosedError("the hub is closed")
         model = self._model(call.model)
@@ -608,6 +619,11 @@ class Core:
             err = NoWorkersError(str(model.unavailable))
             err.__cause__ = model.unavailable.__cause__
             raise err
+        if (call.stream or not call.single) and model.batched:
+            raise TypeError(
+                f"model {call.model!r} is batched: a request takes exactly one positional argument and no "
+                "keyword arguments, and cannot be streamed"
+            )
         if call.priority is None:
             call.priority = self.default_priorities.get(call.model, 0)
         prio = call.priority

@@ -527,14 +527,7 @@ class Hub:
             model = DEFAULT_MODEL
         elif not isinstance(model, str) or not model:
             raise TypeError(f"gibbs_model must be a non-empty str, got {model!r}")
-        batched = bridge.is_batched(model)
-        if stream and batched:
-            raise TypeError(f"model {model!r} is batched: its requests cannot be streamed")
-        if batched and (len(args) != 1 or kwargs):
-            raise TypeError(
-                f"model {model!r} is batched: a request takes exactly one positional argument and no "
-                f"keyword arguments (got {len(args)} positional, {sorted(kwargs) or 'no'} keyword)"
-            )
+        # (whether the call fits a batched model is the core's to say, at submit)
         payload = self._encode(args, kwargs, bridge.role == "router")
         if len(args) == 1 and not kwargs:
             payload.flags = protocol.FWD_SINGLE
