@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import logs, protocol
+from ._peers import Peer
 from .core import DEFAULT_MODEL
 from .errors import ProtocolError
 from .records import Hello, InitFailed, Loading
@@ -369,6 +370,21 @@ class Door:
     def _count_loading_locked(self, model: str) -> None:
         n = sum(1 for e in self.loading_workers.values() if e["model"] == model)
         self._b._apply_locked(self._b._core.workers_loading(model, n, time.monotonic()))
+
+    def refuse_locked(self, peer: Peer, reason: str) -> None:
+        """The core's ``Refuse``: a worker that may not serve its model (say,
+        a second class under one name) is told why, and closed."""
+        logger.error("gibbs hub: refused %s: %s", peer.describe(), reason, extra=logs.peer(peer))
+        self.handshake_failures.append(f"{peer.describe()} refused: {reason}")
+        self.n_handshake_failures += 1
+        try:
+            peer.sock.setblocking(True)
+            peer.sock.settimeout(1.0)
+            peer.sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": reason}))
+        except OSError:
+            pass
+        peer.sock.close()
+        peer.gone = True
 
     def init_failure_of(self, pid: Optional[int]) -> Optional[str]:
         """The constructor failure a local worker (by pid) reported, waiting

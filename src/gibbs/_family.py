@@ -30,7 +30,7 @@ import selectors
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import errors, logs, protocol
 from ._peers import ClientSink, Forwarded, Peer, Relay
@@ -211,6 +211,24 @@ class ClientRole:
         )
         self._b._relays[model] = relay
         self._b._apply_locked(self._core.worker_joined(relay, time.monotonic()))
+
+    def forward_locked(self, relay: Relay, calls: Sequence[Call]) -> Optional[Peer]:
+        """The core's ``Send`` to a relay: FORWARD frames to the router (the
+        call's request id, class and trace context with it). Returns the
+        router's connection to flush, or None when there is none now (the
+        calls come back when it is lost)."""
+        up = self._b._upstream_for_locked(relay)
+        if up is None:
+            return None
+        info = self._b._relays[relay.model]
+        for c in calls:
+            self._b._relay_of[c.id] = info
+            payload = c.payload
+            flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(payload, "flags", 0)
+            flags |= (c.priority or 0) << protocol.FWD_PRIORITY_SHIFT
+            rid = payload.rid or self._b.request_ids + str(c.id)  # the router's calls keep our id
+            up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._b._inline(payload), rid, payload.trace))
+        return up
 
     def install_upstream(
         self, sock: socket.socket, welcome: dict[str, Any], reader: protocol.FrameReader, frames: list[Any]

@@ -398,18 +398,9 @@ class Bridge:
         for action in actions:
             if type(action) is Send:
                 if type(action.worker) is Relay:
-                    up = self._upstream_for_locked(action.worker)
+                    up = self._client_role.forward_locked(action.worker, action.calls)
                     if up is None:
                         continue
-                    relay = self._relays[action.worker.model]
-                    for c in action.calls:
-                        self._relay_of[c.id] = relay
-                        flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(c.payload, "flags", 0)
-                        flags |= (c.priority or 0) << protocol.FWD_PRIORITY_SHIFT
-                        rid = c.payload.rid or self.request_ids + str(c.id)  # the router's calls keep our id
-                        up.out.extend(
-                            protocol.pack_forward(c.id, c.model, flags, self._inline(c.payload), rid, c.payload.trace)
-                        )
                     peer = up
                     if touched is None:
                         touched = [peer]
@@ -497,18 +488,7 @@ class Bridge:
                 elif peer not in touched:
                     touched.append(peer)
             elif type(action) is Refuse:
-                peer = action.worker  # type: ignore[assignment]
-                logger.error("gibbs hub: refused %s: %s", peer.describe(), action.reason, extra=logs.peer(peer))
-                self._door.handshake_failures.append(f"{peer.describe()} refused: {action.reason}")
-                self._door.n_handshake_failures += 1
-                try:
-                    peer.sock.setblocking(True)
-                    peer.sock.settimeout(1.0)
-                    peer.sock.sendall(protocol.pack_json(protocol.REFUSED, {"reason": action.reason}))
-                except OSError:
-                    pass
-                peer.sock.close()
-                peer.gone = True
+                self._door.refuse_locked(action.worker, action.reason)  # type: ignore[arg-type]
             elif type(action) is Drop:
                 # The bridge thread closes it (the selector is its own).
                 self._drops.append((action.worker, action.reason))  # type: ignore[arg-type]
