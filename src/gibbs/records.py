@@ -148,6 +148,16 @@ class Hello:
         )
 
 
+def _worker_of(o: dict[str, Any], what: str) -> dict[str, Any]:
+    """The fields that say which worker reports (LOADING, INIT_FAILED)."""
+    return {
+        "pid": _int(o, what, "pid", None, 1, MAX_PID),
+        "host": _str(o, what, "host", "?"),
+        "name": _str(o, what, "name", "worker"),
+        "model": _opt_str(o, what, "model") or "",
+    }
+
+
 @dataclass(frozen=True)
 class Loading:
     """A worker building its model (LOADING): listed until its connection closes."""
@@ -162,13 +172,7 @@ class Loading:
     def from_wire(cls, obj: Any) -> "Loading":
         what = "LOADING"
         o = _obj(obj, what)
-        return cls(
-            pid=_int(o, what, "pid", None, 1, MAX_PID),
-            host=_str(o, what, "host", "?"),
-            name=_str(o, what, "name", "worker"),
-            model=_opt_str(o, what, "model") or "",
-            device=_opt_str(o, what, "device") or None,
-        )
+        return cls(**_worker_of(o, what), device=_opt_str(o, what, "device") or None)
 
 
 @dataclass(frozen=True)
@@ -189,10 +193,7 @@ class InitFailed:
         what = "INIT_FAILED"
         o = _obj(obj, what)
         return cls(
-            pid=_int(o, what, "pid", None, 1, MAX_PID),
-            host=_str(o, what, "host", "?"),
-            name=_str(o, what, "name", "worker"),
-            model=_opt_str(o, what, "model") or "",
+            **_worker_of(o, what),
             exc_type=_str(o, what, "exc_type", "", MAX_TEXT),
             message=_str(o, what, "message", "", MAX_TEXT),
             traceback=_str(o, what, "traceback", "", MAX_TEXT),
