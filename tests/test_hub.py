@@ -8,9 +8,10 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
-from conftest import run
+from conftest import run, wait_until
 from gibbs_test_models import Echo, Pid, Raises, Square
 
 from gibbs import Hub, HubClosedError, NoWorkersError, UserCodeException
@@ -130,6 +131,77 @@ def test_submit_futures_behave_as_concurrent_futures(hub, make_workers) -> None:
         i * i for i in range(10)
     ]
     assert queued.result(timeout=30) == 1
+
+
+def test_a_thread_blocked_on_result_settles_its_own_future(hub, make_workers, monkeypatch) -> None:
+    """The answer of a submit() that a thread waits on goes to that thread,
+    which unpickles it and settles the future: the delivery thread is not
+    woken in between. Done-callbacks added while it waits still run on the
+    delivery thread; errors and cancellation arrive as usual; a timeout is
+    waited once, not twice."""
+    from gibbs_test_models import Raises, Sleep
+
+    import gibbs._delivery as delivery
+
+    unwrapped_in: list[str] = []
+    ran_in: list[str] = []
+    unwrap = delivery._unwrap
+    late_callback: list[concurrent.futures.Future[Any]] = []
+
+    def note(f: Any) -> None:
+        ran_in.append(threading.current_thread().name)
+
+    def spy(outcome: Any) -> Any:
+        unwrapped_in.append(threading.current_thread().name)
+        if late_callback:  # added after the bridge handed the outcome over, before it settles
+            late_callback.pop().add_done_callback(note)
+        return unwrap(outcome)
+
+    monkeypatch.setattr(delivery, "_unwrap", spy)
+    make_workers(hub, Sleep, 2)
+    hub.wait_for_workers_sync(2, timeout=30)
+    assert hub.submit(0, "warm").result(timeout=30) == "warm"
+    waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="waiter")
+
+    def blocked(fut: Any) -> Any:
+        got = waiter.submit(fut.result, 30)
+        assert wait_until(lambda: fut._gibbs_waiting == 1, timeout=10)
+        return got.result(timeout=30)
+
+    unwrapped_in.clear()
+    assert blocked(hub.submit(0.3, "late")) == "late"
+    assert unwrapped_in == ["waiter_0"]  # not the delivery thread
+
+    fut = hub.submit(0.3, "raced")
+    late_callback.append(fut)
+    assert blocked(fut) == "raced"
+    assert wait_until(lambda: ran_in == ["gibbs-deliver"], timeout=10), ran_in
+    fut.add_done_callback(note)
+    assert ran_in[-1] == threading.current_thread().name  # done: runs at once, here
+
+    ran_in.clear()
+    unwrapped_in.clear()
+    fut = hub.submit(0.3, "called back")
+    fut.add_done_callback(note)  # before it is waited on: the delivery thread settles it
+    assert blocked(fut) == "called back"
+    assert unwrapped_in == ["gibbs-deliver"] and ran_in == ["gibbs-deliver"]
+    waiter.shutdown()
+
+    t0 = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        hub.submit(3.0).result(timeout=0.5)
+    assert time.monotonic() - t0 < 0.95  # once, not twice
+
+    make_workers(hub, Raises, 1, gibbs_model="raises")
+    hub.wait_for_workers_sync(1, timeout=30, model="raises")
+    with pytest.raises(UserCodeException, match="bad input"):
+        hub.submit("boom", gibbs_model="raises").result(timeout=30)
+    slow = hub.submit(5.0)  # cancelled while a thread waits on it
+    canceller = threading.Timer(0.3, slow.cancel)
+    canceller.start()
+    with pytest.raises(concurrent.futures.CancelledError):
+        slow.result(timeout=30)
+    canceller.join()
 
 
 def test_workers_started_before_the_hub_exists(make_hub, make_workers) -> None:

@@ -6,7 +6,9 @@ outcome into the caller's value or exception.
   loop that reads the worker sockets itself); the result is unpickled
   there, by the caller;
 * ``submit()``'s future (:class:`_SubmitFuture`: no Condition until someone
-  waits), resolved on the bridge's delivery thread, where its callbacks run;
+  waits), resolved on the bridge's delivery thread, where its callbacks run,
+  or by the thread blocked in its ``result()`` when it has none (one
+  thread woken, not two);
 * a stream's sinks (:class:`_AsyncStream`, :class:`StreamIterator`), which
   credit the worker as their consumer takes items.
 
@@ -35,6 +37,8 @@ from .errors import (
 )
 
 _PENDING = concurrent.futures._base.PENDING
+_FINISHED = concurrent.futures._base.FINISHED
+_WAITING = (_PENDING, concurrent.futures._base.RUNNING)  # not yet settled
 _CONDITION_LOCK = threading.Lock()
 
 #: A stream's consumer credits the worker every this many items (half the window).
@@ -48,6 +52,8 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     _gibbs_bridge: Optional[Bridge] = None
     _gibbs_call: Optional[Call] = None
+    _gibbs_waiting = 0  # threads blocked in result() or exception() (under the Condition)
+    _gibbs_raw: Optional[Outcome] = None  # the outcome handed to one of them, still pickled
 
     def __init__(self) -> None:  # noqa: D107 - Future.__init__ but its Condition
         # A Condition (with its lock, deque and bound methods) is most of a
@@ -80,12 +86,52 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def result(self, timeout: Optional[float] = None) -> Any:
         if not self.done():
             self._gibbs_blocking()
+            self._gibbs_wait(timeout)
+            return super().result(0)  # done, or the time is up
         return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         if not self.done():
             self._gibbs_blocking()
+            self._gibbs_wait(timeout)
+            return super().exception(0)
         return super().exception(timeout)
+
+    def _gibbs_wait(self, timeout: Optional[float]) -> None:
+        """Wait for the outcome; when the bridge hands it to this waiting
+        thread (see :func:`_offer_sync`), unpickle it and settle the future
+        here: the delivery thread is not woken in between. Done-callbacks
+        added meanwhile still run on the delivery thread."""
+        cond = self._condition
+        with cond:
+            self._gibbs_waiting += 1
+            try:
+                cond.wait_for(lambda: self._state not in _WAITING or self._gibbs_raw is not None, timeout)
+            finally:
+                self._gibbs_waiting -= 1
+            raw, self._gibbs_raw = self._gibbs_raw, None
+        if raw is None:
+            return  # settled elsewhere, cancelled, or the time is up
+        value: Any = None
+        error: Optional[BaseException] = None
+        try:
+            value = _unwrap(raw)
+        except BaseException as exc:  # noqa: BLE001 - the caller's to see
+            error = exc
+        with cond:
+            if self._state not in _WAITING:
+                return  # cancelled meanwhile
+            self._result, self._exception = value, error
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                if error is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            cond.notify_all()
+            callbacks = list(self._done_callbacks)
+        if callbacks and self._gibbs_bridge is not None:
+            self._gibbs_bridge.run_on_delivery(self._invoke_callbacks)  # type: ignore[attr-defined]
 
     def _gibbs_blocking(self) -> None:
         """About to block: if this thread runs the loop that reads the
@@ -140,6 +186,21 @@ def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
             loop.call_soon_threadsafe(_resolve_batch, batch)
         except RuntimeError:  # the loop is closed: nobody is waiting
             pass
+
+
+def _offer_sync(call: Call, outcome: Outcome) -> bool:
+    """Runs in the hand-over, outside the bridge's lock: a ``submit()``
+    future that a thread is blocked on, with no done-callbacks, takes its
+    outcome to that thread (True); else it goes to the delivery thread."""
+    sink = call.sink
+    if type(sink) is not _SubmitFuture or not sink._gibbs_waiting:
+        return False
+    with sink._condition:
+        if not sink._gibbs_waiting or sink._done_callbacks or sink._state is not _PENDING:
+            return False
+        sink._gibbs_raw = outcome
+        sink._condition.notify_all()
+    return True
 
 
 def _deliver_sync(call: Call, outcome: Outcome) -> None:

@@ -102,6 +102,7 @@ class Bridge:
         shm_probe: Optional[dict[str, str]],
         deliver_async: Callable[[list[tuple[Call, Outcome]]], None],
         deliver_sync: Callable[[Call, Outcome], None],
+        offer_sync: Callable[[Call, Outcome], bool] = lambda call, outcome: False,
         local_workers: Callable[[], list[LocalWorker]] = lambda: [],
         mappings: Optional[protocol.MappingCache] = None,
         authkey_explicit: bool = True,
@@ -120,6 +121,7 @@ class Bridge:
         self._shm_probe = shm_probe
         self._deliver_async = deliver_async
         self._deliver_sync = deliver_sync
+        self._offer_sync = offer_sync
         self._local_workers = local_workers
         self._maps = mappings or protocol.MappingCache()  # whichever thread reads the workers (own lock)
         self._wakeup = Wakeup()  # any thread wakes the bridge thread's select
@@ -192,7 +194,7 @@ class Bridge:
         self.begin_close = self._closing.begin
         self.forget_after_fork = self._closing.forget_after_fork
         self._thread = threading.Thread(target=self._run, name="gibbs-bridge", daemon=True)
-        self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Call, Outcome]]]"] = None
+        self._sync_queue: Optional["queue.SimpleQueue[Optional[tuple[Optional[Call], Any]]]"] = None
         self._handing = 0  # hand-overs putting outcomes on _sync_queue now (owned by _lock)
         self._sync_stopped = False  # the delivery thread was told to stop (owned by _lock)
         self._sync_thread: Optional[threading.Thread] = None
@@ -543,30 +545,51 @@ class Bridge:
         if len(sync) != len(items):
             self._deliver_async([it for it in items if hasattr(it[0].sink, "get_loop")])
         if sync:
+            # A blocking ``result()`` takes its outcome from here and settles
+            # the future itself: no wake-up of the delivery thread between.
+            offer = self._offer_sync
+            rest: list[tuple[Optional[Call], Any]] = [it for it in sync if not offer(*it)]
+            if rest and not self._to_delivery(rest):
+                for c, o in rest:  # the delivery thread has ended (closing): here, then
+                    assert c is not None
+                    self._deliver_sync(c, o)
+
+    def run_on_delivery(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the delivery thread (done-callbacks of a future a
+        blocked caller settled itself); here when that thread has ended."""
+        if not self._to_delivery([(None, fn)]):
+            fn()
+
+    def _to_delivery(self, items: list[tuple[Optional[Call], Any]]) -> bool:
+        """Queue items for the delivery thread (started on first use).
+        False when it was told to stop: nothing queued."""
+        with self._lock:
+            if self._sync_stopped:
+                return False
+            q = self._sync_queue
+            if q is None:
+                q = self._sync_queue = queue.SimpleQueue()
+                self._sync_thread = threading.Thread(
+                    target=self._sync_loop, args=(q,), name="gibbs-deliver", daemon=True
+                )
+                self._sync_thread.start()
+            self._handing += 1
+        try:
+            for it in items:
+                q.put(it)
+        finally:
+            # The delivery thread stops after the last outcome: whoever
+            # is last, this hand-over or the bridge thread closing, says
+            # so (a stop put while another thread still puts outcomes
+            # would strand them; none put would leave it waiting).
             with self._lock:
-                q = self._sync_queue
-                if q is None:
-                    q = self._sync_queue = queue.SimpleQueue()
-                    self._sync_thread = threading.Thread(
-                        target=self._sync_loop, args=(q,), name="gibbs-deliver", daemon=True
-                    )
-                    self._sync_thread.start()
-                self._handing += 1
-            try:
-                for it in sync:
-                    q.put(it)
-            finally:
-                # The delivery thread stops after the last outcome: whoever
-                # is last, this hand-over or the bridge thread closing, says
-                # so (a stop put while another thread still puts outcomes
-                # would strand them; none put would leave it waiting).
-                with self._lock:
-                    self._handing -= 1
-                    last = self._closed and not self._handing and not self._sync_stopped
-                    if last:
-                        self._sync_stopped = True
+                self._handing -= 1
+                last = self._closed and not self._handing and not self._sync_stopped
                 if last:
-                    q.put(None)
+                    self._sync_stopped = True
+            if last:
+                q.put(None)
+        return True
 
     def _explain(self, model: str) -> Optional[str]:
         """Why no worker of ``model`` is there, as the hub explains it."""
@@ -577,22 +600,28 @@ class Bridge:
                 text = source(model)
         return text
 
-    def _sync_loop(self, q: "queue.SimpleQueue[Optional[tuple[Call, Outcome]]]") -> None:
+    def _sync_loop(self, q: "queue.SimpleQueue[Optional[tuple[Optional[Call], Any]]]") -> None:
         """Resolves ``concurrent.futures`` callers: their done-callbacks (user
         code) run here, never on the bridge thread nor under its lock."""
         while True:
             item = q.get()
             if item is None:
                 return
+            call: Optional[Call] = item[0]
             try:
-                self._deliver_sync(*item)
+                if call is None:
+                    item[1]()
+                else:
+                    self._deliver_sync(call, item[1])
             except BaseException:  # noqa: BLE001 - a callback's error is the caller's
-                call = item[0]
-                logger.exception("gibbs hub: delivering a result failed",
-                                 extra=logs.fields(call.model, None, self.request_id(call)))
+                if call is None:
+                    logger.exception("gibbs hub: a done-callback failed")
+                else:
+                    logger.exception("gibbs hub: delivering a result failed",
+                                     extra=logs.fields(call.model, None, self.request_id(call)))
             # Hold nothing while waiting: an answer lent from a worker's
             # shared memory goes back when its caller frees it, not later.
-            del item
+            del item, call
 
     def _flush_locked(self, peer: Peer) -> None:
         out = peer.out
