@@ -164,11 +164,11 @@ def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, ski
         ls = res.get(f"LitServe /{model}")
         if g and ip:
             ratio = _cell(g, "rps") / _cell(ip, "rps")
-            target = " (target ≥ 0.8×: " + ("met" if ratio >= 0.8 else "missed") + ")" if model == "trivial" else ""
+            target = " (target ≥ 0.9×: " + ("met" if ratio >= 0.9 else "missed") + ")" if model == "trivial" else ""
             lines.append(f"* {model}: FastAPI + gibbs at {ratio:.2f}× FastAPI in process{target}.")
         if g and ls:
             ratio = _cell(g, "rps") / _cell(ls, "rps")
-            target = " (target ≥ 2×: " + ("met" if ratio >= 2 else "missed") + ")" if model == "trivial" else ""
+            target = " (target ≥ 3×: " + ("met" if ratio >= 3 else "missed") + ")" if model == "trivial" else ""
             lines.append(f"* {model}: FastAPI + gibbs at {ratio:.2f}× LitServe{target}.")
     fl = res.get("FastAPI + asyncio floor /trivial")
     ipt = res.get("FastAPI in process /trivial")
@@ -179,6 +179,13 @@ def report(res: dict[str, list[dict[str, float]]], args: argparse.Namespace, ski
             "FastAPI in process: the cost of any request that leaves the process, without gibbs's queue, "
             "scheduling and bookkeeping."
         )
+        g = res.get("FastAPI + gibbs /trivial")
+        if g:
+            lines.append(
+                f"* trivial: FastAPI + gibbs at {_cell(g, 'rps') / _cell(fl, 'rps'):.2f}× FastAPI + asyncio floor: "
+                "what is left to gain in gibbs itself (a target above the floor's ratio to in process is out of "
+                "reach of any design that runs the model in another process)."
+            )
     for why in skipped:
         lines.append(f"* {why}")
     per_run = "; ".join(f"{k}: " + ", ".join(f"{r['rps']:,.0f}" for r in v) for k, v in res.items())
