@@ -61,7 +61,7 @@ class Config:
     def make(cls, quick: bool, repeat: Optional[int]) -> "Config":
         if quick:
             r = repeat or 2
-            return cls(True, r, 300, 150, 3000, 1500, 2, 20_000, 1000, 20_000, 1,
+            return cls(True, r, 300, 150, 3000, 1500, 2, 5_000, 1000, 5_000, 1,
                        batch_seq=150, batch_tp_u=500, batch_tp_b=4000,
                        fw_repeat=1, fw_seq=100, fw_tp_u=300, fw_tp_b=1000, ray=False)
         r = repeat or 5
