@@ -36,6 +36,16 @@ class A:
         return self.hub.submit(x, gibbs_model="b").result()
 
 
+class AsyncA:
+    """A as an async model: its sub-call awaited on the worker's event loop."""
+
+    def __init__(self) -> None:
+        self.hub = Hub()
+
+    async def __call__(self, x: Any) -> Any:
+        return await self.hub.request(x, gibbs_model="b")
+
+
 async def _measure(hub: Hub, model: str, n: int) -> list[float]:
     for _ in range(50):  # warm up (connections, the client hub inside A)
         await hub.request(0, gibbs_model=model)
@@ -50,17 +60,22 @@ async def _measure(hub: Hub, model: str, n: int) -> list[float]:
 async def main_async(n: int) -> dict[str, Any]:
     hub = Hub(port=0)
     hub.start()
-    workers = [Worker(B, gibbs_port=hub.port, gibbs_model="b"), Worker(A, gibbs_port=hub.port, gibbs_model="a")]
+    workers = [
+        Worker(B, gibbs_port=hub.port, gibbs_model="b"),
+        Worker(A, gibbs_port=hub.port, gibbs_model="a"),
+        Worker(AsyncA, gibbs_port=hub.port, gibbs_model="async_a"),
+    ]
     for w in workers:
         w.start()
     try:
-        await hub.wait_for_workers(2, timeout=60)
+        await hub.wait_for_workers(3, timeout=60)
         out: dict[str, Any] = {}
-        for label, model in (("direct B", "b"), ("A -> B", "a")):
+        for label, model in (("direct B", "b"), ("A -> B", "a"), ("async A -> B", "async_a")):
             lat = await _measure(hub, model, n)
             out[label] = {"median_us": median(lat) * 1e6, "p99_us": percentile(lat, 99) * 1e6, "calls": n}
         out["ratio"] = out["A -> B"]["median_us"] / out["direct B"]["median_us"]
         out["hop_us"] = out["A -> B"]["median_us"] - out["direct B"]["median_us"]
+        out["async_ratio"] = out["async A -> B"]["median_us"] / out["direct B"]["median_us"]
         return out
     finally:
         hub.close(grace=0)
@@ -80,11 +95,12 @@ def main() -> None:
         print(json.dumps(res))
         return
     print(f"one caller, {ns.calls} sequential calls each")
-    print(f"{'path':10} {'median us':>10} {'p99 us':>10}")
-    for label in ("direct B", "A -> B"):
+    print(f"{'path':14} {'median us':>10} {'p99 us':>10}")
+    for label in ("direct B", "A -> B", "async A -> B"):
         r = res[label]
-        print(f"{label:10} {r['median_us']:>10.0f} {r['p99_us']:>10.0f}")
+        print(f"{label:14} {r['median_us']:>10.0f} {r['p99_us']:>10.0f}")
     print(f"A -> B / direct B: {res['ratio']:.2f}x (the hop: {res['hop_us']:.0f} us)")
+    print(f"async A -> B / direct B: {res['async_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ async def _run(repeat: int) -> dict[str, list[float]]:
         port = _free_port()
         env = dict(os.environ)
         env.pop("GIBBS_HUB", None)
+        env["GIBBS_APP"] = "benchmarks-family"  # the router's process and this one: one application
         router = subprocess.Popen([sys.executable, "-c", ROUTER, str(port)], env=env, stdout=subprocess.PIPE)
         workers: list[Worker] = []
         try:
@@ -106,7 +107,7 @@ async def _run(repeat: int) -> dict[str, list[float]]:
                         w.terminate()
                     for w in dw:
                         w.join(10)
-            async with Hub(port, heartbeat_interval=0.2) as client:
+            async with Hub(port, heartbeat_interval=0.2, app="benchmarks-family") as client:
                 client.start()
                 assert client.role == "client"
                 await client.wait_for_workers(2, timeout=30)

@@ -130,6 +130,41 @@ def test_second_hub_on_the_address_joins_the_first(port: int, hubs: Callable[...
     assert client.submit(9).result(10) == 81  # threads too
 
 
+async def _reads_its_router(client: Hub) -> bool:
+    """Whether the client's event loop reads its router's socket itself (an
+    answer reaches its caller with no thread hop)."""
+    bridge = client._bridge
+    assert bridge is not None
+    for _ in range(500):
+        if bridge.loop_reads() == 1:
+            return True
+        await client.request(0)
+        await asyncio.sleep(0.01)
+    return False
+
+
+def test_a_client_hubs_event_loop_reads_its_router_itself(port: int, hubs: Callable[..., Hub], workers: Any) -> None:
+    from gibbs_test_models import Square
+
+    router = hubs(port)
+    client = hubs(port)
+    workers(port, Square, 2)
+    client.wait_for_workers_sync(2, timeout=20)
+
+    async def go() -> list[Any]:
+        assert await _reads_its_router(client)
+        return await asyncio.gather(*(client.request(i) for i in range(200)))
+
+    assert run(go()) == [i * i for i in range(200)]
+    bridge = client._bridge
+    assert bridge is not None
+    # Its loop closed: the bridge thread reads the router again, and
+    # callers without a loop are answered.
+    assert wait_until(lambda: bridge.loop_reads() == 0, timeout=10)
+    assert client.submit(7).result(10) == 49
+    assert router.statistics()["completed"] >= 201
+
+
 def test_errors_cross_the_router(port: int, hubs: Callable[..., Hub], workers: Any) -> None:
     from gibbs_test_models import BatchModel, Killer, Raises
 
@@ -312,6 +347,7 @@ def test_router_killed_a_client_takes_over_and_nothing_is_lost(
     client.wait_for_workers_sync(4, timeout=20)
 
     async def go() -> tuple[list[Any], float]:
+        assert await _reads_its_router(client)  # the router is lost while the loop reads it
         calls = [asyncio.ensure_future(client.request(i)) for i in range(12)]
         await asyncio.sleep(0.1)
         killed = time.monotonic()

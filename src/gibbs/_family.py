@@ -263,6 +263,8 @@ class ClientRole:
             self._b._upstream = peer
             for model in list(self._core.models):
                 self.add_relay_locked(model)
+            if self._b._loops.loop is not None:
+                self._b._loops.changed = True  # the home loop reads it
         logger.info("gibbs hub: routing through %s", peer.describe())
         if self._b._outcomes:
             self._b._hand_over()
@@ -318,10 +320,18 @@ class ClientRole:
         peer = self._b._upstream
         if peer is None or peer.gone:
             return
+        if peer.owner is not None:
+            self._b._loops.reclaim(peer)  # the event loop that read it lets go
         peer.gone = True
         try:
             self._b._selector.unregister(peer.sock)
         except (KeyError, ValueError):
+            pass
+        try:
+            # The loop may still hold a duplicate of the descriptor for a
+            # moment: make the end reach the router now.
+            peer.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass
         peer.sock.close()
         now = time.monotonic()

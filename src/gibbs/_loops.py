@@ -1,5 +1,5 @@
 """Loop reads: the event loop that makes the asyncio requests reads the
-worker sockets itself.
+worker sockets itself (in a client hub, its router's socket).
 
 When one event loop makes a hub's asyncio requests, it watches the worker
 sockets (``add_reader`` on a duplicate of each descriptor) and reads the
@@ -89,7 +89,7 @@ class LoopReads:
         if self.loop is loop or self.off:
             return
         with self._lock:
-            if self.loop is loop or self.off or self._core.closing or self._b._client_mode:
+            if self.loop is loop or self.off or self._core.closing:
                 return
             old = self.loop
             if old is not None and old.is_running() and not old.is_closed():
@@ -116,11 +116,10 @@ class LoopReads:
                 self._b._wake_locked()
 
     def loop_reads(self) -> int:
-        """How many worker sockets an event loop reads now (the rest: the
-        bridge thread)."""
+        """How many sockets (workers', our router's) an event loop reads now
+        (the rest: the bridge thread)."""
         with self._lock:
-            peers = list(self._b._peers.values())
-        return sum(1 for p in peers if p.owner is not None and not p.gone)
+            return len(self._owned_locked())
 
     def sync(self) -> None:
         """Bridge thread: attach the worker sockets to the home loop, or take
@@ -132,7 +131,7 @@ class LoopReads:
                 home = self.loop = None  # it stopped: the next request makes a loop home again
             if self.off or self._core.closing:
                 home = self.loop = None
-            peers = [p for p in self._b._peers.values() if p.role == "worker" and not p.gone]
+            peers = self._readable_locked()
         reader = self._reader
         if home is None:
             reader = self._reader = None
@@ -146,6 +145,20 @@ class LoopReads:
                 self.attach(peer, reader)
         if reader is not None and self.loop is not reader.loop:
             self.sync()  # it closed while its sockets were handed over: take back those it has
+
+    def _readable_locked(self) -> list[Peer]:
+        """The sockets a home loop reads: the workers', and our router's
+        (a client hub's answers come from it)."""
+        peers = [p for p in self._b._peers.values() if p.role == "worker" and not p.gone]
+        up = self._b._upstream
+        if up is not None and not up.gone:
+            peers.append(up)
+        return peers
+
+    def _owned_locked(self) -> list[Peer]:
+        return [p for p in self._b._peers.values() if p.owner is not None and not p.gone] + [
+            up for up in (self._b._upstream,) if up is not None and up.owner is not None and not up.gone
+        ]
 
     def attach(self, peer: Peer, reader: _LoopReader) -> None:
         """Bridge thread: from now on ``reader.loop`` reads ``peer``."""
@@ -185,7 +198,12 @@ class LoopReads:
         with peer.rlock:
             mine = peer.owner is att
             try:
-                why = self._b._reader.read_worker(peer, att.reader.buf, att.reader.view) if mine else None
+                if not mine:
+                    why = None
+                elif peer.role == "worker":
+                    why = self._b._reader.read_worker(peer, att.reader.buf, att.reader.view)
+                else:  # our router
+                    why = self._b._reader.read_hub_into(peer, att.reader.buf, att.reader.view)
             except Exception as exc:  # noqa: BLE001 - as in the bridge thread: drop that peer only
                 why = internal_error(peer, exc)
             if mine and why is not None:
@@ -249,14 +267,14 @@ class LoopReads:
         home = self.loop
         if home is None and not self.changed:
             with self._lock:
-                orphans = any(p.owner is not None and not p.gone for p in self._b._peers.values())
+                orphans = bool(self._owned_locked())
             if orphans:  # owned by a loop that is home no more: take them back
                 self.sync()
         if home is not None:
             stuck = home.is_closed() or not home.is_running()
             if not stuck:
                 with self._lock:
-                    owned = [p for p in self._b._peers.values() if p.owner is not None and not p.gone]
+                    owned = self._owned_locked()
                 for peer in owned:
                     if now - peer.last_heard > min(0.5, peer.interval) and has_data(peer.sock):
                         logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "

@@ -184,23 +184,28 @@ class Reader:
 
     def read_hub(self, peer: Peer) -> None:
         """Frames from another hub: a client routing through us, or our router."""
+        why = self.read_hub_into(peer, self.rbuf, self.rview)
+        if why is not None:
+            self._b._losses.drop(peer, why)
+
+    def read_hub_into(self, peer: Peer, buf: bytearray, view: memoryview) -> Optional[str]:
+        """Read and act on what another hub sent; in the bridge thread, or
+        (our router's socket) in the event loop that reads it. Returns why
+        to drop it, if so."""
         try:
-            n = peer.sock.recv_into(self.rbuf)
+            n = peer.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
-            self._b._losses.drop(peer, f"connection error: {exc}")
-            return
+            return f"connection error: {exc}"
         if not n:
-            self._b._losses.drop(peer, "connection closed (end of file)")
-            return
+            return "connection closed (end of file)"
         peer.last_heard = time.monotonic()
         try:
-            frames = peer.reader.feed(self.rview[:n])
+            frames = peer.reader.feed(view[:n])
             why = self.account_buffered(peer) if peer.reader.pending or peer in self.buffered else None
             if why is not None:
-                self._b._losses.drop(peer, why)
-                return
+                return why
             if peer.role == "client":
                 self._b._router_role.client_frames(peer, frames)
             elif peer.role == "observer":
@@ -209,4 +214,5 @@ class Reader:
                 self._b._client_role.router_frames(peer, frames)
         except (ProtocolError, ValueError) as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
-            self._b._losses.drop(peer, f"protocol error: {exc}")
+            return f"protocol error: {exc}"
+        return None
