@@ -153,7 +153,21 @@ def test_composition_benchmark_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
-    assert res["A -> B"]["calls"] == res["direct B"]["calls"] == 100 and res["ratio"] > 1
+    assert res["A -> B"]["calls"] == res["direct B"]["calls"] == res["async A -> B"]["calls"] == 100
+    assert res["ratio"] > 1 and res["async_ratio"] > 1
+
+
+@pytest.mark.timeout(120)
+def test_family_benchmark_runs() -> None:
+    """A router in another process, a client hub here (one application), and
+    the router SIGKILLed under load: the client answers everything."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.family", "--repeat", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "one request, median (us)" in proc.stdout and "64 callers (requests/s)" in proc.stdout
+    assert "all answered" in proc.stdout, proc.stdout
 
 
 @pytest.mark.timeout(120)
