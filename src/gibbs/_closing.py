@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from ._peers import Peer
     from .bridge import Bridge
 
 __all__ = ["Closing"]
@@ -86,10 +87,10 @@ class Closing:
             if not att.closed and not att.loop.is_running():
                 self._b._loops.close_att(att)  # a stopped loop may never run again to close it
         if any(not att.closed for att in self._b._loops.detaching):
-            # Event loops may hold duplicates of worker sockets until they
-            # next run: shut the connections down so that the workers see
-            # their end now.
-            for p in list(self._b._peers.values()):
+            # Event loops may hold duplicates of worker sockets (and of our
+            # router's) until they next run: shut the connections down so
+            # that the other ends see it now.
+            for p in self._readable():
                 try:
                     p.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -121,7 +122,7 @@ class Closing:
         if self._b._upstream is not None:
             socks.append(self._b._upstream.sock)
         socks += self._b._client_role.rendezvous_sockets(self._b._pending_upstream)
-        for p in list(self._b._peers.values()):
+        for p in self._readable():
             att = p.owner
             if att is not None and att.fd is not None:
                 try:
@@ -129,6 +130,11 @@ class Closing:
                 except OSError:
                     pass
         self._close_descriptors(socks)
+
+    def _readable(self) -> list[Peer]:
+        """The peers an event loop may read: the workers, and our router."""
+        up = self._b._upstream
+        return list(self._b._peers.values()) + ([up] if up is not None else [])
 
     def _close_descriptors(self, socks: list[socket.socket]) -> None:
         """Close ``socks``, the listeners, the selector and the wake-up pipe
