@@ -4,10 +4,12 @@ against a direct call of B, in one run.
 ``python -m benchmarks.composition [--calls 2000] [--json]``
 
 B is the identity; A calls B through a plain ``Hub()`` made in its worker
-(a client hub of the hub it serves) and returns B's answer. Sequential
-calls from one caller, medians and p99 of each, and the ratio. The target:
-the hop costs about one more round trip (ratio about 2, since A -> B is the
-caller's round trip plus A's own).
+(a client hub of the hub it serves) and returns B's answer; async A does
+the same from an async model. Sequential calls from one caller, medians and
+p99 of each, and the ratios. The aim: the hop costs about one more round
+trip (ratio about 2). A direct call crosses two process boundaries, one
+through A six (A's call goes through the hub, which schedules B): about 3
+is this design's floor (docs/how-to/composition.md).
 """
 
 from __future__ import annotations
