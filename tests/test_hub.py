@@ -204,6 +204,57 @@ def test_a_thread_blocked_on_result_settles_its_own_future(hub, make_workers, mo
     canceller.join()
 
 
+def test_a_handed_over_answer_is_never_lost_to_cancel_or_an_interrupt(hub, make_workers, monkeypatch) -> None:
+    """Once the bridge hands a blocked thread its answer, cancel() is
+    refused (the call is answered, as on the delivery thread); a waiter
+    interrupted with the answer in hand (KeyboardInterrupt) leaves the
+    settling to the delivery thread; and a future cancelled while queued
+    is seen by concurrent.futures.wait() at once."""
+    from gibbs_test_models import Sleep
+
+    import gibbs._delivery as delivery
+
+    queued = hub.submit(0, "never")  # no worker yet
+    assert queued.cancel()
+    done, _ = concurrent.futures.wait([queued], timeout=5)
+    assert queued in done
+    assert queued.cancel() and queued.cancelled()  # idempotent
+
+    make_workers(hub, Sleep, 1)
+    hub.wait_for_workers_sync(1, timeout=30)
+    unwrap = delivery._unwrap
+    refused: list[bool] = []
+    target: list[Any] = []
+
+    def cancel_meanwhile(outcome: Any) -> Any:
+        if target:
+            refused.append(not target.pop().cancel())
+        return unwrap(outcome)
+
+    monkeypatch.setattr(delivery, "_unwrap", cancel_meanwhile)
+    fut = hub.submit(0.2, "kept")
+    target.append(fut)
+    assert fut.result(timeout=30) == "kept"
+    assert refused == [True]
+
+    settle = delivery._SubmitFuture._gibbs_settle
+    interrupted: list[str] = []
+
+    def interrupt_once(self: Any, raw: Any) -> None:
+        if not interrupted:
+            interrupted.append(threading.current_thread().name)
+            raise KeyboardInterrupt
+        settle(self, raw)
+
+    monkeypatch.setattr(delivery._SubmitFuture, "_gibbs_settle", interrupt_once)
+    fut = hub.submit(0.2, "late")
+    with pytest.raises(KeyboardInterrupt):
+        fut.result(timeout=30)
+    assert interrupted == [threading.current_thread().name]
+    assert wait_until(fut.done, timeout=10)  # the delivery thread settled it
+    assert fut.result(timeout=0) == "late"
+
+
 def test_workers_started_before_the_hub_exists(make_hub, make_workers) -> None:
     import socket
 

@@ -37,8 +37,11 @@ from .errors import (
 )
 
 _PENDING = concurrent.futures._base.PENDING
+_RUNNING = concurrent.futures._base.RUNNING
+_CANCELLED = concurrent.futures._base.CANCELLED
+_CANCELLED_AND_NOTIFIED = concurrent.futures._base.CANCELLED_AND_NOTIFIED
 _FINISHED = concurrent.futures._base.FINISHED
-_WAITING = (_PENDING, concurrent.futures._base.RUNNING)  # not yet settled
+_WAITING = (_PENDING, _RUNNING)  # not yet settled
 _CONDITION_LOCK = threading.Lock()
 
 #: A stream's consumer credits the worker every this many items (half the window).
@@ -78,6 +81,7 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def cancel(self) -> bool:
         if not super().cancel():
             return False
+        _start_or_notify_cancel(self)  # wait() and as_completed() see it at once
         call = self._gibbs_call
         if call is not None and self._gibbs_bridge is not None:
             self._gibbs_bridge.cancel(call)
@@ -99,28 +103,44 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _gibbs_wait(self, timeout: Optional[float]) -> None:
         """Wait for the outcome; when the bridge hands it to this waiting
-        thread (see :func:`_offer_sync`), unpickle it and settle the future
-        here: the delivery thread is not woken in between. Done-callbacks
-        added meanwhile still run on the delivery thread."""
+        thread (see :func:`_offer_sync`: the future is RUNNING from then
+        on, so that ``cancel()`` cannot drop an answer that came), unpickle
+        it and settle the future here: the delivery thread is not woken in
+        between. Done-callbacks, even one added meanwhile, still run on the
+        delivery thread, and so does the settling when this thread is
+        interrupted (KeyboardInterrupt) with the outcome in hand."""
         cond = self._condition
-        with cond:
-            self._gibbs_waiting += 1
-            try:
-                cond.wait_for(lambda: self._state not in _WAITING or self._gibbs_raw is not None, timeout)
-            finally:
-                self._gibbs_waiting -= 1
-            raw, self._gibbs_raw = self._gibbs_raw, None
-        if raw is None:
-            return  # settled elsewhere, cancelled, or the time is up
+        raw: Optional[Outcome] = None
+        try:
+            with cond:
+                self._gibbs_waiting += 1
+                try:
+                    cond.wait_for(lambda: self._state not in _WAITING or self._gibbs_raw is not None, timeout)
+                finally:
+                    self._gibbs_waiting -= 1
+                    raw, self._gibbs_raw = self._gibbs_raw, None
+            if raw is not None:
+                self._gibbs_settle(raw)
+                raw = None
+        except BaseException:
+            bridge = self._gibbs_bridge
+            if raw is not None and bridge is not None:
+                taken = raw
+                bridge.run_on_delivery(lambda: self._gibbs_settle(taken))
+            raise
+
+    def _gibbs_settle(self, raw: Outcome) -> None:
+        """Unpickle the outcome handed over and settle the future with it."""
         value: Any = None
         error: Optional[BaseException] = None
         try:
             value = _unwrap(raw)
         except BaseException as exc:  # noqa: BLE001 - the caller's to see
             error = exc
+        cond = self._condition
         with cond:
-            if self._state not in _WAITING:
-                return  # cancelled meanwhile
+            if self._state is not _RUNNING:
+                return  # settled already (by an interrupted waiter's hand-off)
             self._result, self._exception = value, error
             self._state = _FINISHED
             for waiter in self._waiters:
@@ -129,7 +149,7 @@ class _SubmitFuture(concurrent.futures.Future):  # type: ignore[type-arg]
                 else:
                     waiter.add_exception(self)
             cond.notify_all()
-            callbacks = list(self._done_callbacks)
+            callbacks = bool(self._done_callbacks)
         if callbacks and self._gibbs_bridge is not None:
             self._gibbs_bridge.run_on_delivery(self._invoke_callbacks)  # type: ignore[attr-defined]
 
@@ -188,6 +208,23 @@ def _deliver_async(items: list[tuple[Call, Outcome]]) -> None:
             pass
 
 
+def _start_or_notify_cancel(fut: "concurrent.futures.Future[Any]") -> bool:
+    """``set_running_or_notify_cancel`` that may be called twice, from
+    ``cancel()`` and from the delivery thread, in either order: True when
+    the future was pending (now running: its outcome is to be set)."""
+    with fut._condition:  # type: ignore[attr-defined]
+        state = fut._state  # type: ignore[attr-defined]
+        if state == _CANCELLED:
+            fut._state = _CANCELLED_AND_NOTIFIED  # type: ignore[attr-defined]
+            for waiter in fut._waiters:  # type: ignore[attr-defined]
+                waiter.add_cancelled(fut)
+            return False
+        if state == _PENDING:
+            fut._state = _RUNNING  # type: ignore[attr-defined]
+            return True
+        return False  # told already, or settled by another thread
+
+
 def _offer_sync(call: Call, outcome: Outcome) -> bool:
     """Runs in the hand-over, outside the bridge's lock: a ``submit()``
     future that a thread is blocked on, with no done-callbacks, takes its
@@ -199,6 +236,7 @@ def _offer_sync(call: Call, outcome: Outcome) -> bool:
         if not sink._gibbs_waiting or sink._done_callbacks or sink._state is not _PENDING:
             return False
         sink._gibbs_raw = outcome
+        sink._state = _RUNNING  # answered: cancel() is refused from now on, as on the delivery thread
         sink._condition.notify_all()
     return True
 
@@ -210,7 +248,7 @@ def _deliver_sync(call: Call, outcome: Outcome) -> None:
     if type(sink) is StreamIterator:
         sink._items.put(outcome)
         return
-    if not sink.set_running_or_notify_cancel():
+    if not _start_or_notify_cancel(sink):
         return
     try:
         sink.set_result(_unwrap(outcome))

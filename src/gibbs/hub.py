@@ -837,6 +837,11 @@ class Hub:
     ) -> None:
         """``wait_for_workers`` for code without an event loop (blocks)."""
         bridge = self._ensure_started()
+        if bridge.has_home():  # blocking the loop that reads our sockets: the bridge thread reads them
+            try:
+                bridge.leave_home(asyncio.get_running_loop())
+            except RuntimeError:
+                pass
         changed = threading.Event()
         token = bridge.add_waiter(changed.set)
         deadline = None if timeout is None else time.monotonic() + timeout
