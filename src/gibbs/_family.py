@@ -308,8 +308,9 @@ class ClientRole:
                     changed = True
                 elif kind != protocol.HEARTBEAT:
                     raise ProtocolError(f"unexpected {protocol.KIND_NAMES.get(kind)} from the router hub")
-        if self._b._outcomes:
-            self._b._hand_over()
+        # The outcomes go to their callers once the reader lets go of the
+        # socket: the bridge thread at the end of its pass, the event loop
+        # that reads it right after the read.
         if changed:
             self._b._notify_waiters()
 
