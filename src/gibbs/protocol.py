@@ -270,6 +270,7 @@ DEFAULT_SHM_THRESHOLD = 1 << 18  # 256 KiB
 
 # Payload flavours (first byte of a REQUEST/RESULT body): see shm.py.
 _INLINE = INLINE
+_INLINE_HEAD = bytes([INLINE])  # the first byte of an inline payload
 _SHM = SHM
 _OOB_HEAD = struct.Struct("!I")
 _OOB_LEN = struct.Struct("!Q")
@@ -483,7 +484,7 @@ def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAUL
     least ``threshold`` bytes are written to one of its shared-memory
     segments. Raises whatever pickle raises."""
     if pool is None:
-        return Payload(bytes([_INLINE]) + _torch.dumps(obj))
+        return Payload(_INLINE_HEAD + _torch.dumps(obj))
 
     big: list[pickle.PickleBuffer] = []
 
@@ -495,7 +496,7 @@ def encode(obj: Any, pool: Optional[SegmentPool] = None, threshold: int = DEFAUL
 
     pickled = _torch.dumps(obj, buffer_callback=callback)  # torch tensors as out-of-band buffers too
     if not big:
-        return Payload(bytes([_INLINE]) + pickled)
+        return Payload(_INLINE_HEAD + pickled)
 
     views = [b.raw() for b in big]
     offsets = []
