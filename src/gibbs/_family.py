@@ -321,20 +321,7 @@ class ClientRole:
         peer = self._b._upstream
         if peer is None or peer.gone:
             return
-        if peer.owner is not None:
-            self._b._loops.reclaim(peer)  # the event loop that read it lets go
-        peer.gone = True
-        try:
-            self._b._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        try:
-            # The loop may still hold a duplicate of the descriptor for a
-            # moment: make the end reach the router now.
-            peer.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        peer.sock.close()
+        self._b._losses.close_socket(peer)
         now = time.monotonic()
         with self._lock:
             self._b._upstream = None

@@ -47,6 +47,24 @@ class Losses:
         # lost peers waiting for an exit status: [deadline, reason, local worker, exiting]
         self.losing: dict[Peer, list[Any]] = {}
 
+    def close_socket(self, peer: Peer) -> None:
+        """Bridge thread: the end of a worker's or our router's connection.
+        An event loop that reads it lets go; it may still hold a duplicate
+        of the descriptor for a moment (or a forked child an inherited one),
+        so the connection is shut down for the other end to see it now."""
+        if peer.owner is not None:
+            self._b._loops.reclaim(peer)
+        peer.gone = True
+        try:
+            self._b._selector.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            peer.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        peer.sock.close()
+
     def drop(self, peer: Peer, reason: str) -> None:
         """Close a worker's connection; its loss reaches the core once the
         exit status of a local worker process is known (or soon anyway)."""
@@ -60,20 +78,7 @@ class Losses:
         if peer.role == "router":
             self._b._client_role.lose_upstream(reason)
             return
-        if peer.owner is not None:
-            self._b._loops.reclaim(peer)
-        peer.gone = True
-        try:
-            self._b._selector.unregister(peer.sock)
-        except (KeyError, ValueError):
-            pass
-        try:
-            # An event loop may still hold a duplicate of the descriptor (or a
-            # forked child an inherited one): make the end reach the worker.
-            peer.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        peer.sock.close()
+        self.close_socket(peer)
         local = None
         if not peer.info.leaving and peer.vouched:
             local = next((w for w in self._b._local_workers() if w.pid == peer.pid), None)

@@ -63,17 +63,9 @@ class Reader:
     def read_worker(self, peer: Peer, buf: bytearray, view: memoryview) -> Optional[str]:
         """Read and act on what a worker sent; in the bridge thread, or in the
         event loop that reads this socket. Returns why to drop it, if so."""
-        try:
-            # Into one reused buffer: a fresh 256 KiB bytes object per read
-            # would be an mmap and munmap each time.
-            n = peer.sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            return f"connection error: {exc}"
+        n, why = _recv(peer, buf)
         if not n:
-            return "connection closed (end of file)"
-        peer.last_heard = time.monotonic()
+            return why
         held = peer.reader.pending
         try:
             frames = peer.reader.feed(view[:n])
@@ -192,15 +184,9 @@ class Reader:
         """Read and act on what another hub sent; in the bridge thread, or
         (our router's socket) in the event loop that reads it. Returns why
         to drop it, if so."""
-        try:
-            n = peer.sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            return f"connection error: {exc}"
+        n, why = _recv(peer, buf)
         if not n:
-            return "connection closed (end of file)"
-        peer.last_heard = time.monotonic()
+            return why
         try:
             frames = peer.reader.feed(view[:n])
             why = self.account_buffered(peer) if peer.reader.pending or peer in self.buffered else None
@@ -216,3 +202,19 @@ class Reader:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             return f"protocol error: {exc}"
         return None
+
+
+def _recv(peer: Peer, buf: bytearray) -> tuple[int, Optional[str]]:
+    """One read of a peer's socket into ``buf`` (one reused buffer: a fresh
+    256 KiB bytes object per read would be an mmap and munmap each time):
+    the bytes read, or 0 and why to drop it (None: nothing to read now)."""
+    try:
+        n = peer.sock.recv_into(buf)
+    except (BlockingIOError, InterruptedError):
+        return 0, None
+    except OSError as exc:
+        return 0, f"connection error: {exc}"
+    if not n:
+        return 0, "connection closed (end of file)"
+    peer.last_heard = time.monotonic()
+    return n, None
