@@ -682,31 +682,8 @@ class Core:
         if model.batch_wait:
             call.queued_at = now  # only a batch that may wait needs it
         self.stats["submitted"] += 1
-        if not model.queue and call.deadline is None and call.origin is None and not self.closing:
-            # The common case: nothing waits ahead and a worker is idle. It
-            # is sent as _dispatch would send it (the first idle worker),
-            # without the queue and the scan.
-            for w in model.workers.values():
-                if w.units or w.leaving:
-                    continue
-                if w.batch_size == 1:  # (a batched worker may wait to fill its batch)
-                    call._move(CallState.QUEUED)
-                    call._move(CallState.RUNNING)
-                    w.last_done = now
-                    w.units.append([call.id])
-                    call.holders = (w.id,)
-                    w.held[call.id] = call
-                    if call.stream:
-                        w.streams += 1
-                    call.dispatched = True
-                    call.sent_at = now
-                    model.queue_wait.add(0.0)
-                    if call.hedge == 1 and not call.stream:
-                        self._hedging[call.id] = call
-                    out.append(Send(w.id, (call,)))
-                    model.absent_since = None  # a worker is there
-                    return out
-                break
+        if not model.queue and call.deadline is None and call.origin is None and self._send_to_idle(model, call, now, out):
+            return out
         self._enqueue(call)
         if model.workers:
             self._dispatch(model, now, out)
@@ -714,6 +691,36 @@ class Core:
         if call.origin is not None and call.queued:
             self._self_wait(model, out)
         return out
+
+    def _send_to_idle(self, model: _Model, call: Call, now: float, out: list[Action]) -> bool:
+        """The common case of submit: nothing waits ahead, and the first
+        worker is idle and unbatched (a batched one may wait to fill its
+        batch). The call is sent as _dispatch would send it, without the
+        queue and the scan. False: it goes through the queue."""
+        if self.closing:
+            return False
+        for w in model.workers.values():
+            if w.units or w.leaving:
+                continue
+            if w.batch_size != 1:
+                return False
+            call._move(CallState.QUEUED)
+            call._move(CallState.RUNNING)
+            w.last_done = now
+            w.units.append([call.id])
+            call.holders = (w.id,)
+            w.held[call.id] = call
+            if call.stream:
+                w.streams += 1
+            call.dispatched = True
+            call.sent_at = now
+            model.queue_wait.add(0.0)
+            if call.hedge == 1 and not call.stream:
+                self._hedging[call.id] = call
+            out.append(Send(w.id, (call,)))
+            model.absent_since = None  # a worker is there
+            return True
+        return False
 
     def _hedge_due(self, now: float, out: list[Action]) -> None:
         """Running calls that may be hedged, past their model's p95 service
