@@ -24,7 +24,6 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from ._peers import Peer
     from .bridge import Bridge
 
 __all__ = ["Closing"]
@@ -90,7 +89,7 @@ class Closing:
             # Event loops may hold duplicates of worker sockets (and of our
             # router's) until they next run: shut the connections down so
             # that the other ends see it now.
-            for p in self._readable():
+            for p in self._b._loops.readable_locked():  # (on the bridge thread, which alone changes them)
                 try:
                     p.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -122,7 +121,7 @@ class Closing:
         if self._b._upstream is not None:
             socks.append(self._b._upstream.sock)
         socks += self._b._client_role.rendezvous_sockets(self._b._pending_upstream)
-        for p in self._readable():
+        for p in self._b._loops.owned_locked():
             att = p.owner
             if att is not None and att.fd is not None:
                 try:
@@ -130,11 +129,6 @@ class Closing:
                 except OSError:
                     pass
         self._close_descriptors(socks)
-
-    def _readable(self) -> list[Peer]:
-        """The peers an event loop may read: the workers, and our router."""
-        up = self._b._upstream
-        return list(self._b._peers.values()) + ([up] if up is not None else [])
 
     def _close_descriptors(self, socks: list[socket.socket]) -> None:
         """Close ``socks``, the listeners, the selector and the wake-up pipe

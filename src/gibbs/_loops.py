@@ -119,7 +119,7 @@ class LoopReads:
         """How many sockets (workers', our router's) an event loop reads now
         (the rest: the bridge thread)."""
         with self._lock:
-            return len(self._owned_locked())
+            return len(self.owned_locked())
 
     def sync(self) -> None:
         """Bridge thread: attach the worker sockets to the home loop, or take
@@ -131,7 +131,7 @@ class LoopReads:
                 home = self.loop = None  # it stopped: the next request makes a loop home again
             if self.off or self._core.closing:
                 home = self.loop = None
-            peers = self._readable_locked()
+            peers = self.readable_locked()
         reader = self._reader
         if home is None:
             reader = self._reader = None
@@ -146,7 +146,7 @@ class LoopReads:
         if reader is not None and self.loop is not reader.loop:
             self.sync()  # it closed while its sockets were handed over: take back those it has
 
-    def _readable_locked(self) -> list[Peer]:
+    def readable_locked(self) -> list[Peer]:
         """The sockets a home loop reads: the workers', and our router's
         (a client hub's answers come from it)."""
         peers = [p for p in self._b._peers.values() if p.role == "worker" and not p.gone]
@@ -155,7 +155,9 @@ class LoopReads:
             peers.append(up)
         return peers
 
-    def _owned_locked(self) -> list[Peer]:
+    def owned_locked(self) -> list[Peer]:
+        """The sockets an event loop reads now (under the lock, or in a
+        forked child, where no other thread is)."""
         return [p for p in self._b._peers.values() if p.owner is not None and not p.gone] + [
             up for up in (self._b._upstream,) if up is not None and up.owner is not None and not up.gone
         ]
@@ -267,14 +269,14 @@ class LoopReads:
         home = self.loop
         if home is None and not self.changed:
             with self._lock:
-                orphans = bool(self._owned_locked())
+                orphans = bool(self.owned_locked())
             if orphans:  # owned by a loop that is home no more: take them back
                 self.sync()
         if home is not None:
             stuck = home.is_closed() or not home.is_running()
             if not stuck:
                 with self._lock:
-                    owned = self._owned_locked()
+                    owned = self.owned_locked()
                 for peer in owned:
                     if now - peer.last_heard > min(0.5, peer.interval) and has_data(peer.sock):
                         logger.info("gibbs hub: the event loop did not read %s for %.1f s; the bridge "
