@@ -1,5 +1,6 @@
 """Two commits side by side, in one run: sequential latency (one caller)
-and throughput (64 callers) of a trivial model on 2 workers, each commit
+throughput (64 callers) and the hub process's CPU per request at 64
+callers, of a trivial model on 2 workers, each commit
 measured in turn, several rounds, medians of the rounds.
 
     python -m benchmarks.ab BASE [HEAD] [--rounds 3] [--calls 2000] [--seconds 3]
@@ -53,10 +54,11 @@ async def main(calls, seconds):
                 await hub.request(1)
                 done += 1
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(caller() for _ in range(64)))
         rate = done / (time.perf_counter() - t0)
-        return {"latency_us": lat[len(lat) // 2] * 1e6, "throughput": rate}
+        cpu = (time.process_time() - c0) / done
+        return {"latency_us": lat[len(lat) // 2] * 1e6, "throughput": rate, "hub_cpu_us": cpu * 1e6}
     finally:
         await hub.aclose(grace=0)
         for w in workers:
@@ -101,13 +103,18 @@ def main(argv: Any = None) -> int:
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", tree], check=False)
-    med = {rev: {k: statistics.median(r[k] for r in rs) for k in ("latency_us", "throughput")} for rev, rs in got.items()}
-    print(f"{'commit':<14}{'latency us (1 caller)':>24}{'req/s (64 callers)':>22}")
+    keys = ("latency_us", "throughput", "hub_cpu_us")
+    med = {rev: {k: statistics.median(r[k] for r in rs if k in r) for k in keys if any(k in r for r in rs)}
+           for rev, rs in got.items()}
+    print(f"{'commit':<14}{'latency us (1 caller)':>24}{'req/s (64 callers)':>22}{'hub CPU us/req (64)':>22}")
     for rev, m in med.items():
-        print(f"{rev:<14}{m['latency_us']:>24.0f}{m['throughput']:>22.0f}")
+        cpu = f"{m['hub_cpu_us']:.1f}" if "hub_cpu_us" in m else "-"
+        print(f"{rev:<14}{m['latency_us']:>24.0f}{m['throughput']:>22.0f}{cpu:>22}")
     b, h = med[ns.base], med[ns.head]
-    print(f"head / base: latency {h['latency_us'] / b['latency_us']:.2f}x, throughput {h['throughput'] / b['throughput']:.2f}x "
-          f"(medians of {ns.rounds} rounds, alternating)")
+    line = f"head / base: latency {h['latency_us'] / b['latency_us']:.2f}x, throughput {h['throughput'] / b['throughput']:.2f}x"
+    if "hub_cpu_us" in b and "hub_cpu_us" in h:
+        line += f", hub CPU {h['hub_cpu_us'] / b['hub_cpu_us']:.2f}x"
+    print(line + f" (medians of {ns.rounds} rounds, alternating)")
     return 0
 
 
