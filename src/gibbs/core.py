@@ -1358,9 +1358,14 @@ class Core:
     # ------------------------------------------------------------ scheduling
 
     def _pick(self, model: _Model, exclude: Optional[set[Hashable]] = None) -> Optional[WorkerInfo]:
-        # On every submit and answer: len(w.units) rather than the load property.
-        best: Optional[WorkerInfo] = None
-        best_load = 0
+        """The worker to send a unit to: an idle one first, else the least
+        loaded with a free slot, else (pipelining) the least loaded whose
+        committed work stays under PIPELINE_WINDOW and ``depth``. One pass:
+        on every submit and answer, len(w.units) rather than the load property."""
+        free: Optional[WorkerInfo] = None
+        free_load = 0
+        ahead: Optional[WorkerInfo] = None
+        ahead_load = 0
         for w in model.workers.values():
             if w.leaving or (exclude and w.id in exclude):
                 continue
@@ -1368,24 +1373,17 @@ class Core:
             if load < w.slots:
                 if load == 0:
                     return w
-                if best is None or load < best_load:
-                    best = w
-                    best_load = load
-        if best is not None:
-            return best
-        for w in model.workers.values():
-            if w.leaving or (exclude and w.id in exclude):
-                continue
-            ewma = w.ewma
-            load = len(w.units)
-            if ewma is None or load >= w.depth or load * ewma >= PIPELINE_WINDOW:
-                continue
-            if w.streams:
-                continue  # a stream lasts as long as its consumer: nothing queues behind it
-            if best is None or load < best_load:
-                best = w
-                best_load = load
-        return best
+                if free is None or load < free_load:
+                    free = w
+                    free_load = load
+            elif free is None:
+                ewma = w.ewma
+                if ewma is None or load >= w.depth or load * ewma >= PIPELINE_WINDOW or w.streams:
+                    continue  # (a stream lasts as long as its consumer: nothing queues behind it)
+                if ahead is None or load < ahead_load:
+                    ahead = w
+                    ahead_load = load
+        return free if free is not None else ahead
 
     def _dispatch(self, model: _Model, now: float, out: list[Action]) -> None:
         if self.closing:

@@ -524,7 +524,9 @@ class Hub:
         stream: bool = False,
         request_id: Optional[str] = None,
     ) -> tuple[Bridge, str, protocol.Payload]:
-        bridge = self._bridge if self._pid == os.getpid() and self._bridge else self._ensure_started()
+        # No pid check: in a forked child _after_fork_in_child has already let
+        # go of the parent's bridge (None here), so the child starts its own.
+        bridge = self._bridge or self._ensure_started()
         if model is None:
             model = DEFAULT_MODEL
         elif not isinstance(model, str) or not model:
