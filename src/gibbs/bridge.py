@@ -266,7 +266,9 @@ class Bridge:
             self._next_id += 1
             if self._upstream is not None and model not in self._relays and not self._core.closing:
                 self._client_role.add_relay_locked(model)
-            self._apply_locked(self._core.submit(call, time.monotonic()))
+            actions = self._core.submit(call, time.monotonic())
+            if actions:  # none while the call waits in the queue (a busy pool)
+                self._apply_locked(actions)
             if call.queued and self._core.models[model].batch_wait:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
             elif call.deadline is not None and call.deadline < self._wake_at and not call.done:
