@@ -246,3 +246,68 @@ def test_the_door_lists_a_loading_worker_until_it_closes() -> None:
     (held,) = list(bridge._door.loading_workers)
     bridge._door.end_loading(held)  # what the bridge thread does when it reads the end
     assert bridge.loading() == []
+
+
+class _TrickleSocket:
+    """Takes at most ``room`` bytes per write, then says it would block."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got = bytearray()
+        self.blocked = False
+
+    def _take(self, data: bytes) -> int:
+        if self.blocked:
+            raise BlockingIOError
+        n = min(self.room, len(data))
+        self.got += data[:n]
+        self.blocked = n < len(data)
+        return n
+
+    def send(self, data: Any) -> int:
+        return self._take(bytes(data))
+
+    def sendmsg(self, buffers: list[Any]) -> int:
+        return self._take(b"".join(bytes(b) for b in buffers))
+
+
+@pytest.mark.parametrize("frames", [1, 5])
+def test_a_write_that_takes_part_of_the_frames_keeps_the_rest_in_order(frames: int) -> None:
+    import collections
+    import types
+
+    from gibbs import protocol
+
+    bridge = _bridge_for_door()
+    out: Any = collections.deque()
+    sent = b""
+    for i in range(frames):
+        body = bytes([i]) * (10 + i)
+        protocol.pack_frame_to(out, protocol.REQUEST, i, body)
+        sent += b"".join(protocol.pack_frame(protocol.REQUEST, i, body))
+    sock = _TrickleSocket(room=7)
+    peer = types.SimpleNamespace(out=out, sock=sock, last_sent=0.0, want_write=False, gone=False, owner=None)
+    with bridge._lock:
+        bridge._flush_locked(peer)
+        assert peer.want_write and out, "a partial write leaves the rest queued and asks to be told when to write"
+        for _ in range(100):
+            if not out:
+                break
+            sock.blocked = False  # writable again
+            bridge._flush_locked(peer)
+    assert not out and not peer.want_write
+    assert bytes(sock.got) == sent
+    reader = protocol.FrameReader()
+    assert [(k, i) for k, i, _ in reader.feed(bytes(sock.got))] == [(protocol.REQUEST, i) for i in range(frames)]
+
+
+def test_a_small_frame_is_one_buffer_and_a_large_one_is_not_copied() -> None:
+    from gibbs import protocol
+
+    small: list[Any] = []
+    protocol.pack_frame_to(small, protocol.RESULT, 3, b"abc")
+    assert small == [b"".join(protocol.pack_frame(protocol.RESULT, 3, b"abc"))]
+    big_body = bytearray(protocol.JOIN_UNDER)
+    big: list[Any] = []
+    protocol.pack_frame_to(big, protocol.RESULT, 4, big_body)
+    assert len(big) == 2 and big[1] is big_body

@@ -437,7 +437,7 @@ class Bridge:
                 else:
                     c = calls[0]
                     kind = protocol.STREAM if c.stream else protocol.REQUEST
-                    peer.out.extend(protocol.pack_frame(kind, c.id, self._body_for(peer, c)))
+                    protocol.pack_frame_to(peer.out, kind, c.id, self._body_for(peer, c))
                 if touched is None:
                     touched = [peer]
                 elif peer not in touched:
@@ -452,6 +452,8 @@ class Bridge:
                             touched.append(answered)
                 elif action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
                     self._outcomes.append((action.call, action.outcome))
+            elif type(action) is Release:
+                action.call.payload.release()
             elif type(action) is Deliver:
                 if type(action.call.sink) is ClientSink:
                     sink = action.call.sink
@@ -464,8 +466,6 @@ class Bridge:
                             touched.append(peer)
                 else:
                     self._outcomes.append((action.call, action.chunk))
-            elif type(action) is Release:
-                action.call.payload.release()
             elif type(action) is Resend:
                 up = self._upstream_for_locked(action.worker)  # type: ignore[arg-type]
                 if up is not None:
@@ -629,7 +629,16 @@ class Bridge:
         out = peer.out
         try:
             while out:
-                chunk = [out[0]] if len(out) == 1 else list(itertools.islice(out, 64))
+                if len(out) == 1:  # the common case: one joined frame (protocol.pack_frame_to)
+                    head = out[0]
+                    sent = peer.sock.send(head)
+                    peer.last_sent = time.monotonic()
+                    if sent == (head.nbytes if isinstance(head, memoryview) else len(head)):
+                        out.popleft()
+                    else:  # the rest when the socket can take it (a second try says so)
+                        out[0] = memoryview(head)[sent:]
+                    continue
+                chunk = list(itertools.islice(out, 64))
                 sent = peer.sock.sendmsg(chunk)
                 peer.last_sent = time.monotonic()
                 while sent and out:

@@ -197,6 +197,13 @@ TRANSITIONS: frozenset[tuple[CallState, CallState]] = frozenset(
 )
 
 
+#: TRANSITIONS by the state moved from (what Call._move looks up).
+_MOVES: dict[CallState, frozenset[CallState]] = {
+    state: frozenset(to for frm, to in TRANSITIONS if frm is state) for state in CallState
+}
+_QUEUED, _DONE = CallState.QUEUED, CallState.DONE
+
+
 class CallStateError(RuntimeError):
     """A move the lifecycle does not allow (a bug in gibbs, never the user's)."""
 
@@ -285,7 +292,7 @@ class Call:
         return self.state is CallState.DONE
 
     def _move(self, to: CallState) -> None:
-        if (self.state, to) not in TRANSITIONS:
+        if to not in _MOVES[self.state]:
             raise CallStateError(f"call {self.id}: {self.state.value} -> {to.value} is not an allowed move")
         self.state = to
 
@@ -568,7 +575,7 @@ class Core:
             )
             m.stats[what] += 1
             m.prio_stats[(call.priority or 0, what)] += 1
-        if call.queued:
+        if call.state is _QUEUED:
             self._unqueue(call, CallState.DONE)
         else:
             call._move(CallState.DONE)
@@ -1160,7 +1167,8 @@ class Core:
             return out
         if call.stream:
             w.streams -= 1
-        call.holders = _without(call.holders, worker_id)
+        holders = call.holders
+        call.holders = () if holders == (worker_id,) else _without(holders, worker_id)
         # Free the unit once every call in it is answered.
         for unit in w.units:
             if call_id in unit:
@@ -1172,12 +1180,12 @@ class Core:
                     w.last_done = now
                 break
         w.served += 1
-        if call.done:
+        m = self.models[w.model]  # the call's model: a worker serves one
+        if call.state is _DONE:
             if not call.holders:
                 out.append(Release(call))
         else:
             self.stats["completed" if outcome.kind is not OutcomeKind.ERROR else "errors"] += 1
-            m = self.models[call.model]
             m.latency.add(now - call.t0)
             if call.dispatched:
                 n = m.n_service
@@ -1194,8 +1202,8 @@ class Core:
                 # The first answer won: the other attempt is stopped (an
                 # async model's coroutine cancelled; a sync one's answer dropped).
                 self._stop_holders(call, out)
-        if not w.leaving:
-            self._dispatch(self.models[w.model], now, out)
+        if m.queue and not w.leaving:
+            self._dispatch(m, now, out)
         return out
 
     def model_unavailable(self, model_name: str, error: BaseException) -> list[Action]:
@@ -1569,6 +1577,7 @@ class Core:
                         assert w.held[cid].origin != w.token, "a call was queued behind the call that waits on it"
             for cid, call in w.held.items():
                 assert call.holders.count(wid) == 1
+                assert call.model == w.model, f"{w.describe} holds a call of model {call.model!r}"
                 if not call.done:
                     assert self.calls.get(cid) is call
 

@@ -21,6 +21,7 @@ messages are never unpickled at all.
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import pickle
@@ -321,6 +322,21 @@ def pack_frame(kind: int, req_id: int, body: Buffer = b"") -> list[Buffer]:
         raise ProtocolError(f"frame body of {n} bytes is over the 4 GiB limit of the format")
     head = HEADER.pack(kind, req_id, n)
     return [head, body] if n else [head]
+
+
+#: A frame whose body is under this many bytes goes out as one buffer, its
+#: header and body joined (a copy of a few bytes, against a second buffer to
+#: gather and account for on every write); a larger body is not copied.
+JOIN_UNDER = 4096
+
+
+def pack_frame_to(out: "collections.abc.MutableSequence[Buffer]", kind: int, req_id: int, body: Buffer) -> None:
+    """:func:`pack_frame` appended to ``out``: a small frame as one buffer."""
+    n = len(body) if not isinstance(body, memoryview) else body.nbytes
+    if n < JOIN_UNDER:
+        out.append(HEADER.pack(kind, req_id, n) + body)
+    else:
+        out.extend(pack_frame(kind, req_id, body))
 
 
 def pack_batch(items: list[tuple[int, Buffer]]) -> list[Buffer]:
