@@ -27,6 +27,8 @@ from .core import Outcome, OutcomeKind
 from .errors import ProtocolError
 from .protocol import Buffer
 
+_RESULT, _SHM, _RESULT_KIND = protocol.RESULT, protocol.SHM, OutcomeKind.RESULT
+
 if TYPE_CHECKING:
     from .bridge import Bridge
 
@@ -66,13 +68,14 @@ class Reader:
         n, why = _recv(peer, buf)
         if not n:
             return why
-        held = peer.reader.pending
+        reader = peer.reader
+        held = reader.pending
         try:
-            frames = peer.reader.feed(view[:n])
+            frames = reader.feed(view[:n])
         except ProtocolError as exc:
             logger.warning("gibbs hub: %s sent a bad frame: %s", peer.describe(), exc, extra=logs.peer(peer))
             return f"protocol error: {exc}"
-        if held or peer.reader.pending:
+        if held or reader.pending:
             why = self.account_buffered(peer)
             if why is not None:
                 return why
@@ -82,8 +85,8 @@ class Reader:
         answers: list[tuple[int, int, Optional[Outcome]]] = []
         bad: Optional[str] = None  # a malformed frame: the answers before it count, then the peer goes
         for kind, req_id, body in frames:
-            if kind == protocol.RESULT:
-                if protocol.is_shm(body):
+            if kind == _RESULT:
+                if body and body[0] == _SHM:  # (protocol.is_shm)
                     # Read in place and lent to the caller (the segment goes
                     # back when the caller frees it); or, over the limit of
                     # what is lent, copied out so that the worker can reuse
@@ -115,7 +118,7 @@ class Reader:
                         if lent is None:
                             releases.extend(protocol.pack_frame(protocol.RELEASE, 0, name.encode()))
                 else:
-                    answers.append((kind, req_id, Outcome(OutcomeKind.RESULT, body)))
+                    answers.append((kind, req_id, Outcome(_RESULT_KIND, body)))
             elif kind == protocol.ERROR:
                 answers.append((kind, req_id, Outcome(OutcomeKind.ERROR, body)))
             elif kind == protocol.CHUNK:

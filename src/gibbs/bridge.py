@@ -61,6 +61,7 @@ from ._wakeup import Wakeup
 from .core import (
     DEFAULT_MODEL,
     Call,
+    CallState,
     Core,
     Credit,
     Deliver,
@@ -269,7 +270,7 @@ class Bridge:
             actions = self._core.submit(call, time.monotonic())
             if actions:  # none while the call waits in the queue (a busy pool)
                 self._apply_locked(actions)
-            if call.queued and self._core.models[model].batch_wait:
+            if call.state is CallState.QUEUED and self._core.models[model].batch_wait:
                 self._wake_locked()  # the bridge's next tick is this batch's deadline
             elif call.deadline is not None and call.deadline < self._wake_at and not call.done:
                 self._wake_locked()  # its deadline comes before the loop's next tick
@@ -419,7 +420,7 @@ class Bridge:
                 now = 0.0
                 for c in calls:
                     if peer.deadlines:
-                        final = c.final_deadline
+                        final = c.final_deadline if c.deadline is not None else None
                         if final is not None:
                             now = now or time.monotonic()
                             peer.out.extend(protocol.pack_deadline(c.id, final - now))
@@ -437,7 +438,9 @@ class Bridge:
                 else:
                     c = calls[0]
                     kind = protocol.STREAM if c.stream else protocol.REQUEST
-                    protocol.pack_frame_to(peer.out, kind, c.id, self._body_for(peer, c))
+                    payload = c.payload
+                    body = payload.body if (peer.shm or payload.shm_path is None) else payload.inline_body()
+                    protocol.pack_frame_to(peer.out, kind, c.id, body)  # (as _body_for)
                 if touched is None:
                     touched = [peer]
                 elif peer not in touched:
@@ -453,7 +456,9 @@ class Bridge:
                 elif action.outcome.kind is not OutcomeKind.CANCELLED:  # the caller knows
                     self._outcomes.append((action.call, action.outcome))
             elif type(action) is Release:
-                action.call.payload.release()
+                payload = action.call.payload
+                if payload.shm_path is not None:  # else nothing to give back
+                    payload.release()
             elif type(action) is Deliver:
                 if type(action.call.sink) is ClientSink:
                     sink = action.call.sink

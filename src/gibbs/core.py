@@ -621,7 +621,7 @@ class Core:
         its workers batch and the call does not fit a batch (TypeError)."""
         if self.closing:
             raise HubClosedError("the hub is closed")
-        model = self._model(call.model)
+        model = self.models.get(call.model) or self._model(call.model)
         if model.unavailable is not None and not model.workers:
             err = NoWorkersError(str(model.unavailable))
             err.__cause__ = model.unavailable.__cause__

@@ -69,6 +69,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from . import _context, protocol
 from . import tracing as _tracing
+from ._context import _DEADLINE, _PRIORITY
 from ._delivery import (
     _CREDIT_EVERY,
     StreamIterator,
@@ -602,8 +603,10 @@ class Hub:
         """
         if gibbs_timeout is not None or gibbs_retries:
             _check_deadline_args(gibbs_timeout, gibbs_retries)
-        gibbs_timeout = _within_caller(gibbs_timeout)
-        gibbs_priority = _priority_within_caller(gibbs_priority)
+        if _DEADLINE.get() is not None:  # (a model calling a model: see _within_caller)
+            gibbs_timeout = _within_caller(gibbs_timeout)
+        if gibbs_priority is not None or _PRIORITY.get() is not None:
+            gibbs_priority = _priority_within_caller(gibbs_priority)
         loop = asyncio.get_running_loop()
         bridge, model, payload = self._prepare(gibbs_model, args, kwargs, request_id=gibbs_request_id)
         span = _tracing.begin(model, payload) if _OTEL in _modules else None  # gibbs.tracing
