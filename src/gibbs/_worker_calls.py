@@ -8,13 +8,15 @@ its caller traces) span set around it. Returns the answer's frames.
 
 from __future__ import annotations
 
-import inspect
 import time
 import traceback
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import protocol, tracing
 from ._context import _DEADLINE, _PRIORITY, _REQUEST_ID, request_id
+
+_ASYNC_RESULTS = (CoroutineType, AsyncGeneratorType)
 
 if TYPE_CHECKING:
     from .worker import _Runtime
@@ -76,13 +78,13 @@ class Calls:
             return self.error_frame(req_id, protocol.ERR_ARGS_UNPICKLE, exc), []
         try:
             result = self.rt.model(*args, **kwargs)
-            if inspect.isgenerator(result):
+            if isinstance(result, GeneratorType):  # (inspect.isgenerator)
                 result = list(result)  # a plain request to a streaming model: all items at once
         except Exception as exc:
             del args, kwargs
             return self.error_frame(req_id, protocol.ERR_USER, exc), []
         del args, kwargs
-        if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+        if isinstance(result, _ASYNC_RESULTS):  # (inspect.iscoroutine, inspect.isasyncgen)
             self.rt._async.run(req_id, result)
             return [], []  # answered from the event loop's thread when done
         return self.result_frame(req_id, result)
@@ -92,7 +94,9 @@ class Calls:
             payload = protocol.encode(result, self.rt.pool if self.rt.shm_ok else None)
         except Exception as exc:
             return self.error_frame(req_id, protocol.ERR_RESULT_PICKLE, exc), []
-        return protocol.pack_frame(protocol.RESULT, req_id, payload.body), [payload]
+        frame: list[protocol.Buffer] = []
+        protocol.pack_frame_to(frame, protocol.RESULT, req_id, payload.body)  # a small answer: one buffer
+        return frame, [payload]
 
     def error_frame(
         self, req_id: int, kind: str, exc: BaseException, tb: Optional[str] = None

@@ -807,7 +807,7 @@ class _Runtime:
         with self.send_lock:
             if len(buffers) == 1:
                 sock.sendall(buffers[0])
-            elif sum(len(b) for b in buffers) < 65536:
+            elif sum(map(len, buffers)) < 65536:
                 sock.sendall(b"".join(buffers))
             else:
                 for b in buffers:
@@ -956,7 +956,9 @@ class _Runtime:
                 if not out:
                     first_ready = time.monotonic()
                 out.extend(buffers)
-                files.extend(p for p in payloads if p.shm_path is not None)
+                for p in payloads:
+                    if p.shm_path is not None:
+                        files.append(p)
                 if time.monotonic() - first_ready > COALESCE_WINDOW:
                     self._send_answers(sock, out, files)
                     out, files = [], []
