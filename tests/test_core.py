@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gibbs.core import (
+    PIPELINE_WINDOW,
     PRIORITIES,
     STARVATION_BOUND,
     Call,
@@ -205,6 +206,12 @@ class CoreMachine(RuleBasedStateMachine):
             )
         self.calls[call.id] = call
         self.apply(actions)
+
+    @rule(model=st.sampled_from(MODELS), n=st.integers(2, 6))
+    def burst(self, model: str, n: int) -> None:
+        """Several plain calls at once: queues that workers must drain."""
+        for _ in range(n):
+            self.submit(model, stream=False, timeout=None, retries=0, hedge=False, priority=None, single=True)
 
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data())
@@ -444,6 +451,30 @@ class CoreMachine(RuleBasedStateMachine):
                 if not call.holders:
                     assert model.absent_since is not None
                     assert max(call.t0, model.absent_since) + timeout > self.now, f"{call} waits past the timeout"
+
+    @invariant()
+    def no_call_waits_while_a_worker_could_take_it(self) -> None:
+        """Work conservation: after every event, a queued call is one no
+        worker could be sent now (none has a free slot or room to pipeline
+        it, or the one that has holds an attempt of it, or it waits on a
+        call that worker is running), unless its model waits to fill a batch."""
+        if self.core.closing:
+            return
+        for model in self.core.models.values():
+            if not model.queue or model.batch_wait:
+                continue
+            for w in model.workers.values():
+                load = len(w.units)
+                room = load < w.slots or (
+                    w.ewma is not None and load < w.depth and load * w.ewma < PIPELINE_WINDOW and not w.streams
+                )
+                if w.leaving or not room:
+                    continue
+                for call in model.queue.values():
+                    waits_on_it = load >= w.slots and call.origin is not None and call.origin == w.token
+                    assert w.id in call.holders or waits_on_it, (
+                        f"{call} waits while {w.describe} (load {load}) could take it"
+                    )
 
     @invariant()
     def streams_are_never_run_twice_once_delivered(self) -> None:

@@ -1450,7 +1450,7 @@ class Core:
                 continue
             if not w.units:
                 w.last_done = now
-            w.units.append([c.id for c in calls])
+            w.units.append([c.id for c in calls] if len(calls) > 1 else [calls[0].id])
             for call in calls:
                 call.holders += (w.id,)
                 w.held[call.id] = call
