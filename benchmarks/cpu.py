@@ -12,7 +12,11 @@ by the CPU on its path plus the kernel's wake-ups: these tables say how much
 each side spends, where the targets of ``python -m benchmarks`` are missed.
 It ends with the two ratios the request path is held to (hub CPU per
 request at 64 callers against the floor's loop, sequential latency against
-the floor's); ``--write`` puts the tables in benchmarks/RESULTS.md too.
+the floor's), then the interpreter's work per request (bytecodes executed
+and Python calls made, counted by ``sys.settrace``, per function) of the
+floor's loop, the hub and a worker: a figure that the machine's noise does
+not move, to tell what a change to the request path saves;
+``--write`` puts the tables in benchmarks/RESULTS.md too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any, Awaitable, Callable, Optional
 from gibbs import Hub, Worker
 
 from .baselines import AsyncioFloor
-from .models import Echo
+from .models import CountingEcho, Echo
 from .report import write_section
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -179,6 +183,81 @@ def show(r: dict[str, Any]) -> None:
         out(f"|   threads of the caller's process | | | {', '.join(f'{k} {v:.1f}' for k, v in threads.items())} |")
 
 
+async def count_work(call: Callable[[Any], Awaitable[Any]], n: int = 500) -> dict[str, Any]:
+    """The interpreter's work of ``n`` sequential requests in this thread:
+    bytecodes executed and Python calls made, per function (``sys.settrace``
+    with opcode events). Unlike times, the same on a busy machine as on an
+    idle one."""
+    ops: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            calls[frame.f_code.co_qualname] += 1
+        elif event == "opcode":
+            ops[frame.f_code.co_qualname] += 1
+        return trace
+
+    async def requests() -> None:  # a new frame: traced from its start
+        for _ in range(n):
+            await call(1)
+
+    for _ in range(100):
+        await call(1)  # warm
+    sys.settrace(trace)
+    try:
+        await requests()
+    finally:
+        sys.settrace(None)
+    for k in [k for k in ops if k.startswith("count_work")]:
+        del ops[k]
+        calls.pop(k, None)
+    return {"ops": ops, "calls": calls, "n": n}
+
+
+def show_work(where: str, work: Optional[dict[str, Any]], floor: Optional[dict[str, Any]] = None, top: int = 8) -> None:
+    if work is None:
+        out(f"- {where}: not counted")
+        return
+    n = work["n"]
+    ops, calls = sum(work["ops"].values()) / n, sum(work["calls"].values()) / n
+    vs = ""
+    if floor is not None:
+        fops = sum(floor["ops"].values()) / floor["n"]
+        vs = f" ({ops / fops:.2f}× the floor's {fops:.0f})"
+    most = ", ".join(f"{k} {v / n:.0f}" for k, v in sorted(work["ops"].items(), key=lambda kv: -kv[1])[:top])
+    out(f"- {where}: {ops:.0f} bytecodes{vs} and {calls:.0f} Python calls per request; most: {most}")
+
+
+async def count_worker_work(hub: Hub) -> Optional[dict[str, Any]]:
+    """``count_work`` in a worker: one of CountingEcho, on model ``counting``."""
+    import json
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "work.json")
+        os.environ["GIBBS_BENCH_COUNT_OUT"] = path
+        w = Worker(CountingEcho, gibbs_host="127.0.0.1", gibbs_port=hub.port, gibbs_model="counting")
+        w.start()
+        try:
+            await hub.wait_for_workers(1, model="counting", timeout=60)
+            for _ in range(CountingEcho.COUNT_FROM + CountingEcho.COUNT_CALLS):
+                await hub.request(1, gibbs_model="counting")
+            for _ in range(200):
+                if os.path.exists(path):
+                    with open(path) as f:
+                        return dict(json.load(f))
+                await asyncio.sleep(0.05)
+            return None
+        finally:
+            os.environ.pop("GIBBS_BENCH_COUNT_OUT", None)
+            w.terminate()
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+                w.join()
+
+
 def show_targets(floor: dict[int, dict[str, Any]], gibbs: dict[int, dict[str, Any]]) -> None:
     """The request path's two targets, as ratios within this run."""
     cpu = gibbs[64]["cpu_us"]["hub"] / floor[64]["cpu_us"]["loop"]
@@ -201,6 +280,7 @@ async def main_async(seconds: float, profile: bool) -> None:
         for callers in (1, 64):
             floors[callers] = await measure(f"asyncio floor, {callers} caller(s)", floor.call, pids, seconds, callers)
             show(floors[callers])
+        floor_work = await count_work(floor.call)
     hub = Hub(port=0)
     hub.start()
     workers = [Worker(Echo, gibbs_host="127.0.0.1", gibbs_port=hub.port) for _ in range(2)]
@@ -216,6 +296,14 @@ async def main_async(seconds: float, profile: bool) -> None:
             gibbs[callers] = await measure(f"gibbs, 2 workers, {callers} caller(s)", hub.request, pids, seconds, callers)
             show(gibbs[callers])
         show_targets(floors, gibbs)
+        hub_work = await count_work(hub.request)
+        worker_work = await count_worker_work(hub)
+        out()
+        out("Interpreter work per request, one caller (bytecodes executed and Python calls made, counted by "
+            "sys.settrace over 500 sequential requests: the same on a busy machine as on an idle one):")
+        show_work("the asyncio floor's loop", floor_work)
+        show_work("gibbs, the hub's process", hub_work, floor_work)
+        show_work("gibbs, a worker (the model's own work left out)", worker_work)
         if profile:
             for callers in (1, 64):
                 result: dict[str, Any] = {}

@@ -139,3 +139,56 @@ class BatchedSleeper:
             c[0] += 1
             c[1] += len(xs)
         return list(xs)
+
+
+class CountingEcho:
+    """Echo that counts the interpreter's work of the worker serving it:
+    from its ``COUNT_FROM``-th call to its ``COUNT_FROM + COUNT_CALLS``-th,
+    the bytecodes executed and Python calls made by each function of the
+    serving thread (its own calls left out), written as JSON to the file
+    named by ``GIBBS_BENCH_COUNT_OUT`` (``benchmarks.cpu``)."""
+
+    COUNT_FROM = 100
+    COUNT_CALLS = 500
+
+    def __init__(self) -> None:
+        import collections
+
+        self.n = 0
+        self.ops: "collections.Counter[str]" = collections.Counter()
+        self.calls: "collections.Counter[str]" = collections.Counter()
+
+    def _trace(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            self.calls[frame.f_code.co_qualname] += 1
+        elif event == "opcode":
+            self.ops[frame.f_code.co_qualname] += 1
+        return self._trace
+
+    def _frames(self, on: bool) -> None:
+        import sys
+
+        f = sys._getframe(2)  # the worker's frames that called us, running already
+        while f is not None:
+            f.f_trace = self._trace if on else None
+            f.f_trace_opcodes = on
+            f = f.f_back
+        sys.settrace(self._trace if on else None)
+
+    def __call__(self, x: Any) -> Any:
+        self.n += 1
+        if self.n == self.COUNT_FROM:
+            self._frames(True)
+        elif self.n == self.COUNT_FROM + self.COUNT_CALLS:
+            self._frames(False)
+            import json
+            import os
+
+            mine = [k for k in self.ops if k.startswith("CountingEcho")]
+            for k in mine:
+                del self.ops[k]
+                self.calls.pop(k, None)
+            with open(os.environ["GIBBS_BENCH_COUNT_OUT"], "w") as f:
+                json.dump({"ops": self.ops, "calls": self.calls, "n": self.COUNT_CALLS}, f)
+        return x

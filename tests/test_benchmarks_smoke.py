@@ -8,6 +8,7 @@ produces every row of the table.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -88,8 +89,12 @@ def test_cpu_benchmark_prints_the_request_path_targets() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     for row in ("asyncio floor, 64 caller(s)", "gibbs, 2 workers, 1 caller(s)", "gibbs, 2 workers, 64 caller(s)",
-                "hub CPU per request at 64 callers:", "sequential latency:"):
+                "hub CPU per request at 64 callers:", "sequential latency:", "Interpreter work per request",
+                "- gibbs, the hub's process: ", "- gibbs, a worker (the model's own work left out): "):
         assert row in proc.stdout, proc.stdout
+    # the counts are counted: a figure for the hub and for a worker, not "not counted"
+    assert re.search(r"hub's process: \d+ bytecodes", proc.stdout), proc.stdout
+    assert re.search(r"left out\): \d+ bytecodes", proc.stdout), proc.stdout
 
 
 @pytest.mark.timeout(120)
