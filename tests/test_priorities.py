@@ -80,3 +80,21 @@ def test_a_nested_call_inherits_its_callers_class(make_hub: Callable[..., Hub], 
     assert tuple(hub.submit(gibbs_model="outer").result(30)) == (3, 3)
     per = hub.statistics()["models"]["prio"]["priorities"]
     assert per["4"]["completed"] == 1 and per["2"]["completed"] == 1 and per["3"]["completed"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_an_explicit_class_0_through_a_client_hub_is_not_the_routers_default(
+    make_hub: Callable[..., Hub], make_workers: Any
+) -> None:
+    """The nested call goes through the client hub inside the outer worker:
+    class 0 given there stays 0; none given takes the router's default."""
+    hub = make_hub()
+    make_workers(hub, PriorityOf, 1, gibbs_model="prio")
+    make_workers(hub, CallsPriorityOf, 1, gibbs_model="outer")
+    run(hub.wait_for_workers(2, timeout=60))
+    hub.set_default_priority(5, model="prio")
+    assert tuple(hub.submit(gibbs_model="outer").result(30)) == (5, None)  # none given: the router's default
+    assert tuple(hub.submit(0, gibbs_model="outer").result(30)) == (None, None)  # 0 given: 0 (read as None)
+    assert tuple(hub.submit(6, gibbs_model="outer").result(30)) == (6, None)
+    per = hub.statistics()["models"]["prio"]["priorities"]
+    assert per["0"]["completed"] == 1 and per["5"]["completed"] == 1 and per["6"]["completed"] == 1

@@ -196,6 +196,7 @@ class Door:
                 "host": socket.gethostname(),
                 "app": self._b._app,
                 "request_ids": self._b.request_ids,
+                "explicit_class": True,  # see records.Hello.explicit_class
             }
             sock.sendall(protocol.pack_json(protocol.WELCOME, welcome))
             reader = protocol.FrameReader(1 << 16)

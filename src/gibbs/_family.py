@@ -94,8 +94,10 @@ class RouterRole:
                         self._b._next_id, model, Forwarded(payload, rid, trace), ClientSink(peer, cid), stream,
                         single=bool(flags & protocol.FWD_SINGLE),
                     )
-                    if flags >> protocol.FWD_PRIORITY_SHIFT:
-                        call.priority = min(flags >> protocol.FWD_PRIORITY_SHIFT, PRIORITIES[-1])
+                    bits = flags >> protocol.FWD_PRIORITY_SHIFT  # 0: none given (our default applies)
+                    given = (bits - 1 if bits else None) if peer.hello.explicit_class else (bits or None)
+                    if given is not None:
+                        call.priority = min(given, PRIORITIES[-1])
                     call.origin = peer.hello.within  # a client hub inside a worker: that worker's token
                     self._b._next_id += 1
                     err: Optional[BaseException] = None
@@ -225,10 +227,23 @@ class ClientRole:
             self._b._relay_of[c.id] = info
             payload = c.payload
             flags = (protocol.FWD_STREAM if c.stream else 0) | getattr(payload, "flags", 0)
-            flags |= (c.priority or 0) << protocol.FWD_PRIORITY_SHIFT
+            flags |= self._class_bits(c, up.hello.explicit_class) << protocol.FWD_PRIORITY_SHIFT
             rid = payload.rid or self._b.request_ids + str(c.id)  # the router's calls keep our id
             up.out.extend(protocol.pack_forward(c.id, c.model, flags, self._b._inline(payload), rid, payload.trace))
         return up
+
+    def _class_bits(self, call: Call, explicit: bool) -> int:
+        """A forwarded call's class, as FORWARD carries it: the class its
+        caller gave (or inherited), else this hub's default for the model,
+        else none, in which case the router's default applies. ``explicit``
+        (the router reads it so): none is 0 and a class is itself + 1; else
+        none and class 0 are both 0."""
+        given = getattr(call.payload, "priority", None)
+        if given is None and call.model in self._core.default_priorities:
+            given = call.priority
+        if not explicit:
+            return given or 0
+        return 0 if given is None else given + 1
 
     def install_upstream(
         self, sock: socket.socket, welcome: dict[str, Any], reader: protocol.FrameReader, frames: list[Any]
@@ -244,7 +259,8 @@ class ClientRole:
             sock.close()
             self.start_rendezvous()
             return
-        hello = Hello(role="router", name="router", pid=w.pid, host=w.host, heartbeat_interval=w.heartbeat_interval)
+        hello = Hello(role="router", name="router", pid=w.pid, host=w.host, heartbeat_interval=w.heartbeat_interval,
+                      explicit_class=w.explicit_class)
         peer = Peer(sock, hello, self._b._max_frame)
         peer.reader = reader
         self._b._selector.register(sock, selectors.EVENT_READ, peer)

@@ -109,6 +109,8 @@ class _Place:
                 "host": socket.gethostname(),
                 "name": f"hub-{os.getpid()}",
                 "heartbeat_interval": self.heartbeat_interval,
+                # Our FORWARDs say "none given" apart from class 0, when the router reads them so.
+                "explicit_class": welcome.get("explicit_class") is True,
             }
             sock.sendall(protocol.pack_json(protocol.HELLO, hello))
             while not any(kind == protocol.POOL for kind, _, _ in frames):

@@ -262,6 +262,7 @@ class Bridge:
                 self._next_id, model, payload, sink, stream, timeout=timeout, retries=retries, priority=priority,
                 single=bool(payload.flags & protocol.FWD_SINGLE),
             )
+            payload.priority = priority  # what a client hub forwards (the core sets the call's to the default)
             if hedge and not stream:
                 call.hedge = 1
             self._next_id += 1

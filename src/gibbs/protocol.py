@@ -459,7 +459,7 @@ class Payload:
     its pool, or is removed if it came from none).
     """
 
-    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags", "rid", "trace")
+    __slots__ = ("body", "shm_path", "_inline", "_pool", "_name", "flags", "rid", "trace", "priority")
 
     def __init__(
         self,
@@ -476,6 +476,7 @@ class Payload:
         self.flags = 0  # FWD_SINGLE where the call suits a batched model
         self.rid: Optional[str] = None  # the request id its caller gave (or inherited); None: the hub's own
         self.trace: Optional[str] = None  # its caller's W3C traceparent, when the caller traces
+        self.priority: Optional[int] = None  # the class its caller gave (or inherited); None: the model's default
 
     @property
     def nbytes(self) -> int:

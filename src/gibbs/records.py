@@ -118,6 +118,10 @@ class Hello:
     app: Optional[str] = None  # a client hub's application (see Hub(app=...))
     within: Optional[str] = None  # a client hub inside a worker: that worker's token
     deadlines: bool = False  # the worker reads DEADLINE frames
+    #: A client hub (or, for our router, its WELCOME): a FORWARD's class
+    #: bits say "none given" (0) or the class + 1, so that an explicit class
+    #: 0 stays 0 (without it: 0 is none given, the router's default).
+    explicit_class: bool = False
 
     @classmethod
     def from_wire(cls, obj: Any) -> "Hello":
@@ -145,6 +149,7 @@ class Hello:
             app=_opt_str(o, what, "app") or None,
             within=_opt_str(o, what, "within") or None,
             deadlines=_bool(o, what, "deadlines", False),
+            explicit_class=_bool(o, what, "explicit_class", False),
         )
 
 
@@ -210,6 +215,7 @@ class Welcome:
     host: str = "?"
     shm_probe: Optional[dict[str, Any]] = None
     app: Optional[str] = None  # the application the hub routes for (None or "*": any)
+    explicit_class: bool = False  # it reads FORWARD class bits as class + 1 from a client that says so (Hello)
 
     @classmethod
     def from_wire(cls, obj: Any) -> "Welcome":
@@ -224,6 +230,7 @@ class Welcome:
             host=_str(o, what, "host", "?"),
             shm_probe=probe,
             app=_opt_str(o, what, "app") or None,
+            explicit_class=_bool(o, what, "explicit_class", False),
         )
 
 
