@@ -311,3 +311,21 @@ def test_a_small_frame_is_one_buffer_and_a_large_one_is_not_copied() -> None:
     big: list[Any] = []
     protocol.pack_frame_to(big, protocol.RESULT, 4, big_body)
     assert len(big) == 2 and big[1] is big_body
+
+
+def test_empty_buffers_among_the_frames_never_make_a_write_of_nothing_loop() -> None:
+    import collections
+    import types
+
+    bridge = _bridge_for_door()
+    out: Any = collections.deque([b"", b"ab", b"", b"", b"cd", b""])
+    sock = _TrickleSocket(room=1 << 20)
+    peer = types.SimpleNamespace(out=out, sock=sock, last_sent=0.0, want_write=False, gone=False, owner=None)
+    with bridge._lock:
+        bridge._flush_locked(peer)
+    assert not out and bytes(sock.got) == b"abcd"
+    only_empty: Any = collections.deque([b"", b""])
+    peer.out = only_empty
+    with bridge._lock:
+        bridge._flush_locked(peer)
+    assert not only_empty

@@ -647,15 +647,15 @@ class Bridge:
                 chunk = list(itertools.islice(out, 64))
                 sent = peer.sock.sendmsg(chunk)
                 peer.last_sent = time.monotonic()
-                while sent and out:
+                while out:  # what went, in order (an empty buffer goes too: never a write of nothing)
                     head = out[0]
                     n = head.nbytes if isinstance(head, memoryview) else len(head)
-                    if sent >= n:
-                        sent -= n
-                        out.popleft()
-                    else:
-                        out[0] = memoryview(head)[sent:]
-                        sent = 0
+                    if sent < n:
+                        if sent:
+                            out[0] = memoryview(head)[sent:]
+                        break
+                    sent -= n
+                    out.popleft()
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:

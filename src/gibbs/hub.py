@@ -779,7 +779,9 @@ class Hub:
         """The class (``gibbs_priority``, 0 to 9, higher first) of the
         model's calls that give none, from now on (0 at first).
         ``serve(gibbs_priority=...)`` sets it too. Decided by the hub whose
-        workers run the call: from a client hub, set it on the router."""
+        workers run the call: from a client hub, set it on the router (a
+        default set on a client hub is sent with its calls as their class,
+        which the router then applies as if the caller gave it)."""
         check_priority(priority)
         self._default_priorities[model] = priority
         bridge = self._bridge
@@ -1241,7 +1243,10 @@ def _remove_stale_segments() -> None:
 
 def _after_fork_in_child() -> None:
     for hub in list(_live_hubs):
-        hub._after_fork_in_child()
+        try:
+            hub._after_fork_in_child()
+        except Exception:  # noqa: BLE001 - every hub must let go of the parent's bridge, this one too
+            hub._bridge = None
 
 
 def _close_all_at_exit() -> None:
