@@ -164,6 +164,14 @@ def _build_parser() -> argparse.ArgumentParser:
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
+    _add_demo(sub)
+    _add_worker(sub, port)
+    _add_hub(sub, port)
+    _add_status(sub, port)
+    return parser
+
+
+def _add_demo(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     demo = sub.add_parser(
         "demo",
         help="run the walkthrough's scenario (4 workers, 10 concurrent requests, 0.25 s model)",
@@ -174,6 +182,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=10, help="concurrent requests (default 10)")
     demo.add_argument("--wait-time", type=float, default=0.25, help="seconds per model call (default 0.25)")
 
+
+def _add_worker(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", port: int) -> None:
     worker = sub.add_parser(
         "worker",
         help="serve a model to a hub, on this or another machine",
@@ -241,18 +251,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="calls at once per worker for an async model (default 1)",
     )
-    worker.add_argument("--min", type=int, default=None, metavar="N",
-                        help="autoscale: never fewer than N workers (with --max; 0: none until a call comes)")
-    worker.add_argument("--max", type=int, default=None, metavar="N",
-                        help="autoscale: more workers while calls wait, up to N (with --min)")
-    worker.add_argument("--scale-down-after", type=float, default=30.0, metavar="SECONDS",
-                        help="autoscale: one worker fewer after SECONDS in which not all were needed (default 30)")
-    worker.add_argument("--max-requests", type=int, default=None, metavar="N",
-                        help="replace a worker after about N calls (its successor joins before it drains)")
-    worker.add_argument("--max-requests-jitter", type=int, default=None, metavar="N",
-                        help="add 0..N calls at random to --max-requests per worker (default N/10)")
-    worker.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
-                        help="replace a worker whose resident memory passes BYTES (suffixes K, M, G: 4G)")
+    _add_worker_lifecycle(worker)
     worker.add_argument(
         "--copy-args",
         action="store_true",
@@ -266,6 +265,28 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="longest wait to fill a batch (default 0: a lone request goes at once)",
     )
+    _add_worker_placement(worker)
+    worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+
+
+def _add_worker_lifecycle(worker: argparse.ArgumentParser) -> None:
+    """Autoscaling and recycling: how many workers, and for how long each."""
+    worker.add_argument("--min", type=int, default=None, metavar="N",
+                        help="autoscale: never fewer than N workers (with --max; 0: none until a call comes)")
+    worker.add_argument("--max", type=int, default=None, metavar="N",
+                        help="autoscale: more workers while calls wait, up to N (with --min)")
+    worker.add_argument("--scale-down-after", type=float, default=30.0, metavar="SECONDS",
+                        help="autoscale: one worker fewer after SECONDS in which not all were needed (default 30)")
+    worker.add_argument("--max-requests", type=int, default=None, metavar="N",
+                        help="replace a worker after about N calls (its successor joins before it drains)")
+    worker.add_argument("--max-requests-jitter", type=int, default=None, metavar="N",
+                        help="add 0..N calls at random to --max-requests per worker (default N/10)")
+    worker.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
+                        help="replace a worker whose resident memory passes BYTES (suffixes K, M, G: 4G)")
+
+
+def _add_worker_placement(worker: argparse.ArgumentParser) -> None:
+    """Where the workers run: GPUs, CPU threads, cores."""
     worker.add_argument(
         "--devices",
         default=None,
@@ -280,8 +301,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "$GIBBS_THREADS) splits this machine's cores among the workers, keeping a value you "
                         "exported; N sets N; 'inherit' leaves them alone")
     worker.add_argument("--pin-cpus", action="store_true", help="bind each worker to its own share of the cores")
-    worker.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
+
+def _add_hub(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", port: int) -> None:
     hub = sub.add_parser(
         "hub",
         help="run a standalone hub: workers and web processes (client hubs) connect to it",
@@ -307,6 +329,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     hub.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
 
+
+def _add_status(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", port: int) -> None:
     status = sub.add_parser(
         "status",
         help="a live view of a running hub: models, workers, queues, latency",
@@ -321,7 +345,6 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
     status.add_argument("--json", action="store_true", help="print the statistics as JSON (with --once: one line)")
     status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1.0)")
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
