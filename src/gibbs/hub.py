@@ -251,34 +251,7 @@ class Hub:
             no_worker_timeout=no_worker_timeout,
             app=app if app is not None else default_app(),
         )
-        key, explicit = resolve_authkey(authkey)
-        if address is None:
-            address = os.environ.get(HUB_ENV) or None
-        inside = _context.serving
-        if address is None and inside is not None:
-            # Made inside a worker (a model that calls models): a client of
-            # the hub this worker serves, with the worker's own key.
-            address = f"[{inside.host}]:{inside.port}" if ":" in inside.host else f"{inside.host}:{inside.port}"
-            if authkey is None:
-                key, explicit = inside.authkey, inside.explicit
-        self._router: Optional[tuple[str, int]] = None  # set: a client of the hub there, never a router
-        if address is not None:
-            try:
-                self._router = parse_address(address, DEFAULT_PORT)
-            except ValueError as exc:
-                raise ValueError(f"bad hub address {address!r} ({HUB_ENV} or address=): {exc}") from None
-            if not is_loopback(self._router[0]) and not explicit:
-                raise ValueError(
-                    f"refusing to send calls to {address!r} without an explicit key: pass authkey=... or "
-                    "set GIBBS_AUTHKEY (the key of the hub there)"
-                )
-            host, port = self._router
-        elif not is_loopback(host) and not explicit:
-            raise ValueError(
-                f"refusing to listen on {host!r} without an explicit key: any process that can "
-                "reach this address could send work and read answers. Pass authkey=... or set "
-                "GIBBS_AUTHKEY (the same key on every worker), or bind 127.0.0.1."
-            )
+        host, port, self._router, key, explicit = _where_to(host, port, address, authkey)
         self._host = host
         self._port = port
         self._app = options.app
@@ -994,19 +967,7 @@ class Hub:
             self._ensure_started().set_hedging(gibbs_model, True)
         launcher: Launcher = gibbs_launcher if gibbs_launcher is not None else LocalLauncher()
         devices = resolve_devices(gibbs_devices)
-        if not isinstance(gibbs_workers_per_device, int) or gibbs_workers_per_device < 1:
-            raise ValueError("gibbs_workers_per_device must be an int >= 1")
-        if gibbs_workers is None:
-            gibbs_workers = len(devices) * gibbs_workers_per_device if devices else 1
-        autoscale: Optional[tuple[int, int]] = None
-        if isinstance(gibbs_workers, tuple):
-            if len(gibbs_workers) != 2:
-                raise ValueError(f"gibbs_workers=(min, max) takes two ints, got {gibbs_workers!r}")
-            autoscale = (gibbs_workers[0], gibbs_workers[1])
-            Autoscaler(*autoscale, down_after=gibbs_scale_down_after)  # checks them here
-            gibbs_workers = autoscale[0]
-        if not isinstance(gibbs_workers, int) or gibbs_workers < 0:
-            raise ValueError(f"gibbs_workers must be an int >= 0 or (min, max), got {gibbs_workers!r}")
+        gibbs_workers, autoscale = _pool_size(gibbs_workers, devices, gibbs_workers_per_device, gibbs_scale_down_after)
         start_method = gibbs_start_method or ("spawn" if devices else None)
         bridge = self._ensure_started()
         host = "127.0.0.1" if is_loopback(self._host) or self._host in ("0.0.0.0", "::") else self._host
@@ -1162,6 +1123,66 @@ def _check_deadline_args(timeout: Optional[float], retries: int) -> None:
         raise ValueError("gibbs_timeout must be > 0 or None")
     if retries < -1:
         raise ValueError("gibbs_retries must be >= -1")
+
+
+def _pool_size(
+    workers: Any, devices: Sequence[Any], per_device: Any, down_after: float
+) -> tuple[int, Optional[tuple[int, int]]]:
+    """``serve``'s ``gibbs_workers``: how many workers to start, and the
+    autoscaling bounds (min, max) when it gave them. Checked here, at the
+    call site."""
+    if not isinstance(per_device, int) or per_device < 1:
+        raise ValueError("gibbs_workers_per_device must be an int >= 1")
+    if workers is None:
+        workers = len(devices) * per_device if devices else 1
+    autoscale: Optional[tuple[int, int]] = None
+    if isinstance(workers, tuple):
+        if len(workers) != 2:
+            raise ValueError(f"gibbs_workers=(min, max) takes two ints, got {workers!r}")
+        autoscale = (workers[0], workers[1])
+        Autoscaler(*autoscale, down_after=down_after)  # checks them here
+        workers = autoscale[0]
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"gibbs_workers must be an int >= 0 or (min, max), got {workers!r}")
+    return workers, autoscale
+
+
+def _where_to(
+    host: str, port: int, address: Optional[str], authkey: KeyLike
+) -> tuple[str, int, Optional[tuple[str, int]], bytes, bool]:
+    """Where a new hub listens or which router it joins (``address``,
+    ``GIBBS_HUB``, else the hub of the worker it is made in), and with which
+    key: (host, port, router or None, key, whether the key was given).
+    Refuses a key-less address beyond loopback."""
+    key, explicit = resolve_authkey(authkey)
+    if address is None:
+        address = os.environ.get(HUB_ENV) or None
+    inside = _context.serving
+    if address is None and inside is not None:
+        # Made inside a worker (a model that calls models): a client of
+        # the hub this worker serves, with the worker's own key.
+        address = f"[{inside.host}]:{inside.port}" if ":" in inside.host else f"{inside.host}:{inside.port}"
+        if authkey is None:
+            key, explicit = inside.authkey, inside.explicit
+    router: Optional[tuple[str, int]] = None  # set: a client of the hub there, never a router
+    if address is not None:
+        try:
+            router = parse_address(address, DEFAULT_PORT)
+        except ValueError as exc:
+            raise ValueError(f"bad hub address {address!r} ({HUB_ENV} or address=): {exc}") from None
+        if not is_loopback(router[0]) and not explicit:
+            raise ValueError(
+                f"refusing to send calls to {address!r} without an explicit key: pass authkey=... or "
+                "set GIBBS_AUTHKEY (the key of the hub there)"
+            )
+        host, port = router
+    elif not is_loopback(host) and not explicit:
+        raise ValueError(
+            f"refusing to listen on {host!r} without an explicit key: any process that can "
+            "reach this address could send work and read answers. Pass authkey=... or set "
+            "GIBBS_AUTHKEY (the same key on every worker), or bind 127.0.0.1."
+        )
+    return host, port, router, key, explicit
 
 
 def _within_caller(timeout: Optional[float]) -> Optional[float]:
