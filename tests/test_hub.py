@@ -380,3 +380,27 @@ def test_fork_after_close_leaves_the_child_s_descriptors_alone() -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_forked_child_never_uses_a_parents_bridge_even_if_one_hub_fails_its_clean_up() -> None:
+    """Without a pid check on the request path, the at-fork hook alone keeps
+    a child off the parent's sockets: one hub failing it must not leave the
+    others (nor itself) holding the parent's bridge."""
+    first, second = Hub(port=0), Hub(port=0)
+    first.start()
+    second.start()
+
+    def broken() -> None:
+        raise RuntimeError("a bug in one hub's at-fork clean-up")
+
+    first._after_fork_in_child = broken  # type: ignore[method-assign]
+    try:
+        pid = os.fork()
+        if pid == 0:  # child
+            os._exit(0 if first._bridge is None and second._bridge is None else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "a hub kept its parent's bridge in the child"
+    finally:
+        del first._after_fork_in_child
+        first.close()
+        second.close()

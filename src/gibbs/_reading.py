@@ -27,7 +27,7 @@ from .core import Outcome, OutcomeKind
 from .errors import ProtocolError
 from .protocol import Buffer
 
-_RESULT, _SHM, _RESULT_KIND = protocol.RESULT, protocol.SHM, OutcomeKind.RESULT
+_RESULT, _RESULT_KIND = protocol.RESULT, OutcomeKind.RESULT
 
 if TYPE_CHECKING:
     from .bridge import Bridge
@@ -86,7 +86,7 @@ class Reader:
         bad: Optional[str] = None  # a malformed frame: the answers before it count, then the peer goes
         for kind, req_id, body in frames:
             if kind == _RESULT:
-                if body and body[0] == _SHM:  # (protocol.is_shm)
+                if protocol.is_shm(body):
                     # Read in place and lent to the caller (the segment goes
                     # back when the caller frees it); or, over the limit of
                     # what is lent, copied out so that the worker can reuse

@@ -621,7 +621,7 @@ class Core:
         its workers batch and the call does not fit a batch (TypeError)."""
         if self.closing:
             raise HubClosedError("the hub is closed")
-        model = self.models.get(call.model) or self._model(call.model)
+        model = self._model(call.model)
         if model.unavailable is not None and not model.workers:
             err = NoWorkersError(str(model.unavailable))
             err.__cause__ = model.unavailable.__cause__
@@ -713,18 +713,7 @@ class Core:
                 return False
             call._move(CallState.QUEUED)
             call._move(CallState.RUNNING)
-            w.last_done = now
-            w.units.append([call.id])
-            call.holders = (w.id,)
-            w.held[call.id] = call
-            if call.stream:
-                w.streams += 1
-            call.dispatched = True
-            call.sent_at = now
-            model.queue_wait.add(0.0)
-            if call.hedge == 1 and not call.stream:
-                self._hedging[call.id] = call
-            out.append(Send(w.id, (call,)))
+            self._start_unit(model, w, [call], now, out)
             model.absent_since = None  # a worker is there
             return True
         return False
@@ -1448,31 +1437,36 @@ class Core:
                 if late is None:
                     skip = (skip or set()) | {w.id}
                 continue
-            if not w.units:
-                w.last_done = now
-            w.units.append([c.id for c in calls] if len(calls) > 1 else [calls[0].id])
-            for call in calls:
-                call.holders += (w.id,)
-                w.held[call.id] = call
-                if call.stream:
-                    w.streams += 1
-                if not call.dispatched:
-                    call.dispatched = True
-                    call.sent_at = now
-                    model.queue_wait.add(now - call.t0)
-                    if call.hedge == 1 and not call.stream:
-                        self._hedging[call.id] = call
-            if w.batch_size > 1:
-                model.batch_sizes[len(calls)] += 1
-            if model.by_class:
-                # This unit passed the calls of lower classes still queued.
-                top = max(c.priority or 0 for c in calls) if len(calls) > 1 else calls[0].priority or 0
-                if top:
-                    passed = model.passed
-                    for p in model.by_class:
-                        if p < top:
-                            passed[p] += 1
-            out.append(Send(w.id, tuple(calls)))
+            self._start_unit(model, w, calls, now, out)
+
+    def _start_unit(self, model: _Model, w: WorkerInfo, calls: list[Call], now: float, out: list[Action]) -> None:
+        """``calls`` (out of the queue) go to ``w`` as one unit: it holds an
+        attempt of each, their first send is noted, and a Send goes out."""
+        if not w.units:
+            w.last_done = now
+        w.units.append([c.id for c in calls] if len(calls) > 1 else [calls[0].id])
+        for call in calls:
+            call.holders += (w.id,)
+            w.held[call.id] = call
+            if call.stream:
+                w.streams += 1
+            if not call.dispatched:
+                call.dispatched = True
+                call.sent_at = now
+                model.queue_wait.add(now - call.t0)
+                if call.hedge == 1 and not call.stream:
+                    self._hedging[call.id] = call
+        if w.batch_size > 1:
+            model.batch_sizes[len(calls)] += 1
+        if model.by_class:
+            # This unit passed the calls of lower classes still queued.
+            top = max(c.priority or 0 for c in calls) if len(calls) > 1 else calls[0].priority or 0
+            if top:
+                passed = model.passed
+                for p in model.by_class:
+                    if p < top:
+                        passed[p] += 1
+        out.append(Send(w.id, tuple(calls)))
 
     def _order(self, model: _Model) -> Iterator[Call]:
         """The order a free worker takes a model's queued calls in when they
