@@ -350,7 +350,7 @@ class _Model:
     __slots__ = (
         "name", "cls", "queue", "workers", "batch_wait", "unavailable", "batch_sizes", "stats", "latency", "queue_wait",
         "loading", "absent_since", "next_cls", "service", "n_service", "hedge_after", "hedge",
-        "by_class", "passed", "prio_stats",
+        "by_class", "passed", "prio_stats", "full",
     )
 
     def __init__(self, name: str) -> None:
@@ -386,6 +386,10 @@ class _Model:
         # (priority, what): requests, completed, errors, failed, cancelled,
         # expired, shed, per class
         self.prio_stats: collections.Counter[tuple[int, str]] = collections.Counter()
+        # No worker has room for a unit: the last _pick found none. Only an
+        # answer or a worker joining gives one room again, and they clear it;
+        # till then a submit queues its call with no scan of the workers.
+        self.full = False
 
     def absent(self) -> bool:
         if self.loading:
@@ -692,7 +696,7 @@ class Core:
         if not model.queue and call.deadline is None and call.origin is None and self._send_to_idle(model, call, now, out):
             return out
         self._enqueue(call)
-        if model.workers:
+        if model.workers and not model.full:
             self._dispatch(model, now, out)
         self._absence(model, now)
         if call.origin is not None and call.queued:
@@ -1030,6 +1034,7 @@ class Core:
         self.workers[worker.id] = worker
         worker.last_done = now
         model.absent_since = None
+        model.full = False
         self._dispatch(model, now, out)
         return out
 
@@ -1170,6 +1175,7 @@ class Core:
                 break
         w.served += 1
         m = self.models[w.model]  # the call's model: a worker serves one
+        m.full = False  # w may have room now
         if call.state is _DONE:
             if not call.holders:
                 out.append(Release(call))
@@ -1390,6 +1396,8 @@ class Core:
         while queue:
             w = self._pick(model, skip)
             if w is None:
+                if skip is None:
+                    model.full = True
                 return
             if w.batch_size > 1 and model.batch_wait and len(queue) < w.batch_size:
                 first = next(iter(queue.values()))
@@ -1542,6 +1550,12 @@ class Core:
             n += len(model.queue)
             for wid, w in model.workers.items():
                 assert self.workers[wid] is w and w.model == name
+                if model.full and not w.leaving:
+                    load = len(w.units)
+                    room = load < w.slots or (
+                        w.ewma is not None and load < w.depth and load * w.ewma < PIPELINE_WINDOW and not w.streams
+                    )
+                    assert not room, f"model {name!r} is marked full while {w.describe} (load {load}) has room"
             if model.absent_since is not None:
                 assert model.absent(), f"model {name!r} has a worker but is marked absent"
             elif any(not c.holders for c in model.queue.values()):
