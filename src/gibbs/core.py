@@ -1175,7 +1175,8 @@ class Core:
                 break
         w.served += 1
         m = self.models[w.model]  # the call's model: a worker serves one
-        m.full = False  # w may have room now
+        # w may have room now; if the model was full, only w can have.
+        was_full, m.full = m.full, False
         if call.state is _DONE:
             if not call.holders:
                 out.append(Release(call))
@@ -1198,7 +1199,7 @@ class Core:
                 # async model's coroutine cancelled; a sync one's answer dropped).
                 self._stop_holders(call, out)
         if m.queue and not w.leaving:
-            self._dispatch(m, now, out)
+            self._dispatch(m, now, out, (w,) if was_full else None)
         return out
 
     def model_unavailable(self, model_name: str, error: BaseException) -> list[Action]:
@@ -1360,16 +1361,19 @@ class Core:
 
     # ------------------------------------------------------------ scheduling
 
-    def _pick(self, model: _Model, exclude: Optional[set[Hashable]] = None) -> Optional[WorkerInfo]:
+    def _pick(
+        self, model: _Model, exclude: Optional[set[Hashable]] = None, among: Optional[tuple[WorkerInfo, ...]] = None
+    ) -> Optional[WorkerInfo]:
         """The worker to send a unit to: an idle one first, else the least
         loaded with a free slot, else (pipelining) the least loaded whose
-        committed work stays under PIPELINE_WINDOW and ``depth``. One pass:
+        committed work stays under PIPELINE_WINDOW and ``depth``; of
+        ``among`` only, when the caller knows no other has room. One pass:
         on every submit and answer, len(w.units) rather than the load property."""
         free: Optional[WorkerInfo] = None
         free_load = 0
         ahead: Optional[WorkerInfo] = None
         ahead_load = 0
-        for w in model.workers.values():
+        for w in model.workers.values() if among is None else among:
             if w.leaving or (exclude and w.id in exclude):
                 continue
             load = len(w.units)
@@ -1388,13 +1392,17 @@ class Core:
                     ahead_load = load
         return free if free is not None else ahead
 
-    def _dispatch(self, model: _Model, now: float, out: list[Action]) -> None:
+    def _dispatch(
+        self, model: _Model, now: float, out: list[Action], among: Optional[tuple[WorkerInfo, ...]] = None
+    ) -> None:
+        """Send queued calls while a worker has room (of ``among`` only: the
+        others have none, as the model was full)."""
         if self.closing:
             return
         queue = model.queue
         skip: Optional[set[Hashable]] = None
         while queue:
-            w = self._pick(model, skip)
+            w = self._pick(model, skip, among)
             if w is None:
                 if skip is None:
                     model.full = True
