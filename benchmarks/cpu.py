@@ -14,8 +14,9 @@ It ends with the two ratios the request path is held to (hub CPU per
 request at 64 callers against the floor's loop, sequential latency against
 the floor's), then the interpreter's work per request (bytecodes executed
 and Python calls made, counted by ``sys.settrace``, per function) of the
-floor's loop, the hub and a worker: a figure that the machine's noise does
-not move, to tell what a change to the request path saves;
+floor's loop, the hub (at one caller and at 64) and a worker: a figure
+that the machine's noise does not move, to tell what a change to the
+request path saves;
 ``--write`` puts the tables in benchmarks/RESULTS.md too.
 """
 
@@ -183,11 +184,13 @@ def show(r: dict[str, Any]) -> None:
         out(f"|   threads of the caller's process | | | {', '.join(f'{k} {v:.1f}' for k, v in threads.items())} |")
 
 
-async def count_work(call: Callable[[Any], Awaitable[Any]], n: int = 500) -> dict[str, Any]:
-    """The interpreter's work of ``n`` sequential requests in this thread:
-    bytecodes executed and Python calls made, per function (``sys.settrace``
-    with opcode events). Unlike times, the same on a busy machine as on an
-    idle one."""
+async def count_work(call: Callable[[Any], Awaitable[Any]], n: int = 500, callers: int = 1) -> dict[str, Any]:
+    """The interpreter's work of ``n`` requests in this thread, made by
+    ``callers`` concurrent callers: bytecodes executed and Python calls made,
+    per function (``sys.settrace`` with opcode events). Unlike times, the
+    same on a busy machine as on an idle one (at one caller exactly; with
+    many, how many answers one read brings moves it a little: tracing slows
+    the run to about one a read)."""
     ops: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
 
@@ -199,9 +202,15 @@ async def count_work(call: Callable[[Any], Awaitable[Any]], n: int = 500) -> dic
             ops[frame.f_code.co_qualname] += 1
         return trace
 
-    async def requests() -> None:  # a new frame: traced from its start
-        for _ in range(n):
+    left = [n]
+
+    async def caller() -> None:
+        while left[0] > 0:
+            left[0] -= 1
             await call(1)
+
+    async def requests() -> None:  # a new frame: traced from its start
+        await asyncio.gather(*[caller() for _ in range(callers)])
 
     for _ in range(100):
         await call(1)  # warm
@@ -297,12 +306,15 @@ async def main_async(seconds: float, profile: bool) -> None:
             show(gibbs[callers])
         show_targets(floors, gibbs)
         hub_work = await count_work(hub.request)
+        hub_work_64 = await count_work(hub.request, 5000, 64)
         worker_work = await count_worker_work(hub)
         out()
-        out("Interpreter work per request, one caller (bytecodes executed and Python calls made, counted by "
-            "sys.settrace over 500 sequential requests: the same on a busy machine as on an idle one):")
+        out("Interpreter work per request, one caller unless said (bytecodes executed and Python calls made, "
+            "counted by sys.settrace over 500 sequential requests: the same on a busy machine as on an idle one):")
         show_work("the asyncio floor's loop", floor_work)
         show_work("gibbs, the hub's process", hub_work, floor_work)
+        show_work("gibbs, the hub's process, 64 callers (5,000 requests; tracing slows the run to about one "
+                  "answer a read)", hub_work_64)
         show_work("gibbs, a worker (the model's own work left out)", worker_work)
         if profile:
             for callers in (1, 64):

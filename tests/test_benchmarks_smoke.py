@@ -94,6 +94,7 @@ def test_cpu_benchmark_prints_the_request_path_targets() -> None:
         assert row in proc.stdout, proc.stdout
     # the counts are counted: a figure for the hub and for a worker, not "not counted"
     assert re.search(r"hub's process: \d+ bytecodes", proc.stdout), proc.stdout
+    assert re.search(r"hub's process, 64 callers .*\): \d+ bytecodes", proc.stdout), proc.stdout
     assert re.search(r"left out\): \d+ bytecodes", proc.stdout), proc.stdout
 
 
