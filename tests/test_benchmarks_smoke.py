@@ -23,6 +23,7 @@ def _results_state() -> tuple[bool, float]:
     return (os.path.exists(path), os.path.getmtime(path) if os.path.exists(path) else 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_run_prints_the_table() -> None:
     before = _results_state()
@@ -65,6 +66,7 @@ def test_table_rendering() -> None:
     assert summary(rows) == "1 of 2 targets met (missed: 2)"
 
 
+@pytest.mark.slow
 def test_streaming_benchmark_prints_its_rows() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.streaming", "--items", "200", "--repeat", "1"],
@@ -78,6 +80,7 @@ def test_streaming_benchmark_prints_its_rows() -> None:
         assert row in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_cpu_benchmark_prints_the_request_path_targets() -> None:
     proc = subprocess.run(
@@ -98,6 +101,7 @@ def test_cpu_benchmark_prints_the_request_path_targets() -> None:
     assert re.search(r"left out\): \d+ bytecodes", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_lifecycle_benchmark_rolls_without_errors() -> None:
     import json
@@ -149,6 +153,7 @@ def test_realmodel_report_and_usage() -> None:
     assert "torch at 1.50× NumPy (target ≤ 1.3×: missed)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_composition_benchmark_runs() -> None:
     import json
@@ -163,6 +168,7 @@ def test_composition_benchmark_runs() -> None:
     assert res["ratio"] > 1 and res["async_ratio"] > 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_family_benchmark_runs() -> None:
     """A router in another process, a client hub here (one application), and
@@ -176,6 +182,7 @@ def test_family_benchmark_runs() -> None:
     assert "all answered" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_hedging_benchmark_runs() -> None:
     import json
@@ -189,6 +196,7 @@ def test_hedging_benchmark_runs() -> None:
     assert res["without hedging"]["hedged"] == 0 and res["with hedging"]["calls"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_batched_overload_benchmark_runs() -> None:
     import json
@@ -206,6 +214,7 @@ def test_batched_overload_benchmark_runs() -> None:
     assert 0 <= mine["ok"] <= mine["computed"] and 0.0 <= mine["wasted"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_overload_beside_other_frameworks_runs() -> None:
     """gibbs' rows always; LitServe's and Ray Serve's, or the reason each was skipped."""
