@@ -79,23 +79,26 @@ async def drive(call: Callable[[Any], Awaitable[Any]], seconds: float, callers: 
 
 
 #: Leaf frames where a thread waits rather than works.
-IDLE = ("Selector.select (selectors.py", "_read_frames (gibbs/worker.py", "wait (threading.py", "_recv (", "recv_bytes (",
-        "_heartbeat_loop (gibbs/worker.py")
+IDLE = ("Selector.select (selectors.py", "_read_frames (gibbs/worker.py", "wait (threading.py",
+        "_recv (multiprocessing/", "recv_bytes (", "_heartbeat_loop (gibbs/worker.py")
+
+#: Samples per second of the py-spy profiles.
+SPY_RATE = 1000
 
 
-def py_spy_profile(pid: int, seconds: float) -> Optional[dict[str, Any]]:
-    """A sampling profile of one process: per thread, the samples where it
-    worked (not waiting), and per function the samples that had it on the
-    stack (inclusive), over ``seconds``."""
+def py_spy_samples(pid: int, seconds: float) -> Optional[list[tuple[str, list[str], int]]]:
+    """Sample one process with py-spy for ``seconds`` (at least 1): the
+    stacks where a thread worked, as (thread, frames outermost first, count);
+    each frame reads ``function (file:line)``. None when py-spy is missing or
+    may not read the process."""
     exe = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if exe is None:
         return None
-    rate = 1000
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "raw.txt")
         try:
             r = subprocess.run(
-                [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(rate), "-f", "raw",
+                [exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(SPY_RATE), "-f", "raw",
                  "-o", out, "--threads", "--nonblocking"],
                 capture_output=True, timeout=seconds + 60,
             )
@@ -103,30 +106,41 @@ def py_spy_profile(pid: int, seconds: float) -> Optional[dict[str, Any]]:
             return None
         if r.returncode != 0 or not os.path.exists(out):
             return None
-        busy: collections.Counter[str] = collections.Counter()
-        incl: collections.Counter[str] = collections.Counter()
+        samples = []
         with open(out) as f:
             for line in f:
                 stack, _, count = line.rstrip().rpartition(" ")
                 if not stack:
                     continue
-                frames = stack.split(";")
-                thread, frames = frames[0], frames[1:]
+                thread, *frames = stack.split(";")
                 if not frames or any(idle in frames[-1] for idle in IDLE):
                     continue
-                k = int(count)
-                name = "bridge" if any(f.startswith("Bridge._run ") for f in frames) else (
-                    "main" if any(f.startswith(("BaseEventLoop.run_forever", "_Runtime.run ", "_Runtime._serve ")) for f in frames)
-                    else thread)
-                busy[name] += k
-                for fn in {f.split(" (")[0] for f in frames}:
-                    incl[fn] += k
-    return {"busy": busy, "incl": incl, "rate": rate, "seconds": max(1, int(seconds))}
+                samples.append((thread, frames, int(count)))
+    return samples
+
+
+def py_spy_profile(pid: int, seconds: float) -> Optional[dict[str, Any]]:
+    """A sampling profile of one process: per thread, the samples where it
+    worked (not waiting), and per function the samples that had it on the
+    stack (inclusive), over ``seconds``."""
+    samples = py_spy_samples(pid, seconds)
+    if samples is None:
+        return None
+    busy: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    for thread, frames, k in samples:
+        name = "bridge" if any(f.startswith("Bridge._run ") for f in frames) else (
+            "main" if any(f.startswith(("BaseEventLoop.run_forever", "_Runtime.run ", "_Runtime._serve ")) for f in frames)
+            else thread)
+        busy[name] += k
+        for fn in {f.split(" (")[0] for f in frames}:
+            incl[fn] += k
+    return {"busy": busy, "incl": incl, "rate": SPY_RATE, "seconds": max(1, int(seconds))}
 
 
 KEY_FUNCTIONS = (
     "Hub.request", "Hub._encode", "Bridge.submit", "Core.submit", "Bridge._flush_locked", "_unwrap",
-    "Bridge._loop_read", "Bridge._read_worker", "FrameReader.feed", "Core.answered", "Bridge._hand_over",
+    "LoopReads._loop_read", "Reader.read_worker", "FrameReader.feed", "Core.answered", "Bridge._hand_over",
     "_deliver_async", "_Runtime._handle", "_Runtime._serve_batch", "decode", "encode", "_Runtime._send",
 )
 

@@ -20,14 +20,22 @@ device runs it). ``floor``: the endpoints await the asyncio floor
 (:class:`benchmarks.baselines.AsyncioFloor`), for reference. ``suspend``: in
 process, but the trivial endpoint first awaits ``asyncio.sleep(0)`` (to show
 that suspending the endpoint costs FastAPI nothing measurable).
+
+In every mode, ``GET /gc`` answers what Python's cyclic garbage collector
+has done in this process so far (collections per generation, seconds in
+them), which the benchmark reads before and after a run; and
+``GIBBS_BENCH_GC_FREEZE=1`` calls ``gc.freeze()`` once the app has started
+(what the docs advise for a web process that awaits remote results).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import threading
+import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -40,6 +48,28 @@ from .models import Echo, FakeGPU
 MODE = os.environ.get("GIBBS_BENCH_MODE", "gibbs")
 WORKERS = int(os.environ.get("GIBBS_BENCH_WORKERS", "2"))
 BATCH = int(os.environ.get("GIBBS_BENCH_BATCH", "32"))
+GC_FREEZE = os.environ.get("GIBBS_BENCH_GC_FREEZE") == "1"
+
+
+class GcClock:
+    """Collections per generation and seconds spent in them, from
+    ``gc.callbacks`` (called at the start and the end of each collection)."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+
+gc_clock = GcClock()
 
 
 class Req(BaseModel):
@@ -111,4 +141,25 @@ elif MODE in ("inprocess", "suspend"):
             return {"y": gpu(req.x)}
 
 else:  # pragma: no cover - a typo in the benchmark's environment
-    raise SystemExit(f"GIBBS_BENCH_MODE must be gibbs, inprocess or suspend, not {MODE!r}")
+    raise SystemExit(f"GIBBS_BENCH_MODE must be gibbs, floor, inprocess or suspend, not {MODE!r}")
+
+
+@app.get("/gc")
+def gc_done() -> dict[str, Any]:
+    return {"collections": gc_clock.collections, "seconds": gc_clock.seconds, "frozen": gc.get_freeze_count()}
+
+
+if GC_FREEZE:
+    _started = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def _frozen(app: FastAPI) -> AsyncIterator[Any]:
+        async with _started(app) as state:
+            # Everything made at startup (modules, the app, the hub) moves
+            # to the permanent generation: a full collection no longer
+            # walks it.
+            gc.collect()
+            gc.freeze()
+            yield state
+
+    app.router.lifespan_context = _frozen

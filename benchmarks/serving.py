@@ -92,7 +92,7 @@ def stop_group(proc: "subprocess.Popen[Any]", grace: float = 5.0) -> None:
 
 
 class HttpConn:
-    """One keep-alive HTTP/1.1 connection: POST a JSON body, read the JSON
+    """One keep-alive HTTP/1.1 connection: POST a JSON body (or GET), read the JSON
     answer (Content-Length framed, as uvicorn sends it)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
@@ -107,9 +107,13 @@ class HttpConn:
         return cls(reader, writer, host)
 
     async def post(self, path: str, obj: Any) -> Any:
-        body = json.dumps(obj).encode()
+        return await self.call("POST", path, obj)
+
+    async def call(self, method: str, path: str, obj: Any = None) -> Any:
+        body = b"" if obj is None else json.dumps(obj).encode()
+        kind = "" if obj is None else "Content-Type: application/json\r\n"
         self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{kind}"
             f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -131,14 +135,21 @@ class HttpConn:
 class HttpPool:
     """Keep-alive connections to one server, one per concurrent caller."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, pid: Optional[int] = None) -> None:
         self.host, self.port = host, port
+        self.pid = pid  # the server's process, when it is one of ours (to profile it)
         self.idle: list[HttpConn] = []
 
     async def post(self, path: str, obj: Any) -> Any:
+        return await self.call("POST", path, obj)
+
+    async def get(self, path: str) -> Any:
+        return await self.call("GET", path)
+
+    async def call(self, method: str, path: str, obj: Any = None) -> Any:
         conn = self.idle.pop() if self.idle else await HttpConn.open(self.host, self.port)
         try:
-            out = await conn.post(path, obj)
+            out = await conn.call(method, path, obj)
         except BaseException:
             conn.close()
             raise
