@@ -142,11 +142,7 @@ async def measure(name: str, server: Any, args: argparse.Namespace, res: dict[st
         async with server as pool:
             for path in ("/trivial", "/batched"):
                 run_wrk(pool.port, path, 2, args.connections, args.threads)  # warm-up
-                gc0 = await _gc_seconds(pool)
-                r = await asyncio.to_thread(run_wrk, pool.port, path, args.duration, args.connections, args.threads)
-                gc1 = await _gc_seconds(pool)
-                if gc0 is not None and gc1 is not None and r["requests"]:
-                    r["gc"] = (gc1 - gc0) / r["requests"]
+                r = await wrk_run(pool, path, args.duration, args)
                 log(f"{name} {path}: {r['rps']:,.0f} req/s, p50 {r['p50'] * 1e3:.1f} ms, p99 {r['p99'] * 1e3:.1f} ms"
                     + (f", {r['errors']:.0f} errors" if r["errors"] else ""))
                 res.setdefault(f"{name} {path}", []).append(r)
@@ -164,6 +160,17 @@ async def _gc_seconds(pool: HttpPool) -> Optional[float]:
         return float((await pool.get("/gc"))["seconds"])
     except (OSError, RuntimeError, KeyError, ValueError, asyncio.IncompleteReadError):
         return None
+
+
+async def wrk_run(pool: HttpPool, path: str, seconds: float, args: argparse.Namespace) -> dict[str, float]:
+    """One wrk run, with the seconds per request the server spent in the
+    garbage collector meanwhile (``gc``) when it tells them."""
+    gc0 = await _gc_seconds(pool)
+    r = await asyncio.to_thread(run_wrk, pool.port, path, seconds, args.connections, args.threads)
+    gc1 = await _gc_seconds(pool)
+    if gc0 is not None and gc1 is not None and r["requests"]:
+        r["gc"] = (gc1 - gc0) / r["requests"]
+    return r
 
 
 def _cell(runs: list[dict[str, float]], key: str) -> float:
@@ -219,22 +226,20 @@ async def profile_web(name: str, server: Any, args: argparse.Namespace) -> Optio
         async with server as pool:
             assert pool.pid is not None
             run_wrk(pool.port, "/trivial", 2, args.connections, args.threads)  # warm-up
-            gc0 = await _gc_seconds(pool)
-            wrk = asyncio.create_task(
-                asyncio.to_thread(run_wrk, pool.port, "/trivial", seconds, args.connections, args.threads))
+            wrk = asyncio.create_task(wrk_run(pool, "/trivial", seconds, args))
             await asyncio.sleep(1.0)
             spied = int(seconds) - 2
             samples = await asyncio.to_thread(py_spy_samples, pool.pid, spied)
             r = await wrk
-            gc1 = await _gc_seconds(pool)
     except Unavailable as exc:
         log(f"profile of {name}: skipped: {exc}")
         return None
     if samples is None:
+        log(f"profile of {name}: skipped: py-spy is missing or may not read the server (pip install py-spy)")
         return None
     own, incl = group_samples(samples)
     per = 1e6 / (SPY_RATE * spied * r["rps"])  # µs per request of one sample
-    gc = (gc1 - gc0) / r["requests"] * 1e6 if gc0 is not None and gc1 is not None and r["requests"] else None
+    gc = r["gc"] * 1e6 if "gc" in r else None
     log(f"profile of {name}: {r['rps']:,.0f} req/s, at work {sum(own.values()) * per:.0f} µs per request")
     return {"rps": r["rps"], "own": {g: v * per for g, v in own.items()}, "incl": {f: v * per for f, v in incl.items()},
             "gc": gc}
@@ -349,7 +354,7 @@ async def amain(args: argparse.Namespace) -> int:
         for name, mode in (("FastAPI in process", "inprocess"), ("FastAPI + gibbs", "gibbs")):
             prof = await profile_web(name, fastapi_server(mode, args.workers), args)
             if prof is None:
-                skipped.append("the profile of the web process: skipped (pip install py-spy)")
+                skipped.append("the profile of the web process: skipped (why: in the log above)")
                 break
             profiles[name] = prof
     text = report(res, args, skipped, profiles)
